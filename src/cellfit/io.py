@@ -1,0 +1,358 @@
+"""Reading and writing TIFF images and label images.
+
+Every image handed to the engine is brought to one layout, *planes*: an array of
+shape ``(P, C, Y, X)`` where ``P`` runs over every 2D plane of the stack (the product of
+all leading axes: time, depth, ...) and ``C`` over channels. ``lead_shape`` remembers the
+leading axes so results can be written back with the input's shape.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cellfit.errors import CellfitError
+
+__all__ = [
+    "TIFF_SUFFIXES",
+    "ImageStack",
+    "atomic_write_tiff",
+    "find_tiffs",
+    "pair_files",
+    "read_image",
+    "read_labels",
+    "to_planes",
+]
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+_CHANNEL_AXES = "CS"
+
+
+@dataclass
+class ImageStack:
+    """An image brought to the planes layout.
+
+    Attributes
+    ----------
+    data : ndarray, shape (P, C, Y, X)
+        Raw pixel values (dtype of the file), one entry per 2D plane.
+    lead_shape : tuple of int
+        Shape of the leading (non-YX, non-channel) axes; ``prod(lead_shape) == P``.
+    axes : str
+        Axes of the input, e.g. ``"YX"``, ``"YXS"``, ``"ZYX"``, ``"TZCYX"``.
+    name : str
+        Short name (file stem) used for output files.
+    resolution : tuple or None
+        ``(x_resolution, y_resolution)`` of the file, written back into outputs.
+    """
+
+    data: np.ndarray
+    lead_shape: tuple[int, ...] = ()
+    axes: str = "YX"
+    name: str = "image"
+    resolution: tuple | None = None
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def n_planes(self) -> int:
+        return int(self.data.shape[0])
+
+    @property
+    def n_channels(self) -> int:
+        return int(self.data.shape[1])
+
+    @property
+    def plane_shape(self) -> tuple[int, int]:
+        return int(self.data.shape[2]), int(self.data.shape[3])
+
+    @property
+    def labels_shape(self) -> tuple[int, ...]:
+        """Shape a label image of this stack has: ``lead_shape + (Y, X)``."""
+        return (*self.lead_shape, *self.plane_shape)
+
+
+def _check_dtype(arr: np.ndarray, what: str) -> None:
+    if arr.dtype == bool:
+        return
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise CellfitError(
+            f"{what} has pixels of type {arr.dtype}, which cellfit cannot use: "
+            "save it as 8-bit, 16-bit or 32-bit float grayscale or RGB."
+        )
+
+
+def guess_axes(shape: Sequence[int]) -> str:
+    """Guess axes for an array without metadata (e.g. a napari layer).
+
+    Trailing dimensions of size 3 or 4 are colour channels (RGB/RGBA); everything
+    before ``YX`` is a stack of planes.
+    """
+    ndim = len(shape)
+    if ndim < 2:
+        raise CellfitError(
+            f"an image needs at least two dimensions, this one has shape {tuple(shape)}: "
+            "give a 2D image or a stack of 2D images."
+        )
+    if ndim >= 3 and shape[-1] in (3, 4) and shape[-2] > 4 and shape[-3] > 4:
+        return "Q" * (ndim - 3) + "YXS"
+    return "Q" * (ndim - 2) + "YX"
+
+
+def to_planes(
+    arr: np.ndarray, axes: str | None = None, what: str = "the image"
+) -> tuple[np.ndarray, tuple[int, ...], str]:
+    """Bring an array to the planes layout.
+
+    Parameters
+    ----------
+    arr : ndarray
+        Image with axes ``axes`` (guessed by :func:`guess_axes` when None).
+    axes : str, optional
+        One letter per dimension; ``C`` or ``S`` mark channels, ``Y``/``X`` the plane,
+        any other letter a leading stack axis.
+
+    Returns
+    -------
+    planes : ndarray, shape (P, C, Y, X)
+        A view or copy of ``arr``; the input is never modified.
+    lead_shape : tuple of int
+    axes : str
+    """
+    _check_dtype(arr, what)
+    if axes is None:
+        axes = guess_axes(arr.shape)
+    axes = axes.upper()
+    if len(axes) != arr.ndim:
+        axes = guess_axes(arr.shape)
+    if "Y" not in axes or "X" not in axes:
+        raise CellfitError(
+            f"{what} has axes {axes!r} without both Y and X: give 2D images or stacks of them."
+        )
+    chan = [i for i, a in enumerate(axes) if a in _CHANNEL_AXES]
+    if len(chan) > 1:
+        # e.g. 'CYXS': merge both channel axes into one
+        arr = np.moveaxis(arr, chan, list(range(arr.ndim - len(chan), arr.ndim)))
+        axes_rest = "".join(a for a in axes if a not in _CHANNEL_AXES)
+        arr = arr.reshape(*arr.shape[: arr.ndim - len(chan)], -1)
+        axes = axes_rest + "C"
+        chan = [len(axes) - 1]
+    yi, xi = axes.index("Y"), axes.index("X")
+    lead = [i for i in range(arr.ndim) if i not in (yi, xi, *chan)]
+    order = lead + chan + [yi, xi]
+    moved = np.transpose(arr, order)
+    lead_shape = tuple(int(arr.shape[i]) for i in lead)
+    n_planes = int(np.prod(lead_shape)) if lead_shape else 1
+    n_chan = int(arr.shape[chan[0]]) if chan else 1
+    planes = moved.reshape(n_planes, n_chan, arr.shape[yi], arr.shape[xi])
+    if planes.dtype == bool:
+        planes = planes.astype(np.uint8)
+    return planes, lead_shape, axes
+
+
+def _check_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise CellfitError(f"{what} {path} does not exist: check the path.")
+    if path.is_dir():
+        raise CellfitError(f"{what} {path} is a folder, not a file: give a TIFF file.")
+    if path.suffix.lower() not in TIFF_SUFFIXES:
+        raise CellfitError(
+            f"{what} {path} is not a TIFF file: cellfit reads .tif/.tiff files; "
+            "convert it first (e.g. Fiji: File > Save As > Tiff)."
+        )
+
+
+def _read_tiff(path: Path, what: str) -> tuple[np.ndarray, str, tuple | None]:
+    import tifffile
+
+    _check_file(path, what)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            axes = series.axes
+            arr = series.asarray()
+            resolution = None
+            try:
+                page = tif.pages[0]
+                xr = page.tags.get("XResolution")
+                yr = page.tags.get("YResolution")
+                if xr is not None and yr is not None:
+                    resolution = (xr.value, yr.value)
+            except Exception:
+                resolution = None
+    except CellfitError:
+        raise
+    except Exception as exc:
+        raise CellfitError(
+            f"{what} {path} could not be read as a TIFF ({type(exc).__name__}: {exc}); "
+            "the file may be truncated or corrupt: export it again."
+        ) from None
+    return np.asarray(arr), axes, resolution
+
+
+def read_image(path: str | os.PathLike) -> ImageStack:
+    """Read a TIFF image (2D, RGB/multichannel, 3D stack, time series) into planes."""
+    path = Path(path)
+    arr, axes, resolution = _read_tiff(path, "image")
+    if arr.size == 0:
+        raise CellfitError(f"image {path} is empty: check that it holds pixels.")
+    # tifffile calls RGB samples 'S'; axes like 'Q' are unknown stack axes.
+    planes, lead_shape, axes = to_planes(arr, axes, what=f"image {path}")
+    return ImageStack(planes, lead_shape, axes, path.stem, resolution)
+
+
+def read_labels(path: str | os.PathLike, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Read an annotation or label TIFF as an integer array.
+
+    Parameters
+    ----------
+    shape : tuple of int, optional
+        Expected shape (the image's ``labels_shape``); a mismatch is an error.
+    """
+    path = Path(path)
+    arr, _axes, _res = _read_tiff(path, "label image")
+    if not np.issubdtype(arr.dtype, np.integer) and arr.dtype != bool:
+        if np.issubdtype(arr.dtype, np.floating) and np.all(np.mod(arr, 1) == 0):
+            arr = arr.astype(np.int64)
+        else:
+            raise CellfitError(
+                f"label image {path} holds non-integer values ({arr.dtype}): "
+                "labels must be whole numbers (0 = not annotated, 1 = background, 2+ = cells)."
+            )
+    if np.issubdtype(arr.dtype, np.signedinteger) and arr.size and arr.min() < 0:
+        raise CellfitError(
+            f"label image {path} has negative values: labels must be 0 or more "
+            "(0 = not annotated, 1 = background, 2+ = cells)."
+        )
+    if shape is not None:
+        squeezed = np.squeeze(arr)
+        if arr.shape != tuple(shape) and squeezed.shape == tuple(np.squeeze(np.empty(shape)).shape):
+            arr = squeezed.reshape(shape)
+        if arr.shape != tuple(shape):
+            raise CellfitError(
+                f"label image {path} has shape {arr.shape} but its image has shape {tuple(shape)}: "
+                "labels must cover the image pixel for pixel."
+            )
+    return arr
+
+
+def find_tiffs(folder: str | os.PathLike) -> list[Path]:
+    """The TIFF files directly inside ``folder``, sorted by name (hidden files skipped)."""
+    folder = Path(folder)
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES and not p.name.startswith(".")
+    )
+
+
+def expand_inputs(items: Sequence[str | os.PathLike], what: str = "input") -> list[Path]:
+    """Expand a mix of files and folders into a list of TIFF files."""
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if not p.exists():
+            raise CellfitError(f"{what} {p} does not exist: check the path.")
+        if p.is_dir():
+            found = find_tiffs(p)
+            if not found:
+                raise CellfitError(
+                    f"{what} folder {p} holds no .tif/.tiff files: point to the folder of TIFFs."
+                )
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
+
+
+_LABEL_SUFFIXES = ("", "_labels", "_label", "_mask", "_masks", "_annotation", "_annotations")
+
+
+def pair_files(
+    images: Sequence[str | os.PathLike], labels: Sequence[str | os.PathLike]
+) -> list[tuple[Path, Path]]:
+    """Pair image files with label files.
+
+    Folders are paired by file name: ``a.tif`` with ``a.tif`` (or ``a_labels.tif``,
+    ``a_mask.tif``, ...). Two lists of files of the same length are paired in order.
+    """
+    img_files = expand_inputs(images, "image")
+    lab_files = expand_inputs(labels, "label")
+    folders = any(Path(p).is_dir() for p in (*images, *labels))
+    if not folders:
+        if len(img_files) != len(lab_files):
+            raise CellfitError(
+                f"{len(img_files)} image file(s) but {len(lab_files)} label file(s) were given: "
+                "give one label file per image, in the same order."
+            )
+        return list(zip(img_files, lab_files))
+    by_stem = {p.stem: p for p in lab_files}
+    pairs = []
+    missing = []
+    for img in img_files:
+        match = None
+        for suffix in _LABEL_SUFFIXES:
+            cand = by_stem.get(img.stem + suffix)
+            if cand is not None and cand.resolve() != img.resolve():
+                match = cand
+                break
+        if match is None:
+            missing.append(img.name)
+        else:
+            pairs.append((img, match))
+    if not pairs:
+        raise CellfitError(
+            "no label file matches any image by name: name each label file like its image "
+            "(e.g. cells1.tif and cells1.tif in another folder, or cells1_labels.tif)."
+        )
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise CellfitError(
+            f"no label file for {len(missing)} image(s) ({shown}): give each image a label "
+            "file of the same name, or pass only the annotated images."
+        )
+    return pairs
+
+
+def atomic_write_tiff(
+    path: str | os.PathLike,
+    data: np.ndarray,
+    *,
+    resolution: tuple | None = None,
+    compression: str | None = "zlib",
+    overwrite: bool = True,
+) -> Path:
+    """Write ``data`` to ``path`` through a temporary file renamed when complete.
+
+    A reader never sees a half-written file, and an interruption leaves at most a
+    hidden temporary file (removed on error).
+    """
+    import tifffile
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CellfitError(f"{path} already exists: choose another output or allow overwriting.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        kwargs = {}
+        if resolution is not None:
+            kwargs["resolution"] = resolution
+        tifffile.imwrite(
+            tmp,
+            data,
+            compression=compression,
+            bigtiff=data.nbytes > 2**31,
+            photometric="minisblack" if data.ndim == 2 or data.shape[-1] not in (3, 4) else None,
+            **kwargs,
+        )
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,201 @@
+"""Losses for sparse, imbalanced annotation, built on ``segmentation_models_pytorch.losses``.
+
+Every loss takes logits ``(B, K, H, W)`` and a target ``(B, H, W)`` of class indices in
+which ``ignore_index`` (255) marks unannotated pixels. Ignored pixels contribute nothing,
+and so receive exactly zero gradient.
+
+* ``ce`` / ``focal``: pixel-wise, softmax cross-entropy with optional focusing
+  (gamma = 2), weighted per class and averaged over the annotated pixels by weight.
+  (smp's ``FocalLoss`` is one-vs-rest sigmoid without class weights, so the softmax
+  form is written here from ``torch.nn.functional.cross_entropy``.)
+* ``dice`` / ``jaccard`` / ``tversky``: smp's soft scores (``soft_dice_score`` etc.)
+  computed per class over the whole batch. A class absent from the batch's annotated
+  pixels is left out of the mean, so a batch of background-only patches neither
+  explodes nor dominates. They are already insensitive to class frequency, so class
+  weights act on the pixel-wise terms.
+* ``a+b``: the sum, e.g. ``focal+dice`` (the default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segmentation_models_pytorch.losses._functional import (
+    soft_dice_score,
+    soft_jaccard_score,
+    soft_tversky_score,
+)
+from torch import nn
+
+from cellfit.errors import CellfitError
+from cellfit.targets import IGNORE
+
+__all__ = [
+    "DEFAULT_LOSS",
+    "LOSS_NAMES",
+    "CombinedLoss",
+    "FocalCELoss",
+    "OverlapLoss",
+    "balanced_class_weights",
+    "build_loss",
+]
+
+DEFAULT_LOSS = "focal+dice"
+PIXEL_LOSSES = ("ce", "focal")
+OVERLAP_LOSSES = ("dice", "jaccard", "tversky")
+LOSS_NAMES = PIXEL_LOSSES + OVERLAP_LOSSES
+
+
+def balanced_class_weights(counts: Sequence[int] | np.ndarray, max_weight: float = 50.0) -> list[float]:
+    """``n_pixels / (n_classes * count)`` per class; classes with no pixels get the largest weight.
+
+    Weights are clipped to ``max_weight`` so a class with a handful of pixels cannot
+    swamp the loss.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    k = len(counts)
+    total = counts.sum()
+    w = np.ones(k)
+    present = counts > 0
+    if present.any():
+        w[present] = total / (k * counts[present])
+        w[~present] = w[present].max()
+    return [float(v) for v in np.clip(w, 1.0 / max_weight, max_weight)]
+
+
+class FocalCELoss(nn.Module):
+    """Softmax focal loss (``gamma=0``: cross-entropy) with class weights and an ignore index.
+
+    Parameters
+    ----------
+    gamma : float
+        Focusing parameter; 0 gives plain (weighted) cross-entropy.
+    class_weights : sequence of float, optional
+        One weight per class.
+    """
+
+    def __init__(
+        self,
+        gamma: float = 2.0,
+        class_weights: Sequence[float] | None = None,
+        ignore_index: int = IGNORE,
+    ) -> None:
+        super().__init__()
+        self.gamma = float(gamma)
+        self.ignore_index = ignore_index
+        w = torch.as_tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+        self.register_buffer("class_weights", w, persistent=False)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        target = target.long()
+        valid = target != self.ignore_index
+        safe = torch.where(valid, target, torch.zeros_like(target))
+        ce = F.cross_entropy(logits, safe, reduction="none")
+        if self.gamma > 0:
+            pt = torch.exp(-ce)
+            ce = (1.0 - pt).pow(self.gamma) * ce
+        w = valid.to(logits.dtype)
+        if self.class_weights is not None:
+            w = w * self.class_weights.to(logits.device)[safe]
+        denom = w.sum()
+        if denom <= 0:
+            return logits.sum() * 0.0
+        return (ce * w).sum() / denom
+
+
+class OverlapLoss(nn.Module):
+    """Soft dice / Jaccard / Tversky over softmax probabilities, per class over the batch.
+
+    Classes absent from the batch's annotated pixels are left out of the mean.
+
+    Parameters
+    ----------
+    kind : {"dice", "jaccard", "tversky"}
+    alpha, beta : float
+        Tversky weights of false positives and false negatives.
+    """
+
+    def __init__(
+        self,
+        kind: str = "dice",
+        ignore_index: int = IGNORE,
+        smooth: float = 1.0,
+        alpha: float = 0.3,
+        beta: float = 0.7,
+    ) -> None:
+        super().__init__()
+        if kind not in OVERLAP_LOSSES:
+            raise ValueError(kind)
+        self.kind = kind
+        self.ignore_index = ignore_index
+        self.smooth = smooth
+        self.alpha = alpha
+        self.beta = beta
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        b, k = logits.shape[:2]
+        target = target.long()
+        valid = (target != self.ignore_index).view(b, 1, -1).to(logits.dtype)
+        safe = torch.where(target != self.ignore_index, target, torch.zeros_like(target))
+        probs = logits.softmax(dim=1).view(b, k, -1) * valid
+        onehot = F.one_hot(safe.view(b, -1), k).permute(0, 2, 1).to(logits.dtype) * valid
+        # (K, B*N): each class pooled over the whole batch
+        probs = probs.permute(1, 0, 2).reshape(k, -1)
+        onehot = onehot.permute(1, 0, 2).reshape(k, -1)
+        dims = (1,)
+        if self.kind == "dice":
+            score = soft_dice_score(probs, onehot, smooth=self.smooth, dims=dims)
+        elif self.kind == "jaccard":
+            score = soft_jaccard_score(probs, onehot, smooth=self.smooth, dims=dims)
+        else:
+            score = soft_tversky_score(
+                probs, onehot, self.alpha, self.beta, smooth=self.smooth, dims=dims
+            )
+        present = onehot.sum(dim=1) > 0
+        if not bool(present.any()):
+            return logits.sum() * 0.0
+        return (1.0 - score)[present].mean()
+
+
+class CombinedLoss(nn.Module):
+    """Sum of named losses; ``components`` maps each name to its module."""
+
+    def __init__(self, components: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.components = nn.ModuleDict(components)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        total = None
+        for module in self.components.values():
+            value = module(logits, target)
+            total = value if total is None else total + value
+        assert total is not None
+        return total
+
+
+def build_loss(
+    name: str = DEFAULT_LOSS,
+    class_weights: Sequence[float] | None = None,
+    ignore_index: int = IGNORE,
+) -> CombinedLoss:
+    """Build a loss by name: one of ``ce, focal, dice, jaccard, tversky`` or a sum ``a+b``."""
+    parts = [p.strip().lower() for p in str(name).split("+") if p.strip()]
+    unknown = [p for p in parts if p not in LOSS_NAMES]
+    if not parts or unknown:
+        raise CellfitError(
+            f"unknown loss {name!r}: use one of {', '.join(LOSS_NAMES)} or a sum such as focal+dice."
+        )
+    comps: dict[str, nn.Module] = {}
+    for p in parts:
+        if p == "ce":
+            comps[p] = FocalCELoss(0.0, class_weights, ignore_index)
+        elif p == "focal":
+            comps[p] = FocalCELoss(2.0, class_weights, ignore_index)
+        else:
+            comps[p] = OverlapLoss(p, ignore_index)
+    return CombinedLoss(comps)

@@ -1,0 +1,279 @@
+"""Build the U-Net++ and save / load the one-file model format.
+
+A model file is a safetensors file: tensors plus a JSON header. Loading it cannot
+execute code (unlike a pickled PyTorch checkpoint, which cellfit refuses to open).
+The header's ``cellfit`` entry holds a :class:`ModelInfo` as JSON: architecture,
+encoder, channels, mode, class names, normalisation and the training record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cellfit.errors import CellfitError
+from cellfit.normalize import DEFAULT_NORMALIZATION
+
+__all__ = [
+    "DEFAULT_DECODER_CHANNELS",
+    "DEFAULT_ENCODER",
+    "FORMAT_VERSION",
+    "ModelInfo",
+    "build_model",
+    "load_encoder_weights",
+    "load_model",
+    "package_versions",
+    "save_model",
+]
+
+FORMAT_VERSION = 1
+# Chosen by measurement of quality per CPU-minute: see docs/benchmarks.md.
+DEFAULT_ENCODER = "mobilenet_v2"
+DEFAULT_DECODER_CHANNELS = (128, 64, 32, 16, 16)
+STRIDE = 32
+
+
+@dataclass
+class ModelInfo:
+    """Everything needed to rebuild and use a model, stored in the model file."""
+
+    encoder: str = DEFAULT_ENCODER
+    in_channels: int = 1
+    n_classes: int = 3
+    mode: str = "instances"
+    class_names: list[str] = field(default_factory=lambda: ["background", "cell", "boundary"])
+    decoder_channels: list[int] = field(default_factory=lambda: list(DEFAULT_DECODER_CHANNELS))
+    normalization: dict = field(default_factory=lambda: dict(DEFAULT_NORMALIZATION))
+    boundary_width: int = 1
+    architecture: str = "UnetPlusPlus"
+    format_version: int = FORMAT_VERSION
+    training: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelInfo:
+        data = json.loads(text)
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape a model's behaviour."""
+    import numpy
+    import segmentation_models_pytorch as smp
+
+    import cellfit
+
+    out = {
+        "cellfit": cellfit.__version__,
+        "torch": torch.__version__,
+        "segmentation_models_pytorch": smp.__version__,
+        "numpy": numpy.__version__,
+    }
+    try:
+        import timm
+
+        out["timm"] = timm.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+def build_model(info: ModelInfo, encoder_weights: str | None = None) -> nn.Module:
+    """Build the U-Net++ described by ``info``.
+
+    Parameters
+    ----------
+    encoder_weights : {None, "imagenet"} or path
+        None: random initialisation. "imagenet": smp's pretrained weights (needs the
+        internet). A path: encoder weights from a local safetensors / PyTorch file.
+    """
+    import segmentation_models_pytorch as smp
+
+    if info.architecture != "UnetPlusPlus":
+        raise CellfitError(
+            f"the model file describes a {info.architecture!r} network, which this cellfit "
+            "cannot build: update cellfit."
+        )
+    download = encoder_weights == "imagenet"
+    try:
+        model = smp.UnetPlusPlus(
+            encoder_name=info.encoder,
+            encoder_weights="imagenet" if download else None,
+            in_channels=info.in_channels,
+            classes=info.n_classes,
+            decoder_channels=list(info.decoder_channels),
+        )
+    except (KeyError, ValueError, RuntimeError) as exc:
+        if download and "weights" in str(exc).lower():
+            raise CellfitError(
+                f"ImageNet weights are not available for encoder {info.encoder!r}: "
+                "choose another encoder or train without --encoder-weights."
+            ) from None
+        raise CellfitError(
+            f"unknown encoder {info.encoder!r}: use a segmentation-models-pytorch encoder name "
+            "such as mobilenet_v2, resnet18, efficientnet-b0 or tu-efficientnet_b0."
+        ) from None
+    except OSError:
+        raise CellfitError(
+            f"could not download the ImageNet weights of {info.encoder!r} (no internet "
+            "connection?): download them on a connected machine and pass the file "
+            "with --encoder-weights FILE, or train without them."
+        ) from None
+    except Exception as exc:
+        if download:
+            raise CellfitError(
+                f"could not download the ImageNet weights of {info.encoder!r} ({type(exc).__name__}): "
+                "download them on a connected machine and pass the file with "
+                "--encoder-weights FILE, or train without them."
+            ) from None
+        raise
+    if encoder_weights is not None and not download:
+        load_encoder_weights(model, encoder_weights)
+    return model
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    head = path.read_bytes()[:8] if path.exists() else b""
+    if not path.exists():
+        raise CellfitError(f"weights file {path} does not exist: check the path.")
+    if path.suffix == ".safetensors" or not (head.startswith(b"PK") or head[:1] == b"\x80"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception:
+            raise CellfitError(
+                f"{path} is not a safetensors weights file: give a .safetensors file "
+                "or a PyTorch state dict (.pth)."
+            ) from None
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception:
+        raise CellfitError(
+            f"{path} could not be loaded as plain weights (it may contain code, which cellfit "
+            "refuses to run): save the state dict with torch.save(model.state_dict(), ...) or as safetensors."
+        ) from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise CellfitError(f"{path} does not hold a state dict: save model.state_dict().")
+    return sd
+
+
+def load_encoder_weights(model: nn.Module, path: str | os.PathLike) -> int:
+    """Load encoder weights from a local file into ``model.encoder``; returns tensors loaded.
+
+    Keys may be the encoder's own (``conv1.weight``) or prefixed (``encoder.conv1.weight``).
+    """
+    path = Path(path)
+    sd = _read_state_dict(path)
+    enc = model.encoder  # type: ignore[attr-defined]
+    own = enc.state_dict()
+    cleaned = {}
+    for k, v in sd.items():
+        key = k[len("encoder.") :] if k.startswith("encoder.") else k
+        if key in own and own[key].shape == v.shape:
+            cleaned[key] = v
+    if not cleaned:
+        raise CellfitError(
+            f"none of the weights in {path} fit the encoder: give weights saved from the same "
+            "encoder (same name and number of input channels)."
+        )
+    enc.load_state_dict(cleaned, strict=False)
+    return len(cleaned)
+
+
+def save_model(path: str | os.PathLike, model: nn.Module, info: ModelInfo) -> Path:
+    """Write the model file atomically (temporary file, then rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={"cellfit": info.to_json(), "format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_model_info(path: str | os.PathLike) -> ModelInfo:
+    """Read only the header of a model file (fast; no tensors are loaded)."""
+    from safetensors import safe_open
+
+    path = _check_model_path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:
+        raise _not_a_model(path) from None
+    if "cellfit" not in meta:
+        raise CellfitError(
+            f"{path} is a safetensors file but not a cellfit model: give a model saved by cellfit."
+        )
+    return ModelInfo.from_json(meta["cellfit"])
+
+
+def _check_model_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CellfitError(f"model file {path} does not exist: check the path.")
+    if path.is_dir():
+        raise CellfitError(f"model {path} is a folder: give the model file itself.")
+    return path
+
+
+def _not_a_model(path: Path) -> CellfitError:
+    head = path.read_bytes()[:4]
+    if head.startswith(b"PK") or head[:1] == b"\x80":
+        return CellfitError(
+            f"{path} is a pickled PyTorch file, which can run code when opened; cellfit only "
+            "loads its own model files (safetensors): train or export a cellfit model."
+        )
+    return CellfitError(f"{path} is not a cellfit model file: give a model saved by cellfit.")
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelInfo]:
+    """Load a model file; returns the network (in eval mode) and its :class:`ModelInfo`."""
+    from safetensors.torch import load_file
+
+    info = read_model_info(path)
+    model = build_model(info)
+    try:
+        state = load_file(str(path))
+        model.load_state_dict(state)
+    except Exception:
+        raise CellfitError(
+            f"the weights in {path} do not match the network it describes (file damaged or "
+            "from another version): retrain or re-export the model."
+        ) from None
+    model.to(device)
+    model.eval()
+    return model, info
+
+
+def model_summary(info: ModelInfo) -> dict[str, Any]:
+    """A short, human-readable summary of a model and its last training run."""
+    last = info.training[-1] if info.training else {}
+    return {
+        "encoder": info.encoder,
+        "mode": info.mode,
+        "classes": info.class_names,
+        "channels": info.in_channels,
+        "training runs": len(info.training),
+        "last run": {k: last.get(k) for k in ("date", "steps", "best_score", "validation")},
+    }

@@ -1,0 +1,195 @@
+"""Patch sampling, augmentation and the held-back validation split.
+
+The sampler never returns a patch without annotated pixels: every patch is placed
+around an annotated pixel. A fraction ``fg_fraction`` of the patches (0.5 by default)
+is placed around a *cell* pixel (any class but background), the rest around any
+annotated pixel, so cells are over-represented however little of the image they cover.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.measure import label as cc_label
+
+from cellfit.targets import IGNORE
+
+__all__ = ["DEFAULT_FG_FRACTION", "PatchSampler", "ValidationSplit", "split_annotations"]
+
+DEFAULT_FG_FRACTION = 0.5
+
+
+class PatchSampler:
+    """Draw augmented training patches from annotated planes.
+
+    Parameters
+    ----------
+    images : list of ndarray, each (C, H, W) float32
+        Normalised planes.
+    targets : list of ndarray, each (H, W) uint8
+        Class targets with ``IGNORE`` for unannotated pixels.
+    patch_size : int
+        Side of the square patches.
+    fg_fraction : float
+        Share of patches centred on a cell (non-background) pixel.
+    augment : bool
+        Random flips, 90° rotations and intensity jitter.
+    seed : int or numpy Generator
+    """
+
+    def __init__(
+        self,
+        images: Sequence[np.ndarray],
+        targets: Sequence[np.ndarray],
+        patch_size: int = 256,
+        fg_fraction: float = DEFAULT_FG_FRACTION,
+        augment: bool = True,
+        seed: int | np.random.Generator = 0,
+    ) -> None:
+        if len(images) != len(targets) or not images:
+            raise ValueError("images and targets must be non-empty lists of equal length")
+        self.images = list(images)
+        self.targets = list(targets)
+        self.patch_size = int(patch_size)
+        self.fg_fraction = float(fg_fraction)
+        self.augment = augment
+        self.rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        ann_idx, fg_idx = [], []
+        for i, t in enumerate(self.targets):
+            flat = t.ravel()
+            a = np.flatnonzero(flat != IGNORE).astype(np.int64)
+            f = np.flatnonzero((flat != IGNORE) & (flat != 0)).astype(np.int64)
+            ann_idx.append(np.stack([np.full_like(a, i), a], 1))
+            fg_idx.append(np.stack([np.full_like(f, i), f], 1))
+        self._annotated = np.concatenate(ann_idx)
+        self._foreground = np.concatenate(fg_idx)
+        if len(self._annotated) == 0:
+            raise ValueError("no annotated pixels to sample from")
+
+    @property
+    def n_channels(self) -> int:
+        return int(self.images[0].shape[0])
+
+    def _centre(self) -> tuple[int, int, int]:
+        pool = self._annotated
+        if len(self._foreground) and self.rng.random() < self.fg_fraction:
+            pool = self._foreground
+        plane, flat = pool[self.rng.integers(len(pool))]
+        w = self.targets[plane].shape[1]
+        return int(plane), int(flat // w), int(flat % w)
+
+    def _crop(self, plane: int, cy: int, cx: int) -> tuple[np.ndarray, np.ndarray]:
+        p = self.patch_size
+        img, tgt = self.images[plane], self.targets[plane]
+        h, w = tgt.shape
+        # Shift the window so the chosen pixel lies anywhere in the central half.
+        jitter = p // 4
+        y0 = cy - p // 2 + int(self.rng.integers(-jitter, jitter + 1))
+        x0 = cx - p // 2 + int(self.rng.integers(-jitter, jitter + 1))
+        xs = np.zeros((img.shape[0], p, p), dtype=np.float32)
+        ys = np.full((p, p), IGNORE, dtype=np.uint8)
+        sy0, sx0 = max(y0, 0), max(x0, 0)
+        sy1, sx1 = min(y0 + p, h), min(x0 + p, w)
+        xs[:, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = img[:, sy0:sy1, sx0:sx1]
+        ys[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = tgt[sy0:sy1, sx0:sx1]
+        return xs, ys
+
+    def _augment(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rng = self.rng
+        k = int(rng.integers(4))
+        if k:
+            x = np.rot90(x, k, axes=(1, 2))
+            y = np.rot90(y, k, axes=(0, 1))
+        if rng.random() < 0.5:
+            x, y = x[:, :, ::-1], y[:, ::-1]
+        gain = rng.uniform(0.75, 1.25, size=(x.shape[0], 1, 1)).astype(np.float32)
+        offset = rng.uniform(-0.1, 0.1, size=(x.shape[0], 1, 1)).astype(np.float32)
+        x = x * gain + offset
+        if rng.random() < 0.3:
+            x = x + rng.normal(0, rng.uniform(0.0, 0.05), size=x.shape).astype(np.float32)
+        return x, y
+
+    def sample(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """A batch: images ``(B, C, P, P)`` float32 and targets ``(B, P, P)`` uint8."""
+        xb = np.empty((batch_size, self.n_channels, self.patch_size, self.patch_size), np.float32)
+        yb = np.empty((batch_size, self.patch_size, self.patch_size), np.uint8)
+        for b in range(batch_size):
+            x, y = self._crop(*self._centre())
+            if self.augment:
+                x, y = self._augment(x, y)
+            xb[b], yb[b] = x, y
+        return xb, yb
+
+
+@dataclass
+class ValidationSplit:
+    """Annotations split into a training part and a held-back validation part.
+
+    ``on_training`` is True when too few cells were annotated to hold any back; the
+    validation figures are then measured on the training annotation (and say so).
+    """
+
+    train: list[np.ndarray]
+    val: list[np.ndarray]
+    n_val_cells: int
+    on_training: bool
+
+
+def split_annotations(
+    annotations: Sequence[np.ndarray],
+    val_fraction: float = 0.2,
+    min_cells: int = 5,
+    seed: int | np.random.Generator = 0,
+) -> ValidationSplit:
+    """Hold back a share of the annotated cells (and the background nearest them).
+
+    Parameters
+    ----------
+    annotations : list of ndarray, each (H, W) int
+        Raw annotations (0 not annotated, 1 background, >= 2 cells or classes).
+    val_fraction : float
+        Share of annotated objects (connected regions of one value >= 2) held back.
+    min_cells : int
+        With fewer objects than this, nothing is held back and ``on_training`` is True.
+
+    Returns
+    -------
+    ValidationSplit
+        Training and validation annotations (copies; the inputs are not modified).
+    """
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    units = []
+    comps = []
+    for i, ann in enumerate(annotations):
+        cells = np.where(ann >= 2, ann, 0)
+        comp = cc_label(cells, background=0, connectivity=1)
+        comps.append(comp)
+        units.extend((i, u) for u in range(1, int(comp.max()) + 1))
+    n_val = int(round(val_fraction * len(units)))
+    if len(units) < min_cells or n_val == 0 or val_fraction <= 0:
+        return ValidationSplit(
+            [a.copy() for a in annotations], [a.copy() for a in annotations], 0, True
+        )
+    chosen = rng.choice(len(units), size=n_val, replace=False)
+    val_units: dict[int, set[int]] = {}
+    for c in chosen:
+        i, u = units[c]
+        val_units.setdefault(i, set()).add(u)
+    train, val = [], []
+    for i, (ann, comp) in enumerate(zip(annotations, comps)):
+        chosen_here = val_units.get(i, set())
+        tr = ann.copy()
+        va = np.zeros_like(ann)
+        if chosen_here and comp.max() > 0:
+            # every pixel takes the unit nearest to it; background follows its nearest cell
+            _, (iy, ix) = ndi.distance_transform_edt(comp == 0, return_indices=True)
+            nearest = comp[iy, ix]
+            is_val = np.isin(nearest, list(chosen_here)) & (ann != 0)
+            va[is_val] = ann[is_val]
+            tr[is_val] = 0
+        train.append(tr)
+        val.append(va)
+    return ValidationSplit(train, val, n_val, False)
