@@ -1,0 +1,417 @@
+"""The ``cellfit`` command line: ``train``, ``predict``, ``evaluate``, ``demo``, ``info``,
+``devices``.
+
+Every bad input ends with one sentence on stderr (what is wrong, what to do) and exit
+status 2, without a traceback. Outputs are written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from cellfit.errors import CellfitError
+
+__all__ = ["main"]
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED_FILES = 1
+EXIT_INTERRUPTED = 130
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cellfit import __version__
+    from cellfit.losses import DEFAULT_LOSS
+    from cellfit.model import DEFAULT_ENCODER
+
+    parser = argparse.ArgumentParser(
+        prog="cellfit",
+        description="Train a U-Net++ from a few painted cells and segment folders of TIFFs.",
+    )
+    parser.add_argument("--version", action="version", version=f"cellfit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train",
+        help="train a model from images and sparse annotations",
+        description="Annotations: 0 = not annotated (ignored), 1 = background, 2, 3, ... = "
+        "one id per cell (instances) or class 1, 2, ... (semantic).",
+    )
+    t.add_argument("images", nargs="+", metavar="IMAGES", help="image TIFFs or a folder of them")
+    t.add_argument("--labels", nargs="+", required=True, metavar="LABELS",
+                   help="annotation TIFFs or a folder (paired with images by file name)")
+    t.add_argument("--out", required=True, metavar="MODEL", help="model file to write")
+    t.add_argument("--time-limit", type=_positive_float, metavar="SECONDS",
+                   help="stop after this many seconds (default 300 unless --steps is given)")
+    t.add_argument("--steps", type=_positive_int, metavar="N", help="stop after N steps")
+    t.add_argument("--init", metavar="MODEL", help="fine-tune this model instead of starting fresh")
+    t.add_argument("--loss", default=DEFAULT_LOSS, metavar="NAME",
+                   help=f"ce, focal, dice, jaccard, tversky or a sum such as focal+dice (default {DEFAULT_LOSS})")
+    t.add_argument("--encoder", default=DEFAULT_ENCODER, metavar="NAME",
+                   help=f"encoder of the U-Net++ (default {DEFAULT_ENCODER})")
+    t.add_argument("--encoder-weights", metavar="imagenet|FILE",
+                   help="pretrained encoder weights: 'imagenet' (needs internet) or a local file")
+    t.add_argument("--mode", choices=("instances", "semantic"), default="instances")
+    t.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--patch-size", type=_positive_int, default=256, metavar="PIXELS")
+    t.add_argument("--batch-size", type=_positive_int, metavar="N")
+    t.add_argument("--lr", type=_positive_float, default=2e-3, help="learning rate (default 0.002)")
+    t.add_argument("--class-weights", default="balanced",
+                   help="balanced (default), none, or comma-separated numbers, one per class")
+    t.add_argument("--val-every", type=_positive_int, default=50, metavar="STEPS")
+    t.add_argument("--overwrite", action="store_true", help="replace MODEL if it exists")
+
+    p = sub.add_parser("predict", help="segment TIFF files or folders with a trained model")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("inputs", nargs="+", metavar="INPUTS", help="TIFF files or folders of TIFFs")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--probabilities", action="store_true", help="also write <stem>_prob.tif")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--tile", type=_positive_int, default=512, metavar="PIXELS")
+    p.add_argument("--overlap", type=int, default=64, metavar="PIXELS")
+    p.add_argument("--batch-size", type=_positive_int, default=4, metavar="N")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="skip inputs whose outputs already exist (resume an interrupted batch)")
+
+    e = sub.add_parser("evaluate", help="compare predicted labels with ground truth")
+    e.add_argument("predictions", metavar="PREDICTIONS", help="folder or file of predicted labels")
+    e.add_argument("truth", metavar="TRUTH", help="folder or file of true labels")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.add_argument("--semantic", action="store_true",
+                   help="compare class maps pixel by pixel instead of matching instances")
+
+    d = sub.add_parser("demo", help="train and predict on a bundled sample image, headless")
+    d.add_argument("--out", default="cellfit-demo", metavar="DIR")
+    d.add_argument("--time-limit", type=_positive_float, default=60.0, metavar="SECONDS")
+    d.add_argument("--device", default="auto")
+    d.add_argument("--seed", type=int, default=0)
+
+    i = sub.add_parser("info", help="show a model file's settings and training record")
+    i.add_argument("model", metavar="MODEL")
+    i.add_argument("--json", action="store_true")
+
+    sub.add_parser("devices", help="say which devices PyTorch sees and which cellfit would use")
+    return parser
+
+
+# --------------------------------------------------------------------------- train
+def _parse_weights(text: str) -> str | list[float]:
+    if text in ("balanced", "none"):
+        return text
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise CellfitError(
+            f"--class-weights {text!r} is not understood: use balanced, none, or numbers such as 1,5,5."
+        ) from None
+
+
+def _run_training(trainer, desc: str = "training") -> bool:
+    """Drain the trainer with a tqdm bar; returns False if interrupted (Ctrl-C)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=1000, desc=desc, unit="‰", leave=True, bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+    gen = trainer.run()
+    post: dict = {}
+    try:
+        for ev in gen:
+            bar.n = int(ev.fraction * 1000)
+            post["step"] = ev.step
+            post["loss"] = f"{ev.loss:.3f}"
+            if ev.validation:
+                v = ev.validation
+                post["F1"] = f"{v['f1']:.2f}"
+                if "ap50" in v:
+                    post["AP50"] = f"{v['ap50']:.2f}"
+            bar.set_postfix(post, refresh=False)
+            bar.refresh()
+    except KeyboardInterrupt:
+        gen.close()
+        bar.close()
+        return False
+    bar.n = bar.total
+    bar.close()
+    return True
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cellfit.io import pair_files, read_image, read_labels
+    from cellfit.train import TrainConfig, Trainer
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite and not (args.init and Path(args.init) == out):
+        raise CellfitError(
+            f"{out} already exists: choose another --out or add --overwrite to replace it."
+        )
+    if out.exists() and out.is_dir():
+        raise CellfitError(f"--out {out} is a folder: give a file name such as {out / 'model.cellfit'}.")
+    pairs = pair_files(args.images, args.labels)
+    images, anns = [], []
+    for img_path, lab_path in pairs:
+        stack = read_image(img_path)
+        images.append(stack)
+        anns.append(read_labels(lab_path, stack.labels_shape))
+    time_limit = args.time_limit
+    if time_limit is None and args.steps is None:
+        time_limit = 300.0
+    cfg = TrainConfig(
+        mode=args.mode,
+        encoder=args.encoder,
+        loss=args.loss,
+        class_weights=_parse_weights(args.class_weights),
+        patch_size=args.patch_size,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        time_limit=time_limit,
+        lr=args.lr,
+        val_every=args.val_every,
+        seed=args.seed,
+        device=args.device,
+        init=args.init,
+        encoder_weights=args.encoder_weights,
+    )
+    trainer = Trainer(images, anns, cfg)
+    s = trainer.summary
+    print(
+        f"Training on {s['planes']} annotated plane(s) of {len(pairs)} image(s): {s['cells']} "
+        f"cell(s)/object(s), {s['background_pixels']} background pixels; device {trainer.device}"
+        + (f", fine-tuning {args.init}" if args.init else "")
+        + ("." if not trainer.split.on_training else
+           "; fewer than 5 cells, so validation uses the training annotation."),
+        file=sys.stderr,
+    )
+    completed = _run_training(trainer)
+    trainer.save(out)
+    rec = trainer.info.training[-1]
+    val = rec.get("validation") or {}
+    figures = ", ".join(
+        f"{k} {val[k]:.3f}" for k in ("precision", "recall", "f1", "iou", "ap50") if k in val
+    )
+    status = "Finished" if completed else "Interrupted; kept the best model so far"
+    print(
+        f"{status}: {rec['steps']} steps in {rec['seconds']:.0f} s. Validation ({rec['validated_on']}) "
+        f"at step {rec['best_step']}: {figures or 'n/a'}.\nSaved model to {out}",
+        file=sys.stderr,
+    )
+    return 0 if completed else EXIT_INTERRUPTED
+
+
+# ------------------------------------------------------------------------- predict
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from cellfit.batch import predict_files
+
+    events = predict_files(
+        args.model,
+        args.inputs,
+        args.out,
+        probabilities=args.probabilities,
+        overwrite=not args.skip_existing,
+        tile=args.tile,
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    failed: list[tuple[Path, str]] = []
+    done = skipped = 0
+    bar = None
+    try:
+        for ev in events:
+            if bar is None:
+                bar = tqdm(total=ev.n_files, desc="files", unit="file")
+            if ev.status == "plane":
+                bar.set_postfix_str(f"{ev.path.name}: plane {ev.plane}/{ev.n_planes}")
+                continue
+            bar.update(1)
+            if ev.status == "done":
+                done += 1
+            elif ev.status == "skipped":
+                skipped += 1
+            elif ev.status == "failed":
+                failed.append((ev.path, ev.error or "unknown error"))
+                tqdm.write(f"cellfit: {ev.path}: {ev.error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        print("cellfit: interrupted; finished files are complete and no partial file was left.",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if bar is not None:
+        bar.close()
+    summary = f"{done} file(s) segmented into {args.out}"
+    if skipped:
+        summary += f", {skipped} skipped (outputs exist)"
+    if failed:
+        summary += f", {len(failed)} failed: " + "; ".join(f"{p.name}" for p, _ in failed)
+    print(summary + ".", file=sys.stderr)
+    return EXIT_FAILED_FILES if failed else 0
+
+
+# ------------------------------------------------------------------------ evaluate
+def evaluate_pairs(pairs, semantic: bool = False) -> dict:
+    """Metrics for ``(truth_path, pred_path)`` pairs: per image and pooled."""
+    import numpy as np
+
+    from cellfit.io import read_labels
+    from cellfit.metrics import aggregate_instance_metrics, instance_metrics, pixel_metrics
+
+    rows = []
+    per = []
+    preds_all, truth_all = [], []
+    for truth_path, pred_path in pairs:
+        truth = read_labels(truth_path)
+        pred = read_labels(pred_path, truth.shape)
+        if semantic:
+            preds_all.append(pred.ravel())
+            truth_all.append(truth.ravel())
+            continue
+        flat_t = truth.reshape(-1, *truth.shape[-2:])
+        flat_p = pred.reshape(-1, *pred.shape[-2:])
+        m_planes = [instance_metrics(p, t) for p, t in zip(flat_p, flat_t)]
+        agg = aggregate_instance_metrics(m_planes)
+        per.extend(m_planes)
+        pm = pixel_metrics((pred > 0).astype(np.uint8), (truth > 0).astype(np.uint8), 2,
+                           ["background", "cell"])["cell"]
+        rows.append({"image": truth_path.name, "prediction": pred_path.name,
+                     **{k: agg[k] for k in ("ap50", "f1_50", "precision_50", "recall_50", "ap50_95")},
+                     "pixel_f1": pm["f1"], "pixel_iou": pm["iou"],
+                     "n_true": agg["per_threshold"][0.5]["tp"] + agg["per_threshold"][0.5]["fn"],
+                     "n_pred": agg["per_threshold"][0.5]["tp"] + agg["per_threshold"][0.5]["fp"]})
+    if semantic:
+        p = np.concatenate(preds_all)
+        t = np.concatenate(truth_all)
+        k = int(max(p.max(), t.max())) + 1
+        return {"pixel": pixel_metrics(p, t, k, ["background"] + [f"class {i}" for i in range(1, k)],
+                                       ignore_index=-1)}
+    total = aggregate_instance_metrics(per)
+    total = {k: v for k, v in total.items() if k != "per_threshold"} | {
+        "per_threshold": {str(k): v for k, v in total["per_threshold"].items()}
+    }
+    return {"images": rows, "total": total}
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cellfit.io import pair_files
+
+    pairs = pair_files([args.truth], [args.predictions])
+    result = evaluate_pairs(pairs, args.semantic)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    if args.semantic:
+        print(f"{'class':<12}{'precision':>10}{'recall':>8}{'F1':>8}{'IoU':>8}{'pixels':>10}")
+        for name, m in result["pixel"].items():
+            print(f"{name:<12}{m['precision']:>10.3f}{m['recall']:>8.3f}{m['f1']:>8.3f}{m['iou']:>8.3f}{m['support']:>10d}")
+        return 0
+    head = f"{'image':<24}{'AP@0.5':>8}{'F1@0.5':>8}{'prec.':>8}{'recall':>8}{'AP50:95':>9}{'true':>6}{'pred':>6}"
+    print(head)
+    for r in result["images"]:
+        print(f"{r['image'][:23]:<24}{r['ap50']:>8.3f}{r['f1_50']:>8.3f}{r['precision_50']:>8.3f}"
+              f"{r['recall_50']:>8.3f}{r['ap50_95']:>9.3f}{r['n_true']:>6d}{r['n_pred']:>6d}")
+    t = result["total"]
+    print(f"{'all (pooled)':<24}{t['ap50']:>8.3f}{t['f1_50']:>8.3f}{t['precision_50']:>8.3f}"
+          f"{t['recall_50']:>8.3f}{t['ap50_95']:>9.3f}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cellfit.demo import run_demo
+
+    return run_demo(Path(args.out), time_limit=args.time_limit, device=args.device, seed=args.seed)
+
+
+# ---------------------------------------------------------------------------- info
+def cmd_info(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from cellfit.model import read_model_info
+
+    info = read_model_info(args.model)
+    if args.json:
+        print(json.dumps(asdict(info), indent=2))
+        return 0
+    print(f"model       {args.model}")
+    print(f"network     U-Net++ / {info.encoder}, {info.in_channels} channel(s) in")
+    print(f"mode        {info.mode}: {', '.join(info.class_names)}")
+    print(f"normalise   {info.normalization}")
+    for k, rec in enumerate(info.training, 1):
+        val = rec.get("validation") or {}
+        figs = ", ".join(f"{n} {val[n]:.3f}" for n in ("precision", "recall", "f1", "ap50") if n in val)
+        ann = rec.get("annotation", {})
+        print(f"training {k}  {rec.get('date')}: {rec.get('steps')} steps, {rec.get('seconds')} s on "
+              f"{rec.get('device')}; {ann.get('cells')} cells annotated; validation: {figs or 'n/a'}")
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from cellfit.devices import describe_devices
+
+    print(describe_devices())
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "predict": cmd_predict,
+    "evaluate": cmd_evaluate,
+    "demo": cmd_demo,
+    "info": cmd_info,
+    "devices": cmd_devices,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    try:
+        return COMMANDS[args.command](args)
+    except CellfitError as exc:
+        print(f"cellfit: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("cellfit: interrupted.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: say so plainly, details on request
+        if os.environ.get("CELLFIT_DEBUG"):
+            raise
+        print(
+            f"cellfit: internal error ({type(exc).__name__}: {exc}); this is a bug in cellfit: "
+            "please report it, with the output of the same command run with CELLFIT_DEBUG=1.",
+            file=sys.stderr,
+        )
+        return 3
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
