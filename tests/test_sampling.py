@@ -12,7 +12,7 @@ from cellfit.targets import IGNORE, instance_targets
 
 def _position_image(h: int, w: int) -> np.ndarray:
     """One channel whose value at (y, x) is y * w + x + 1 (0 is left for padding)."""
-    return (np.arange(h * w, dtype=np.float32).reshape(1, h, w) + 1)
+    return np.arange(h * w, dtype=np.float32).reshape(1, h, w) + 1
 
 
 def _random_targets(h: int, w: int, seed: int, annotated: float = 0.5) -> np.ndarray:
@@ -130,7 +130,9 @@ def test_augmentation_rotates_and_flips():
     for xb in x[:, 0]:
         dy = np.sign(np.median(np.diff(xb, axis=0)))  # +1: rows go down the image
         dx = np.sign(np.median(np.diff(xb, axis=1)))
-        big_step_axis = 0 if abs(np.median(np.diff(xb, axis=0))) > abs(np.median(np.diff(xb, axis=1))) else 1
+        big_step_axis = (
+            0 if abs(np.median(np.diff(xb, axis=0))) > abs(np.median(np.diff(xb, axis=1))) else 1
+        )
         orientations.add((dy, dx, big_step_axis))
     assert len(orientations) >= 4
 
