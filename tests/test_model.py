@@ -1,0 +1,238 @@
+"""The one-file model format: round trip, metadata, refusing pickles, encoder weights."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cellfit.errors import CellfitError
+from cellfit.model import (
+    ModelInfo,
+    build_model,
+    load_encoder_weights,
+    load_model,
+    read_model_info,
+    save_model,
+)
+
+SMALL_DECODER = [16, 16, 16, 16, 16]
+
+
+def _info(**kw) -> ModelInfo:
+    base = {"encoder": "mobilenet_v2", "decoder_channels": SMALL_DECODER}
+    base.update(kw)
+    return ModelInfo(**base)
+
+
+def _build(info: ModelInfo, seed: int = 0, **kw) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(info, **kw).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    info = _info(
+        in_channels=2,
+        n_classes=4,
+        mode="semantic",
+        class_names=["background", "nucleus", "cytoplasm", "débris"],
+        normalization={"method": "percentile", "low": 2.0, "high": 99.5},
+        boundary_width=2,
+        training=[{"steps": 12, "validation": {"f1": 0.5}, "losses": [1.0, 0.5]}],
+    )
+    return _build(info), info
+
+
+def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_round_trip_gives_identical_outputs_and_metadata(tiny, tmp_path):
+    model, info = tiny
+    path = save_model(tmp_path / "sub" / "m.cellfit", model, info)
+    assert path == tmp_path / "sub" / "m.cellfit" and path.is_file()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["m.cellfit"]  # no temp left
+    loaded, info2 = load_model(path)
+    assert not loaded.training
+    assert info2 == info
+    assert read_model_info(path) == info
+    _assert_same_state(model, loaded)
+    x = torch.randn(1, 2, 64, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_model_file_is_safetensors_with_json_header(tiny, tmp_path):
+    model, info = tiny
+    path = save_model(tmp_path / "m.cellfit", model, info)
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    meta = json.loads(header["__metadata__"]["cellfit"])
+    assert meta["encoder"] == "mobilenet_v2"
+    assert meta["class_names"][3] == "débris"
+    assert meta["training"][0]["steps"] == 12
+    assert b"\x80\x04" not in raw[:16] and not raw.startswith(b"PK")
+
+
+def test_save_overwrites_atomically(tiny, tmp_path):
+    model, info = tiny
+    path = tmp_path / "m.cellfit"
+    save_model(path, model, info)
+    info2 = _info(**{**info.__dict__, "training": [*info.training, {"steps": 3}]})
+    save_model(path, model, info2)
+    assert len(read_model_info(path).training) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["m.cellfit"]
+
+
+def test_fresh_models_differ_so_the_round_trip_test_means_something(tiny):
+    model, info = tiny
+    other = _build(info, seed=1)
+    x = torch.randn(1, 2, 32, 32)
+    with torch.no_grad():
+        assert not torch.equal(model(x), other(x))
+
+
+def test_model_info_ignores_unknown_keys():
+    text = json.dumps({"encoder": "resnet18", "from_the_future": 1})
+    info = ModelInfo.from_json(text)
+    assert info.encoder == "resnet18" and info.n_classes == 3
+
+
+# ------------------------------------------------------------- refusing pickles
+class _Payload:
+    """Unpickling this touches a file: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_torch_save_checkpoint_is_refused(tiny, tmp_path):
+    model, _ = tiny
+    path = tmp_path / "model.cellfit"
+    torch.save({"state_dict": model.state_dict(), "epoch": 3}, path)
+    for fn in (load_model, read_model_info):
+        with pytest.raises(CellfitError, match="pickled PyTorch file, which can run code") as e:
+            fn(path)
+        assert "\n" not in str(e.value)
+
+
+def test_raw_pickle_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "model.pt"
+    path.write_bytes(pickle.dumps(_Payload(marker), protocol=4))
+    with pytest.raises(CellfitError, match="pickled"):
+        load_model(path)
+    with pytest.raises(CellfitError, match="pickled"):
+        read_model_info(path)
+    assert not marker.exists()
+
+
+def test_encoder_weights_in_a_code_bearing_pickle_are_refused(tmp_path):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "weights.pth"
+    torch.save({"conv": _Payload(marker)}, path)
+    model = build_model(_info())
+    with pytest.raises(CellfitError, match="may contain code"):
+        load_encoder_weights(model, path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "not a cellfit model file"),
+        (b"hello, this is a text file\n", "not a cellfit model file"),
+    ],
+)
+def test_not_a_model_file(tmp_path, content, message):
+    path = tmp_path / "m.cellfit"
+    path.write_bytes(content)
+    with pytest.raises(CellfitError, match=message):
+        load_model(path)
+
+
+def test_safetensors_without_cellfit_header(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(2)}, str(path))
+    with pytest.raises(CellfitError, match="not a cellfit model"):
+        read_model_info(path)
+
+
+def test_missing_model_and_folder(tmp_path):
+    with pytest.raises(CellfitError, match="does not exist"):
+        load_model(tmp_path / "nope.cellfit")
+    with pytest.raises(CellfitError, match="is a folder"):
+        load_model(tmp_path)
+
+
+def test_weights_that_do_not_fit_the_described_network(tiny, tmp_path):
+    model, info = tiny
+    wrong = _info(**{**info.__dict__, "n_classes": 5})
+    path = save_model(tmp_path / "m.cellfit", model, wrong)
+    with pytest.raises(CellfitError, match="do not match the network"):
+        load_model(path)
+
+
+def test_unknown_encoder_and_architecture():
+    with pytest.raises(CellfitError, match="unknown encoder 'resnet9000'"):
+        build_model(_info(encoder="resnet9000"))
+    with pytest.raises(CellfitError, match="cannot build"):
+        build_model(_info(architecture="SegFormer"))
+
+
+# ----------------------------------------------------------- encoder weights
+@pytest.mark.parametrize("prefix", ["", "encoder."])
+def test_load_encoder_weights_from_safetensors(tmp_path, prefix):
+    info = _info()
+    src = _build(info, seed=1)
+    dst = _build(info, seed=2)
+    decoder_before = {k: v.clone() for k, v in dst.state_dict().items() if k.startswith("decoder")}
+    enc_state = {prefix + k: v.contiguous() for k, v in src.encoder.state_dict().items()}
+    path = tmp_path / "enc.safetensors"
+    save_file(enc_state, str(path))
+    n = load_encoder_weights(dst, path)
+    assert n == len(enc_state)
+    _assert_same_state(src.encoder, dst.encoder)
+    for k, v in dst.state_dict().items():
+        if k.startswith("decoder"):
+            assert torch.equal(v, decoder_before[k])
+
+
+def test_build_model_with_a_local_weights_file(tmp_path):
+    info = _info()
+    src = _build(info, seed=1)
+    path = tmp_path / "enc.pth"
+    torch.save(src.encoder.state_dict(), path)  # a plain state dict is fine
+    dst = build_model(info, encoder_weights=str(path))
+    _assert_same_state(src.encoder, dst.encoder)
+
+
+def test_encoder_weights_of_another_encoder_are_refused(tmp_path):
+    other = build_model(_info(encoder="resnet18"))
+    path = tmp_path / "resnet.safetensors"
+    save_file({k: v.contiguous() for k, v in other.encoder.state_dict().items()}, str(path))
+    with pytest.raises(CellfitError, match="none of the weights"):
+        load_encoder_weights(build_model(_info()), path)
+
+
+def test_encoder_weights_missing_or_garbage(tmp_path):
+    model = build_model(_info())
+    with pytest.raises(CellfitError, match="does not exist"):
+        load_encoder_weights(model, tmp_path / "none.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(CellfitError, match="not a safetensors weights file"):
+        load_encoder_weights(model, bad)
