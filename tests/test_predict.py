@@ -1,0 +1,250 @@
+"""Tiled prediction: tiles blended back equal whole-image prediction, any image size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cellfit.errors import CellfitError
+from cellfit.model import ModelInfo, build_model
+from cellfit.normalize import normalize, percentiles
+from cellfit.predict import (
+    blend_window,
+    iter_predict,
+    predict_plane,
+    predict_stack,
+    resolve_device,
+    tile_starts,
+)
+
+
+class PointModel(nn.Module):
+    """A per-pixel model (1x1 convolution): its tiled output must equal the whole-image
+    output exactly, wherever the tiles fall."""
+
+    def __init__(self, c: int = 1, k: int = 3, seed: int = 0, gain: float = 4.0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.conv = nn.Conv2d(c, k, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=gen) * gain)
+            self.conv.bias.copy_(torch.randn(k, generator=gen))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class LocalModel(nn.Module):
+    """Two 3x3 convolutions: each output sees a 5x5 neighbourhood."""
+
+    def __init__(self, c: int = 1, k: int = 3, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(
+            nn.Conv2d(c, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, k, 3, padding=1)
+        )
+        with torch.no_grad():
+            self.net[2].weight.mul_(4)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _info(c: int = 1, k: int = 3) -> ModelInfo:
+    return ModelInfo(encoder="none", in_channels=c, n_classes=k)
+
+
+def _reference(model: nn.Module, plane: np.ndarray, info: ModelInfo, stats=None) -> np.ndarray:
+    """Softmax of the model on the whole normalised plane, no tiling, no padding."""
+    x = normalize(plane[None], info.normalization, stats)
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).softmax(1)[0].numpy()
+
+
+def _image(h: int, w: int, c: int = 1, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    base = np.sin(yy / 5.0) + np.cos(xx / 7.0)
+    return np.stack(
+        [(base * (i + 1) + rng.normal(0, 0.3, (h, w))) * 500 + 1000 for i in range(c)]
+    ).astype(np.uint16)
+
+
+# ---------------------------------------------------------------- exact tiling
+@pytest.mark.parametrize(
+    ("shape", "tile", "overlap"),
+    [
+        ((77, 101), 32, 8),
+        ((77, 101), 64, 16),
+        ((77, 101), 64, 0),
+        ((130, 64), 32, 16),
+        ((45, 33), 32, 31),
+        ((100, 100), 40, 10),  # tile rounded up to 64
+    ],
+)
+def test_tiled_equals_whole_image_for_a_per_pixel_model(shape, tile, overlap):
+    info = _info()
+    model = PointModel()
+    img = _image(*shape)
+    tiled = predict_plane(model, info, img, tile=tile, overlap=overlap, batch_size=3)
+    whole = predict_plane(model, info, img, tile=512)
+    ref = _reference(model, img, info)
+    assert tiled.shape == (3, *shape) and tiled.dtype == np.float32
+    np.testing.assert_allclose(whole, ref, atol=1e-5)
+    np.testing.assert_allclose(tiled, ref, atol=1e-5)
+    assert ref.std() > 0.1  # the reference is far from uniform: misplaced tiles would show
+
+
+@pytest.mark.parametrize("shape", [(20, 27), (5, 200), (1, 1), (3, 40), (33, 31)])
+def test_images_smaller_than_a_tile(shape):
+    info = _info(c=2, k=4)
+    model = PointModel(c=2, k=4)
+    img = _image(*shape, c=2)
+    out = predict_plane(model, info, img, tile=64, overlap=16)
+    assert out.shape == (4, *shape)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out.sum(0), 1.0, atol=1e-5)
+    if min(shape) > 1:
+        np.testing.assert_allclose(out, _reference(model, img, info), atol=1e-5)
+
+
+def _local_whole_and_tiled():
+    info = _info()
+    model = LocalModel()
+    img = _image(150, 130)
+    whole = predict_plane(model, info, img, tile=512)
+    tiled = predict_plane(model, info, img, tile=64, overlap=32)
+    assert whole.std() > 0.05
+    return np.abs(tiled - whole).max(axis=0)
+
+
+def test_blending_hides_tile_edges_of_a_model_with_context():
+    diff = _local_whole_and_tiled()
+    # inside the image, each tile edge disturbs a 2-px strip that the Gaussian window
+    # down-weights ~1000-fold against the neighbouring tile's centre
+    inner = diff[12:-12, 12:-12]
+    assert inner.max() < 0.01
+    assert inner.mean() < 1e-4
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="predict.py bug: the blend window also tapers towards the image border, so near "
+    "the right/bottom border, where the last tile (placed at size - tile) overlaps the "
+    "previous tile's edge, both tiles have ~1e-3 weights and the previous tile's artificial "
+    "edge contributes about half the probability (a seam along the border)",
+)
+def test_no_seam_near_the_image_border():
+    diff = _local_whole_and_tiled()
+    # 150 x 130 with 64-px tiles: the last two tiles start at 64 and 66 (x), 64 and 86 (y);
+    # near x = 127 the difference reaches ~0.3 (~0.004 inside the image)
+    assert diff.max() < 0.01
+
+
+def test_unet_tiled_prediction_matches_whole_image():
+    torch.manual_seed(0)
+    info = ModelInfo(encoder="mobilenet_v2", decoder_channels=[16, 16, 16, 16, 16])
+    model = build_model(info).eval()
+    img = _image(101, 77)  # not divisible by 32
+    whole = predict_plane(model, info, img, tile=512)
+    tiled = predict_plane(model, info, img, tile=64, overlap=32)
+    assert whole.shape == tiled.shape == (3, 101, 77)
+    np.testing.assert_allclose(whole.sum(0), 1.0, atol=1e-5)
+    np.testing.assert_allclose(tiled.sum(0), 1.0, atol=1e-5)
+    assert np.abs(tiled - whole).mean() < 0.01
+    small = predict_plane(model, info, _image(20, 27), tile=512)
+    assert small.shape == (3, 20, 27) and np.isfinite(small).all()
+
+
+# -------------------------------------------------------------- stacks, events
+def test_predict_stack_normalises_all_planes_alike():
+    info = _info()
+    model = PointModel(gain=20.0)
+    stack = np.stack([_image(40, 50, seed=s)[0] for s in range(3)])
+    stack[1] = stack[1] // 2  # a dimmer slice stays dimmer
+    out = predict_stack(model, info, stack)
+    assert out.shape == (3, 3, 40, 50)
+    planes = stack[:, None]
+    stats = percentiles(planes, 1.0, 99.8)
+    for p in range(3):
+        np.testing.assert_allclose(out[p], _reference(model, planes[p], info, stats), atol=1e-5)
+    # per-slice statistics would have given something else for the dim slice
+    assert np.abs(out[1] - _reference(model, planes[1], info)).max() > 0.03
+
+
+def test_predict_stack_rgb_into_a_grayscale_model():
+    info = _info()
+    model = PointModel()
+    rgb = np.moveaxis(_image(40, 48, c=3), 0, -1)  # (Y, X, 3)
+    out = predict_stack(model, info, rgb)
+    assert out.shape == (1, 3, 40, 48)
+    gray = rgb.mean(axis=-1, dtype=np.float32)[None]
+    np.testing.assert_allclose(out[0], _reference(model, gray, info), atol=1e-4)
+
+
+def test_iter_predict_events():
+    info = _info()
+    model = PointModel()
+    planes = np.stack([_image(70, 70), _image(70, 70, seed=1)])  # (2, 1, 70, 70)
+    events = list(iter_predict(model, info, planes, tile=32, overlap=8, batch_size=2))
+    # 70 px with 32-px tiles at stride 24: starts 0, 24, 38 → 9 tiles a plane, 5 batches
+    assert [e.plane for e in events] == [0] * 5 + [1] * 5
+    assert all(e.tiles_total == 9 for e in events)
+    with_probs = [e for e in events if e.probabilities is not None]
+    assert [e.plane for e in with_probs] == [0, 1]
+    assert all(e.tiles_done == 9 for e in with_probs)
+    fractions = [e.fraction for e in events]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+
+
+def test_normalisation_none_uses_raw_values():
+    info = _info()
+    info.normalization = {"method": "none"}
+    model = PointModel()
+    img = np.random.default_rng(0).normal(size=(1, 30, 30)).astype(np.float32)
+    out = predict_plane(model, info, img, tile=32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(img[None])).softmax(1)[0].numpy()
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+# ------------------------------------------------------------------ helpers
+@pytest.mark.parametrize(
+    ("size", "tile", "overlap"),
+    [(100, 32, 8), (64, 64, 16), (65, 64, 0), (500, 96, 48), (10, 32, 8)],
+)
+def test_tile_starts_cover_the_image_with_overlap(size, tile, overlap):
+    starts = tile_starts(size, tile, overlap)
+    assert starts[0] == 0
+    assert starts == sorted(set(starts))
+    if size > tile:
+        assert starts[-1] == size - tile
+        gaps = np.diff(starts)
+        assert (gaps <= tile - overlap).all() and (gaps > 0).all()
+    else:
+        assert starts == [0]
+    covered = np.zeros(size, bool)
+    for s in starts:
+        covered[s : s + tile] = True
+    assert covered.all()
+
+
+def test_blend_window():
+    w = blend_window(64, 32)
+    assert w.shape == (64, 32) and w.dtype == np.float32
+    assert w.max() == pytest.approx(1.0) and w.min() >= 1e-3
+    np.testing.assert_allclose(w, w[::-1, ::-1])
+    assert w[32, 16] > w[0, 16] and w[32, 16] > w[32, 0]
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")).type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(CellfitError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(CellfitError, match="no CUDA GPU"):
+            resolve_device("cuda")
