@@ -17,7 +17,13 @@ from cellfit.errors import CellfitError
 from cellfit.io import atomic_write_tiff, expand_inputs, read_image
 from cellfit.model import load_model
 from cellfit.postprocess import labels_from_probs
-from cellfit.predict import DEFAULT_OVERLAP, DEFAULT_TILE, iter_predict, prepare_planes, resolve_device
+from cellfit.predict import (
+    DEFAULT_OVERLAP,
+    DEFAULT_TILE,
+    iter_predict,
+    prepare_planes,
+    resolve_device,
+)
 
 __all__ = ["FileEvent", "label_dtype", "output_paths", "predict_files"]
 

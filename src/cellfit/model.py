@@ -52,6 +52,9 @@ class ModelInfo:
     decoder_channels: list[int] = field(default_factory=lambda: list(DEFAULT_DECODER_CHANNELS))
     normalization: dict = field(default_factory=lambda: dict(DEFAULT_NORMALIZATION))
     boundary_width: int = 1
+    # model pixels per image pixel: images are resized by this factor before the
+    # network sees them (chosen from the annotated cell size, see TrainConfig.scale)
+    scale: float = 1.0
     architecture: str = "UnetPlusPlus"
     format_version: int = FORMAT_VERSION
     training: list[dict] = field(default_factory=list)

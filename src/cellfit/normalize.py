@@ -11,7 +11,14 @@ import numpy as np
 
 from cellfit.errors import CellfitError
 
-__all__ = ["DEFAULT_NORMALIZATION", "match_channels", "normalize", "percentiles"]
+__all__ = [
+    "DEFAULT_NORMALIZATION",
+    "match_channels",
+    "normalize",
+    "percentiles",
+    "resize_plane",
+    "scaled_shape",
+]
 
 DEFAULT_NORMALIZATION: dict = {"method": "percentile", "low": 1.0, "high": 99.8}
 _MAX_SAMPLES = 4_000_000
@@ -90,3 +97,30 @@ def match_channels(planes: np.ndarray, n_channels: int) -> np.ndarray:
         f"the image has {c} channels but the model was trained on {n_channels}: "
         f"give images with {n_channels} channel(s) or train a model on these."
     )
+
+
+def resize_plane(plane: np.ndarray, shape: tuple[int, int], order: int = 1) -> np.ndarray:
+    """Resize a ``(C, Y, X)`` plane to ``shape`` (anti-aliased when shrinking; order 0
+    for label images, which keeps their values)."""
+    from skimage.transform import resize
+
+    if tuple(plane.shape[-2:]) == tuple(shape):
+        return plane
+    if order == 0:
+        return resize(
+            plane, (plane.shape[0], *shape), order=0, preserve_range=True, anti_aliasing=False
+        ).astype(plane.dtype)
+    shrinking = shape[0] < plane.shape[-2] or shape[1] < plane.shape[-1]
+    out = resize(
+        plane.astype(np.float32, copy=False),
+        (plane.shape[0], *shape),
+        order=order,
+        preserve_range=True,
+        anti_aliasing=shrinking,
+    )
+    return out.astype(np.float32)
+
+
+def scaled_shape(shape: tuple[int, int], scale: float) -> tuple[int, int]:
+    """Plane shape after scaling by ``scale`` (at least 1 pixel a side)."""
+    return max(1, int(round(shape[0] * scale))), max(1, int(round(shape[1] * scale)))

@@ -22,7 +22,13 @@ from torch import nn
 from cellfit.errors import CellfitError
 from cellfit.io import ImageStack, to_planes
 from cellfit.model import STRIDE, ModelInfo
-from cellfit.normalize import match_channels, normalize, percentiles
+from cellfit.normalize import (
+    match_channels,
+    normalize,
+    percentiles,
+    resize_plane,
+    scaled_shape,
+)
 
 __all__ = [
     "DEFAULT_OVERLAP",
@@ -170,7 +176,11 @@ def iter_predict(
     n_planes = planes.shape[0]
     for p in range(n_planes):
         plane = normalize(planes[p : p + 1], info.normalization, stats)[0]
-        c, h, w = plane.shape
+        full_shape = plane.shape[1:]
+        scale = float(getattr(info, "scale", 1.0) or 1.0)
+        if abs(scale - 1.0) > 1e-6:
+            plane = resize_plane(plane, scaled_shape(full_shape, scale))
+        _c, h, w = plane.shape
         # pad small planes up to the stride (reflect, edge where reflect cannot reach)
         th, tw = min(tile, _round_up(h)), min(tile, _round_up(w))
         ph, pw = max(th - h, 0), max(tw - w, 0)
@@ -202,7 +212,10 @@ def iter_predict(
             if done < len(coords):
                 yield PredictEvent(p, n_planes, done, len(coords))
         acc /= wsum[None]
-        yield PredictEvent(p, n_planes, done, len(coords), acc[:, :h, :w])
+        probs = acc[:, :h, :w]
+        if probs.shape[1:] != full_shape:
+            probs = resize_plane(probs, full_shape)
+        yield PredictEvent(p, n_planes, done, len(coords), probs)
 
 
 def predict_plane(
