@@ -292,7 +292,7 @@ def pair_files(
         return list(zip(img_files, lab_files))
     by_stem = {p.stem: p for p in lab_files}
     pairs = []
-    missing = []
+    unmatched: list[Path] = []
     for img in img_files:
         match = None
         for suffix in _LABEL_SUFFIXES:
@@ -301,9 +301,12 @@ def pair_files(
                 match = cand
                 break
         if match is None:
-            missing.append(img.name)
+            unmatched.append(img)
         else:
             pairs.append((img, match))
+    # with images and labels in one folder, the label files are not images
+    used = {lab.resolve() for _, lab in pairs}
+    missing = [img.name for img in unmatched if img.resolve() not in used]
     if not pairs:
         raise CellfitError(
             "no label file matches any image by name: name each label file like its image "
