@@ -1,0 +1,508 @@
+"""The command line end to end, and one clear sentence for each bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from cellfit.cli import main
+from cellfit.model import ModelInfo, build_model, read_model_info, save_model
+from cellfit.synthetic import sparse_annotation, synthetic_cells
+
+SHAPE = (96, 96)
+
+
+# ----------------------------------------------------------------- helpers
+def run(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, out: str, err: str, *fragments: str) -> str:
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got: {err!r}"
+    line = lines[0]
+    assert line.startswith("cellfit: error: "), line
+    for fragment in fragments:
+        assert fragment in line, f"{fragment!r} not in {line!r}"
+    assert "Traceback" not in out + err
+    assert "internal error" not in line
+    return line
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder`` with its bytes and modification time."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def write_pair(folder: Path, name: str, image: np.ndarray, labels: np.ndarray, **kw) -> None:
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    (folder / "lab").mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(folder / "img" / name, image, **kw)
+    tifffile.imwrite(folder / "lab" / name, labels)
+
+
+@pytest.fixture
+def data(tmp_path):
+    """img/a.tif (2D, uint16), lab/a.tif (sparse annotation), truth/a.tif (all cells)."""
+    image, labels = synthetic_cells(SHAPE, n_cells=8, seed=1)
+    ann = sparse_annotation(labels, fraction=0.8, seed=0)
+    write_pair(tmp_path, "a.tif", image, ann)
+    (tmp_path / "truth").mkdir()
+    tifffile.imwrite(tmp_path / "truth" / "a.tif", labels.astype(np.uint16))
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    """An untrained, tiny grayscale instance model (fast to build and run)."""
+    torch.manual_seed(0)
+    info = ModelInfo(encoder="mobilenet_v2", decoder_channels=[16, 16, 16, 16, 16])
+    path = tmp_path_factory.mktemp("model") / "tiny.cellfit"
+    return save_model(path, build_model(info), info)
+
+
+def _train_args(folder: Path, *extra) -> list:
+    return [
+        "train",
+        folder / "img",
+        "--labels",
+        folder / "lab",
+        "--out",
+        folder / "m.cellfit",
+        "--steps",
+        "3",
+        "--patch-size",
+        "64",
+        "--batch-size",
+        "2",
+        "--val-every",
+        "100",
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+# ------------------------------------------------------------ end to end
+@pytest.mark.slow
+def test_train_predict_evaluate_info_2d(data, capsys):
+    code, _, err = run(capsys, *_train_args(data))
+    assert code == 0, err
+    assert "Traceback" not in err
+    model = data / "m.cellfit"
+    assert model.is_file()
+    assert f"Saved model to {model}" in err
+    info = read_model_info(model)
+    assert info.mode == "instances" and info.in_channels == 1 and info.n_classes == 3
+    rec = info.training[-1]
+    assert rec["steps"] == 3 and rec["patch_size"] == 64 and rec["batch_size"] == 2
+    assert rec["annotation"]["cells"] == len(
+        np.setdiff1d(np.unique(tifffile.imread(data / "lab" / "a.tif")), [0, 1])
+    )
+
+    out_dir = data / "pred"
+    code, _, err = run(
+        capsys,
+        "predict",
+        model,
+        data / "img",
+        "--out",
+        out_dir,
+        "--probabilities",
+        "--device",
+        "cpu",
+    )
+    assert code == 0, err
+    assert "1 file(s) segmented" in err
+    labels = tifffile.imread(out_dir / "a_labels.tif")
+    probs = tifffile.imread(out_dir / "a_prob.tif")
+    assert labels.shape == SHAPE and labels.dtype in (np.uint8, np.uint16, np.uint32)
+    assert probs.shape == (3, *SHAPE) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-4)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["a_labels.tif", "a_prob.tif"]
+
+    code, out, err = run(capsys, "evaluate", out_dir, data / "truth")
+    assert code == 0, err
+    assert out.splitlines()[0].split()[:3] == ["image", "AP@0.5", "F1@0.5"]
+    assert "a.tif" in out and "all (pooled)" in out
+
+    code, out, err = run(capsys, "evaluate", out_dir, data / "truth", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    n_true = len(np.setdiff1d(np.unique(tifffile.imread(data / "truth" / "a.tif")), [0]))
+    assert result["images"][0]["n_true"] == n_true
+    assert result["images"][0]["n_pred"] == labels.max()
+    for key in ("ap50", "f1_50", "precision_50", "recall_50", "ap50_95"):
+        assert 0.0 <= result["total"][key] <= 1.0
+
+    code, out, err = run(capsys, "info", model)
+    assert code == 0, err
+    assert "mobilenet_v2" in out and "instances" in out and "3 steps" in out
+    code, out, err = run(capsys, "info", model, "--json")
+    assert code == 0
+    assert json.loads(out)["training"][0]["steps"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["rgb", "stack"])
+def test_train_and_predict_rgb_and_3d_stack(tmp_path, capsys, kind):
+    image, labels = synthetic_cells((64, 72), n_cells=6, seed=2, dtype=np.uint8)
+    ann = sparse_annotation(labels, fraction=1.0, seed=0)
+    if kind == "rgb":
+        img = np.stack([image, image // 2, 255 - image], axis=-1)  # (Y, X, 3)
+        lab = ann
+        expect_labels, expect_probs, channels = (64, 72), (3, 64, 72), 3
+        photometric = "rgb"
+    else:
+        img = np.stack([image, np.roll(image, 5, axis=1), image[::-1]])  # (Z, Y, X)
+        lab = np.stack([ann, np.zeros_like(ann), np.zeros_like(ann)])  # one annotated slice
+        expect_labels, expect_probs, channels = (3, 64, 72), (3, 3, 64, 72), 1
+        photometric = "minisblack"  # three slices, not the planes of an RGB image
+    write_pair(tmp_path, "x.tif", img, lab, photometric=photometric)
+    args = _train_args(tmp_path)
+    args[args.index("--steps") + 1] = "2"
+    code, _, err = run(capsys, *args)
+    assert code == 0, err
+    assert "1 annotated plane(s)" in err
+    assert read_model_info(tmp_path / "m.cellfit").in_channels == channels
+    code, _, err = run(
+        capsys,
+        "predict",
+        tmp_path / "m.cellfit",
+        tmp_path / "img" / "x.tif",
+        "--out",
+        tmp_path / "out",
+        "--probabilities",
+    )
+    assert code == 0, err
+    labels_out = tifffile.imread(tmp_path / "out" / "x_labels.tif")
+    probs_out = tifffile.imread(tmp_path / "out" / "x_prob.tif")
+    assert labels_out.shape == expect_labels and np.issubdtype(labels_out.dtype, np.unsignedinteger)
+    assert probs_out.shape == expect_probs and probs_out.dtype == np.float32
+
+
+def test_predict_2d_rgb_and_stack_with_a_grayscale_model(tmp_path, capsys, model_file):
+    image, _ = synthetic_cells((50, 70), n_cells=4, seed=3)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    tifffile.imwrite(inputs / "flat.tif", image)
+    tifffile.imwrite(inputs / "rgb.tif", np.stack([image] * 3, axis=-1), photometric="rgb")
+    stack = np.stack([image, image[::-1], image[:, ::-1], image])
+    tifffile.imwrite(inputs / "stack.tif", stack, photometric="minisblack")
+    before = snapshot(inputs)
+    code, _, err = run(
+        capsys,
+        "predict",
+        model_file,
+        inputs,
+        "--out",
+        tmp_path / "out",
+        "--probabilities",
+        "--tile",
+        "64",
+    )
+    assert code == 0, err
+    assert "3 file(s) segmented" in err
+    out = tmp_path / "out"
+    expected = {
+        "flat": ((50, 70), (3, 50, 70)),
+        "rgb": ((50, 70), (3, 50, 70)),
+        "stack": ((4, 50, 70), (4, 3, 50, 70)),
+    }
+    for stem, (lshape, pshape) in expected.items():
+        lab = tifffile.imread(out / f"{stem}_labels.tif")
+        prob = tifffile.imread(out / f"{stem}_prob.tif")
+        assert lab.shape == lshape and np.issubdtype(lab.dtype, np.unsignedinteger), stem
+        assert prob.shape == pshape and prob.dtype == np.float32, stem
+    assert len(list(out.iterdir())) == 6
+    assert snapshot(inputs) == before  # inputs untouched
+
+
+def test_predict_without_probabilities_and_skip_existing(tmp_path, capsys, model_file):
+    image, _ = synthetic_cells((40, 40), n_cells=3, seed=4)
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "a.tif", image)
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "predict", model_file, tmp_path / "in", "--out", out)
+    assert code == 0, err
+    assert [p.name for p in out.iterdir()] == ["a_labels.tif"]
+    first = snapshot(out)
+    code, _, err = run(
+        capsys, "predict", model_file, tmp_path / "in", "--out", out, "--skip-existing"
+    )
+    assert code == 0 and "1 skipped" in err
+    assert snapshot(out) == first
+
+
+def test_evaluate_hand_made_predictions(tmp_path, capsys):
+    _, truth = synthetic_cells((64, 64), n_cells=6, seed=5)
+    n = int(truth.max())
+    pred = truth.copy()
+    pred[pred == n] = 0  # one cell missed, the others exact
+    (tmp_path / "truth").mkdir()
+    (tmp_path / "pred").mkdir()
+    tifffile.imwrite(tmp_path / "truth" / "c.tif", truth.astype(np.uint16))
+    tifffile.imwrite(tmp_path / "pred" / "c_labels.tif", pred.astype(np.uint16))
+    code, out, err = run(capsys, "evaluate", tmp_path / "pred", tmp_path / "truth", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    row = res["images"][0]
+    assert (row["image"], row["prediction"]) == ("c.tif", "c_labels.tif")
+    assert (row["n_true"], row["n_pred"]) == (n, n - 1)
+    assert res["total"]["ap50"] == pytest.approx((n - 1) / n)
+    assert res["total"]["recall_50"] == pytest.approx((n - 1) / n)
+    assert res["total"]["precision_50"] == 1.0
+    assert res["total"]["ap50_95"] == pytest.approx((n - 1) / n)
+    assert row["pixel_f1"] < 1.0
+    assert res["total"]["per_threshold"]["0.5"]["fn"] == 1
+    code, out, _ = run(capsys, "evaluate", tmp_path / "pred", tmp_path / "truth")
+    assert code == 0
+    assert f"{(n - 1) / n:.3f}" in out
+
+
+def test_evaluate_semantic(tmp_path, capsys):
+    truth = np.array([[1, 1, 2, 2], [1, 3, 3, 2]], np.uint8)
+    pred = np.array([[1, 2, 2, 2], [1, 3, 3, 3]], np.uint8)
+    tifffile.imwrite(tmp_path / "t.tif", truth)
+    tifffile.imwrite(tmp_path / "p.tif", pred)
+    code, out, err = run(
+        capsys, "evaluate", tmp_path / "p.tif", tmp_path / "t.tif", "--semantic", "--json"
+    )
+    assert code == 0, err
+    pix = json.loads(out)["pixel"]
+    # class 2 (value 2): TP 2, FP 1, FN 1
+    assert pix["class 2"]["precision"] == pytest.approx(2 / 3)
+    assert pix["class 2"]["recall"] == pytest.approx(2 / 3)
+    assert pix["class 3"]["recall"] == 1.0 and pix["class 3"]["precision"] == pytest.approx(2 / 3)
+
+
+def test_info_and_devices(capsys, model_file):
+    code, out, _ = run(capsys, "info", model_file)
+    assert code == 0
+    assert "U-Net++ / mobilenet_v2, 1 channel(s) in" in out
+    assert "instances: background, cell, boundary" in out
+    code, out, _ = run(capsys, "devices")
+    assert code == 0 and "cellfit will use:" in out
+
+
+def test_no_command_prints_help(capsys):
+    code, out, _ = run(capsys)
+    assert code == 2 and "train" in out and "predict" in out
+
+
+# --------------------------------------------------------- bad inputs: train
+def _bad_train_case(folder: Path, case: str) -> tuple[list, tuple[str, ...]]:
+    """Set up one bad input under ``folder``; return the CLI args and expected fragments."""
+    image, labels = synthetic_cells(SHAPE, n_cells=6, seed=1)
+    ann = sparse_annotation(labels, fraction=0.8, seed=0)
+    write_pair(folder, "a.tif", image, ann)
+    img, lab = folder / "img" / "a.tif", folder / "lab" / "a.tif"
+    out = folder / "m.cellfit"
+    common = ["--out", out, "--steps", "2", "--patch-size", "64", "--device", "cpu"]
+    if case == "missing image":
+        return ["train", folder / "img" / "nope.tif", "--labels", lab, *common], (
+            "nope.tif",
+            "does not exist",
+        )
+    if case == "missing labels":
+        return ["train", img, "--labels", folder / "nope.tif", *common], (
+            "nope.tif",
+            "does not exist",
+        )
+    if case == "png image":
+        png = folder / "img" / "a.png"
+        png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+        return ["train", png, "--labels", lab, *common], ("a.png", "is not a TIFF file")
+    if case == "text renamed tif":
+        fake = folder / "img" / "notes.tif"
+        fake.write_text("these are my notes, not an image\n")
+        return ["train", fake, "--labels", lab, *common], (
+            "notes.tif",
+            "could not be read as a TIFF",
+        )
+    if case == "truncated tif":
+        raw = img.read_bytes()
+        img.write_bytes(raw[: len(raw) // 2])
+        return ["train", img, "--labels", lab, *common], ("a.tif", "truncated or corrupt")
+    if case == "shape mismatch":
+        tifffile.imwrite(lab, ann[:64, :80])
+        return ["train", img, "--labels", lab, *common], ("has shape (64, 80)", "(96, 96)")
+    if case == "nothing annotated":
+        tifffile.imwrite(lab, np.zeros(SHAPE, np.uint16))
+        return ["train", img, "--labels", lab, *common], ("no pixel is annotated",)
+    if case == "only background":
+        tifffile.imwrite(lab, np.where(ann > 0, 1, 0).astype(np.uint16))
+        return ["train", img, "--labels", lab, *common], ("no cell is annotated", "only background")
+    if case == "semantic, only background":
+        tifffile.imwrite(lab, np.where(ann > 0, 1, 0).astype(np.uint16))
+        return ["train", img, "--labels", lab, *common, "--mode", "semantic"], (
+            "no class is annotated",
+        )
+    if case == "unknown encoder":
+        return ["train", img, "--labels", lab, *common, "--encoder", "resnet9000"], (
+            "unknown encoder 'resnet9000'",
+        )
+    if case == "unknown loss":
+        return ["train", img, "--labels", lab, *common, "--loss", "focal+bce"], (
+            "unknown loss 'focal+bce'",
+        )
+    if case == "existing model":
+        out.write_bytes(b"an older model")
+        return ["train", img, "--labels", lab, *common], ("already exists", "--overwrite")
+    if case == "bad class weights":
+        return ["train", img, "--labels", lab, *common, "--class-weights", "1,x"], (
+            "--class-weights",
+        )
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing image",
+        "missing labels",
+        "png image",
+        "text renamed tif",
+        "truncated tif",
+        "shape mismatch",
+        "nothing annotated",
+        "only background",
+        "semantic, only background",
+        "unknown encoder",
+        "unknown loss",
+        "existing model",
+        "bad class weights",
+    ],
+)
+def test_train_bad_input_is_one_clear_line(tmp_path, capsys, case):
+    args, fragments = _bad_train_case(tmp_path, case)
+    before = snapshot(tmp_path)
+    code, out, err = run(capsys, *args)
+    assert code == 2
+    assert_one_line_error(code, out, err, *fragments)
+    # nothing written half-way, inputs unchanged
+    assert snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------- bad inputs: predict
+def test_predict_into_the_input_folder_is_refused(tmp_path, capsys, model_file):
+    image, _ = synthetic_cells((40, 40), n_cells=3, seed=4)
+    tifffile.imwrite(tmp_path / "a.tif", image)
+    before = snapshot(tmp_path)
+    code, out, err = run(capsys, "predict", model_file, tmp_path, "--out", tmp_path)
+    assert_one_line_error(code, out, err, "separate output folder")
+    assert snapshot(tmp_path) == before
+    # the same folder spelled differently
+    code, out, err = run(
+        capsys, "predict", model_file, tmp_path / "a.tif", "--out", tmp_path / "sub" / ".."
+    )
+    assert_one_line_error(code, out, err, "separate output folder")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "case", ["missing model", "pickled model", "missing input", "output is a file"]
+)
+def test_predict_bad_setup_is_one_clear_line(tmp_path, capsys, model_file, case):
+    image, _ = synthetic_cells((40, 40), n_cells=3, seed=4)
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "a.tif", image)
+    model, inputs, out = model_file, tmp_path / "in", tmp_path / "out"
+    if case == "missing model":
+        model, fragments = tmp_path / "nope.cellfit", ("nope.cellfit", "does not exist")
+    elif case == "pickled model":
+        model = tmp_path / "old.pth"
+        torch.save({"weights": torch.zeros(3)}, model)
+        fragments = ("pickled", "can run code")
+    elif case == "missing input":
+        inputs, fragments = tmp_path / "nowhere", ("nowhere", "does not exist")
+    else:
+        out.write_text("a file, not a folder")
+        fragments = ("is a file",)
+    before = snapshot(tmp_path)
+    code, o, err = run(capsys, "predict", model, inputs, "--out", out)
+    assert code == 2
+    assert_one_line_error(code, o, err, *fragments)
+    assert snapshot(tmp_path) == before
+    if case != "output is a file":
+        assert not out.exists()  # not even an empty output folder
+
+
+def test_predict_bad_files_are_reported_and_the_batch_goes_on(tmp_path, capsys, model_file):
+    image, _ = synthetic_cells((40, 48), n_cells=3, seed=4)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    tifffile.imwrite(inputs / "a_good.tif", image)
+    raw = (inputs / "a_good.tif").read_bytes()
+    (inputs / "b_cut.tif").write_bytes(raw[: len(raw) // 3])
+    (inputs / "c_text.tif").write_text("not an image")
+    tifffile.imwrite(inputs / "d_good.tif", image[::-1])
+    before = snapshot(inputs)
+    out = tmp_path / "out"
+    code, o, err = run(capsys, "predict", model_file, inputs, "--out", out, "--probabilities")
+    assert code == 1
+    assert "Traceback" not in o + err
+    reported = [line for line in err.splitlines() if line.startswith("cellfit: ")]
+    assert len(reported) == 2
+    assert "b_cut.tif" in reported[0] and "truncated or corrupt" in reported[0]
+    assert "c_text.tif" in reported[1] and "could not be read as a TIFF" in reported[1]
+    assert "2 file(s) segmented" in err and "2 failed: b_cut.tif; c_text.tif" in err
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a_good_labels.tif",
+        "a_good_prob.tif",
+        "d_good_labels.tif",
+        "d_good_prob.tif",
+    ]
+    assert snapshot(inputs) == before
+
+
+def test_predict_wrong_channel_count_is_a_per_file_failure(tmp_path, capsys):
+    torch.manual_seed(0)
+    info = ModelInfo(encoder="mobilenet_v2", decoder_channels=[16] * 5, in_channels=3)
+    model = save_model(tmp_path / "rgb.cellfit", build_model(info), info)
+    image, _ = synthetic_cells((40, 40), n_cells=3, seed=4)
+    (tmp_path / "in").mkdir()
+    two = np.stack([image, image // 2])  # two channels (C, Y, X) into an RGB model
+    tifffile.imwrite(tmp_path / "in" / "a_two.tif", two, imagej=True, metadata={"axes": "CYX"})
+    tifffile.imwrite(tmp_path / "in" / "b_gray.tif", image)
+    code, o, err = run(capsys, "predict", model, tmp_path / "in", "--out", tmp_path / "out")
+    assert code == 1, err
+    assert "Traceback" not in o + err
+    reported = [line for line in err.splitlines() if line.startswith("cellfit: ")]
+    assert len(reported) == 1
+    assert (
+        "a_two.tif" in reported[0]
+        and "has 2 channels but the model was trained on 3" in reported[0]
+    )
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b_gray_labels.tif"]
+
+
+# ------------------------------------------------------ bad inputs: others
+def test_evaluate_bad_inputs(tmp_path, capsys):
+    (tmp_path / "truth").mkdir()
+    (tmp_path / "pred").mkdir()
+    tifffile.imwrite(tmp_path / "truth" / "a.tif", np.ones((20, 20), np.uint16))
+    tifffile.imwrite(tmp_path / "pred" / "a_labels.tif", np.ones((20, 24), np.uint16))
+    code, out, err = run(capsys, "evaluate", tmp_path / "pred", tmp_path / "truth")
+    assert_one_line_error(code, out, err, "has shape (20, 24)")
+    code, out, err = run(capsys, "evaluate", tmp_path / "nope", tmp_path / "truth")
+    assert_one_line_error(code, out, err, "does not exist")
+
+
+def test_info_on_a_non_model(tmp_path, capsys):
+    path = tmp_path / "x.cellfit"
+    path.write_text("hello")
+    code, out, err = run(capsys, "info", path)
+    assert_one_line_error(code, out, err, "not a cellfit model file")
