@@ -85,17 +85,35 @@ def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     return starts
 
 
-def blend_window(h: int, w: int, sigma_scale: float = 0.125) -> np.ndarray:
-    """Separable Gaussian weights of a ``(h, w)`` tile, peak 1, never below 1e-3."""
+def _gauss(n: int, sigma_scale: float) -> np.ndarray:
+    x = np.arange(n, dtype=np.float64) - (n - 1) / 2
+    s = max(sigma_scale * n, 1e-6)
+    g = np.exp(-0.5 * (x / s) ** 2)
+    return g / g.max()
 
-    def g(n: int) -> np.ndarray:
-        x = np.arange(n, dtype=np.float64) - (n - 1) / 2
-        s = max(sigma_scale * n, 1e-6)
-        return np.exp(-0.5 * (x / s) ** 2)
 
-    win = np.outer(g(h), g(w))
-    win /= win.max()
-    return np.maximum(win, 1e-3).astype(np.float32)
+def blend_window(
+    h: int,
+    w: int,
+    sigma_scale: float = 0.125,
+    flat: tuple[bool, bool, bool, bool] = (False, False, False, False),
+) -> np.ndarray:
+    """Separable Gaussian weights of a ``(h, w)`` tile, peak 1, never below 1e-3.
+
+    ``flat`` = (top, bottom, left, right): sides that lie on the image border keep
+    full weight up to the edge, so no other tile's edge can dominate there.
+    """
+    gy, gx = _gauss(h, sigma_scale), _gauss(w, sigma_scale)
+    top, bottom, left, right = flat
+    if top:
+        gy[: h // 2] = 1.0
+    if bottom:
+        gy[h // 2 :] = 1.0
+    if left:
+        gx[: w // 2] = 1.0
+    if right:
+        gx[w // 2 :] = 1.0
+    return np.maximum(np.outer(gy, gx), 1e-3).astype(np.float32)
 
 
 def _round_up(n: int, m: int = STRIDE) -> int:
@@ -170,6 +188,7 @@ def iter_predict(
         )
     tile = _round_up(max(tile, STRIDE))
     overlap = int(min(max(overlap, 0), tile // 2))
+    margin = max(overlap // 2, 8)
     model.eval()
     use_amp = amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
@@ -181,16 +200,19 @@ def iter_predict(
         if abs(scale - 1.0) > 1e-6:
             plane = resize_plane(plane, scaled_shape(full_shape, scale))
         _c, h, w = plane.shape
-        # pad small planes up to the stride (reflect, edge where reflect cannot reach)
-        th, tw = min(tile, _round_up(h)), min(tile, _round_up(w))
-        ph, pw = max(th - h, 0), max(tw - w, 0)
+        # a mirrored margin gives pixels at the image border the same context whatever
+        # the tiling; then pad up to the stride where the plane is smaller than a tile
+        m = margin
+        mode = "reflect" if min(h, w) > 1 else "edge"
+        plane = np.pad(plane, ((0, 0), (m, m), (m, m)), mode=mode)
+        th, tw = min(tile, _round_up(h + 2 * m)), min(tile, _round_up(w + 2 * m))
+        ph, pw = max(th - h - 2 * m, 0), max(tw - w - 2 * m, 0)
         if ph or pw:
-            mode = "reflect" if (ph < h and pw < w) else "edge"
             plane = np.pad(plane, ((0, 0), (0, ph), (0, pw)), mode=mode)
         H, W = plane.shape[1:]
         ys, xs = tile_starts(H, th, overlap), tile_starts(W, tw, overlap)
         coords = [(y, x) for y in ys for x in xs]
-        window = blend_window(th, tw)
+        windows: dict[tuple[bool, bool, bool, bool], np.ndarray] = {}
         acc = np.zeros((info.n_classes, H, W), dtype=np.float32)
         wsum = np.zeros((H, W), dtype=np.float32)
         done = 0
@@ -206,13 +228,17 @@ def iter_predict(
                 prob = model(xt).float().softmax(dim=1)
             prob_np = prob.cpu().numpy()
             for (y, x0), pr in zip(batch, prob_np):
+                key = (y == 0, y + th >= H, x0 == 0, x0 + tw >= W)
+                window = windows.get(key)
+                if window is None:
+                    window = windows[key] = blend_window(th, tw, flat=key)
                 acc[:, y : y + th, x0 : x0 + tw] += pr * window
                 wsum[y : y + th, x0 : x0 + tw] += window
             done += len(batch)
             if done < len(coords):
                 yield PredictEvent(p, n_planes, done, len(coords))
         acc /= wsum[None]
-        probs = acc[:, :h, :w]
+        probs = acc[:, m : m + h, m : m + w]
         if probs.shape[1:] != full_shape:
             probs = resize_plane(probs, full_shape)
         yield PredictEvent(p, n_planes, done, len(coords), probs)
