@@ -91,7 +91,7 @@ def match_channels(planes: np.ndarray, n_channels: int) -> np.ndarray:
             return planes
     if c == 1:
         return np.repeat(planes, n_channels, axis=1)
-    if n_channels == 1:
+    if n_channels == 1 and c == 3:
         return planes.mean(axis=1, keepdims=True, dtype=np.float32)
     raise CellfitError(
         f"the image has {c} channels but the model was trained on {n_channels}: "
