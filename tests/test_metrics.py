@@ -191,3 +191,13 @@ def test_aggregate_single_image_equals_its_metrics():
 
 def test_aggregate_of_nothing_is_empty():
     assert aggregate_instance_metrics([]) == {}
+
+
+def test_instance_metrics_region_may_be_a_0_1_mask():
+    """An integer 0/1 mask means the same as a boolean one (it used to be used as
+    indices, silently dropping correct predictions)."""
+    pred, truth = _hand_case()
+    region = np.zeros(truth.shape, np.uint8)
+    region[:14] = 1
+    as_bool = instance_metrics(pred, truth, thresholds=(0.5,), region=region.astype(bool))
+    assert instance_metrics(pred, truth, thresholds=(0.5,), region=region) == as_bool

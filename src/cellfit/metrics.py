@@ -88,7 +88,7 @@ def _keep_in_region(pred: np.ndarray, region: np.ndarray) -> np.ndarray:
     pred = np.asarray(pred)
     flat = pred.ravel().astype(np.int64)
     total = np.bincount(flat)
-    inside = np.bincount(flat[np.asarray(region).ravel()], minlength=len(total))
+    inside = np.bincount(flat[np.asarray(region, dtype=bool).ravel()], minlength=len(total))
     keep = inside * 2 >= total
     keep[0] = True
     return np.where(keep[pred], pred, 0)
