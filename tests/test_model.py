@@ -171,6 +171,15 @@ def test_safetensors_without_cellfit_header(tmp_path):
         read_model_info(path)
 
 
+@pytest.mark.parametrize("header", ["{not json", "[1, 2]", '"text"'])
+def test_damaged_cellfit_header_is_a_clear_error(tmp_path, header):
+    """(A damaged header used to escape as a JSONDecodeError: an "internal error".)"""
+    path = tmp_path / "m.cellfit"
+    save_file({"a": torch.zeros(2)}, str(path), metadata={"cellfit": header})
+    with pytest.raises(CellfitError, match=r"header .* is damaged"):
+        read_model_info(path)
+
+
 def test_missing_model_and_folder(tmp_path):
     with pytest.raises(CellfitError, match="does not exist"):
         load_model(tmp_path / "nope.cellfit")

@@ -228,7 +228,12 @@ def read_model_info(path: str | os.PathLike) -> ModelInfo:
         raise CellfitError(
             f"{path} is a safetensors file but not a cellfit model: give a model saved by cellfit."
         )
-    return ModelInfo.from_json(meta["cellfit"])
+    try:
+        return ModelInfo.from_json(meta["cellfit"])
+    except (ValueError, TypeError, AttributeError):
+        raise CellfitError(
+            f"the header of model file {path} is damaged: retrain or re-export the model."
+        ) from None
 
 
 def _check_model_path(path: str | os.PathLike) -> Path:
