@@ -123,6 +123,15 @@ def test_read_labels_checks_shape(tmp_path):
         read_labels(tmp_path / "l.tif", (40, 30))
 
 
+def test_read_labels_shape_check_allocates_nothing(tmp_path):
+    """Comparing against a huge stack's shape must not allocate that stack (it used to
+    build np.empty(shape): a MemoryError instead of the mismatch message)."""
+    tifffile.imwrite(tmp_path / "l.tif", np.ones((4, 5), np.uint16))
+    with pytest.raises(CellfitError, match="has shape"):
+        read_labels(tmp_path / "l.tif", (100_000, 100_000, 1000))
+    assert read_labels(tmp_path / "l.tif", (1, 4, 1, 5)).shape == (1, 4, 1, 5)
+
+
 def test_read_labels_value_checks(tmp_path):
     tifffile.imwrite(tmp_path / "f.tif", np.array([[0.0, 1.0], [2.0, 3.0]], np.float32))
     lab = read_labels(tmp_path / "f.tif")

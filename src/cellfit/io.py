@@ -230,7 +230,7 @@ def read_labels(path: str | os.PathLike, shape: tuple[int, ...] | None = None) -
         )
     if shape is not None:
         squeezed = np.squeeze(arr)
-        if arr.shape != tuple(shape) and squeezed.shape == tuple(np.squeeze(np.empty(shape)).shape):
+        if arr.shape != tuple(shape) and squeezed.shape == tuple(d for d in shape if d != 1):
             arr = squeezed.reshape(shape)
         if arr.shape != tuple(shape):
             raise CellfitError(
