@@ -506,3 +506,35 @@ def test_info_on_a_non_model(tmp_path, capsys):
     path.write_text("hello")
     code, out, err = run(capsys, "info", path)
     assert_one_line_error(code, out, err, "not a cellfit model file")
+
+
+def test_predict_inputs_with_the_same_name_are_refused(tmp_path, capsys, model_file):
+    """a/x.tif and b/x.tif would both write out/x_labels.tif: the second used to
+    overwrite the first silently while the summary said "2 file(s) segmented"."""
+    image, _ = synthetic_cells((40, 40), n_cells=3, seed=4)
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        tifffile.imwrite(tmp_path / sub / "x.tif", image)
+    before = snapshot(tmp_path)
+    out = tmp_path / "out"
+    code, o, err = run(capsys, "predict", model_file, tmp_path / "a", tmp_path / "b", "--out", out)
+    assert code == 2
+    assert_one_line_error(code, o, err, "x.tif", "same output")
+    assert snapshot(tmp_path) == before and not out.exists()
+    # x.tif and x.tiff in one folder collide too
+    tifffile.imwrite(tmp_path / "a" / "x.tiff", image)
+    code, o, err = run(capsys, "predict", model_file, tmp_path / "a", "--out", out)
+    assert_one_line_error(code, o, err, "same output")
+
+
+def test_predict_the_same_file_twice_is_done_once(tmp_path, capsys, model_file):
+    image, _ = synthetic_cells((40, 40), n_cells=3, seed=4)
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "x.tif", image)
+    out = tmp_path / "out"
+    code, _, err = run(
+        capsys, "predict", model_file, tmp_path / "in", tmp_path / "in" / "x.tif", "--out", out
+    )
+    assert code == 0, err
+    assert "1 file(s) segmented" in err
+    assert [p.name for p in out.iterdir()] == ["x_labels.tif"]

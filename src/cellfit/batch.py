@@ -72,6 +72,25 @@ def _check_out_dir(files: Sequence[Path], out_dir: Path) -> None:
             )
 
 
+def _unique_outputs(files: Sequence[Path], out_dir: Path) -> list[Path]:
+    """Drop repeats of the same file; refuse two files that would write the same outputs."""
+    seen: dict[str, Path] = {}
+    unique = []
+    for f in files:
+        key = f.stem.lower()  # case-insensitive file systems collide too
+        other = seen.get(key)
+        if other is None:
+            seen[key] = f
+            unique.append(f)
+        elif other.resolve() != f.resolve():
+            raise CellfitError(
+                f"the inputs {other} and {f} would both be written to the same output "
+                f"{output_paths(f, out_dir)[0].name}: rename one of them or predict them "
+                "into separate output folders."
+            )
+    return unique
+
+
 def predict_files(
     model_path: str | Path,
     inputs: Sequence[str | Path],
@@ -93,6 +112,7 @@ def predict_files(
     files = expand_inputs(inputs, "input")
     out_dir = Path(out_dir)
     _check_out_dir(files, out_dir)
+    files = _unique_outputs(files, out_dir)
     dev = resolve_device(device)
     model, info = load_model(model_path, dev)
     out_dir.mkdir(parents=True, exist_ok=True)
