@@ -154,6 +154,15 @@ def test_train_predict_evaluate_info_2d(data, capsys):
     assert code == 0
     assert json.loads(out)["training"][0]["steps"] == 3
 
+    # fine-tune the same model in place (no --overwrite needed for --init == --out)
+    args = _train_args(data, "--init", model)
+    args[args.index("--steps") + 1] = "2"
+    code, _, err = run(capsys, *args)
+    assert code == 0, err
+    assert f"fine-tuning {model}" in err
+    runs = read_model_info(model).training
+    assert [r["steps"] for r in runs] == [3, 2] and runs[1]["init"] == str(model)
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["rgb", "stack"])
