@@ -202,6 +202,7 @@ def test_train_and_predict_rgb_and_3d_stack(tmp_path, capsys, kind):
     assert probs_out.shape == expect_probs and probs_out.dtype == np.float32
 
 
+@pytest.mark.slow  # six U-Net passes: a few seconds, more on a busy machine
 def test_predict_2d_rgb_and_stack_with_a_grayscale_model(tmp_path, capsys, model_file):
     image, _ = synthetic_cells((50, 70), n_cells=4, seed=3)
     inputs = tmp_path / "in"
@@ -219,8 +220,6 @@ def test_predict_2d_rgb_and_stack_with_a_grayscale_model(tmp_path, capsys, model
         "--out",
         tmp_path / "out",
         "--probabilities",
-        "--tile",
-        "64",
     )
     assert code == 0, err
     assert "3 file(s) segmented" in err
