@@ -59,7 +59,9 @@ def load_split(data: Path, seed: int, n_train: int = 4, n_test: int = 10):
     test = [names[i] for i in order[n_train : n_train + n_test]]
     tr_img = [tifffile.imread(data / "images" / n) for n in train]
     tr_ann = [
-        sparse_annotation(tifffile.imread(data / "masks" / n), fraction=0.1, ring=4, strokes=3, seed=seed + k)
+        sparse_annotation(
+            tifffile.imread(data / "masks" / n), fraction=0.1, ring=4, strokes=3, seed=seed + k
+        )
         for k, n in enumerate(train)
     ]
     te = [(tifffile.imread(data / "images" / n), tifffile.imread(data / "masks" / n)) for n in test]
@@ -120,15 +122,21 @@ def quality(steps_list, device: str, seed: int, names=None) -> dict:
                 per.append(instance_metrics(instances_from_probs(probs), truth, (0.5,)))
             m = aggregate_instance_metrics(per)
             res.setdefault(name, {})[steps] = {
-                "ap50": m["ap50"], "f1": m["f1_50"], "precision": m["precision_50"],
-                "recall": m["recall_50"], "scale": t.info.scale, "seconds": tt,
+                "ap50": m["ap50"],
+                "f1": m["f1_50"],
+                "precision": m["precision_50"],
+                "recall": m["recall_50"],
+                "scale": t.info.scale,
+                "seconds": tt,
             }
             print(json.dumps({"preset": name, "steps": steps, **res[name][steps]}), flush=True)
     return res
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--steptime", action="store_true")
     ap.add_argument("--quality", action="store_true")
     ap.add_argument("--steps", type=int, nargs="+", default=[100, 300])

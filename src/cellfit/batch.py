@@ -137,7 +137,9 @@ def predict_files(
             ):
                 if ev.probabilities is None:
                     continue
-                labels[ev.plane] = labels_from_probs(ev.probabilities, info.mode, **(postprocess or {}))
+                labels[ev.plane] = labels_from_probs(
+                    ev.probabilities, info.mode, **{**info.postprocess, **(postprocess or {})}
+                )
                 if probs_all is not None:
                     probs_all[ev.plane] = ev.probabilities
                 yield FileEvent(i, len(files), f, "plane", ev.plane + 1, ev.n_planes)

@@ -75,7 +75,7 @@ def run_demo(out: Path, time_limit: float = 60.0, device: str = "auto", seed: in
     completed = _run_training(trainer)
     say("Predicting the whole image ...")
     probs = predict_stack(trainer.model, trainer.info, image)[0]
-    labels = instances_from_probs(probs)
+    labels = instances_from_probs(probs, **trainer.info.postprocess)
     m = aggregate_instance_metrics([instance_metrics(labels, truth)])
     out.mkdir(parents=True, exist_ok=True)
     model_path = trainer.save(out / "model.cellfit")

@@ -55,6 +55,8 @@ class ModelInfo:
     # model pixels per image pixel: images are resized by this factor before the
     # network sees them (chosen from the annotated cell size, see TrainConfig.scale)
     scale: float = 1.0
+    # keyword arguments of the post-processing (e.g. min_size from the annotated cells)
+    postprocess: dict = field(default_factory=dict)
     architecture: str = "UnetPlusPlus"
     format_version: int = FORMAT_VERSION
     training: list[dict] = field(default_factory=list)

@@ -81,7 +81,11 @@ def classes_from_probs(probs: np.ndarray) -> np.ndarray:
 
 
 def labels_from_probs(probs: np.ndarray, mode: str, **kwargs) -> np.ndarray:
-    """Labels of one plane: instances in instance mode, classes in semantic mode."""
+    """Labels of one plane: instances in instance mode, classes in semantic mode.
+
+    ``kwargs`` go to :func:`instances_from_probs`; pass a model's ``info.postprocess``
+    to use the settings learned with it (e.g. ``min_size``).
+    """
     if mode == "instances":
         return instances_from_probs(probs, **kwargs)
     return classes_from_probs(probs)

@@ -82,6 +82,9 @@ class TrainConfig:
         images whose annotated cells are larger than ``1.5 * cell_diameter`` pixels
         across (median) so they become ``cell_diameter`` across: large cells then get
         more context per patch and training and prediction run faster. Never enlarges.
+    min_size_fraction : float
+        Predicted objects smaller than this fraction of the median annotated cell
+        area are dropped (stored in the model; at least 16 pixels).
     """
 
     mode: str = "instances"
@@ -100,7 +103,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     val_every: int = 50
     fg_fraction: float = DEFAULT_FG_FRACTION
-    boundary_width: int = 1
+    boundary_width: int = 2
     augment: bool = True
     seed: int = 0
     device: str = "auto"
@@ -111,7 +114,8 @@ class TrainConfig:
     class_names: list[str] | None = None
     preview_every: float = 3.0
     scale: str | float = "auto"
-    cell_diameter: float = 40.0
+    cell_diameter: float = 30.0
+    min_size_fraction: float = 0.1
 
 
 @dataclass
@@ -169,6 +173,7 @@ def annotation_summary(annotations: Sequence[np.ndarray], mode: str) -> dict:
             areas.extend(int(v) for v in sizes)
     diameter = float(2 * np.sqrt(np.median(areas) / np.pi)) if areas else 0.0
     return {
+        "median_cell_area": float(np.median(areas)) if areas else 0.0,
         "median_cell_diameter": round(diameter, 1),
         "images": len(annotations),
         "planes": planes,
@@ -280,6 +285,9 @@ class Trainer:
             )
             torch.manual_seed(cfg.seed)
             self.model = build_model(self.info, cfg.encoder_weights)
+        if cfg.mode == "instances" and self.summary["median_cell_area"] > 0:
+            min_size = max(16, int(cfg.min_size_fraction * self.summary["median_cell_area"]))
+            self.info.postprocess = {**self.info.postprocess, "min_size": min_size}
         self.model.to(self.device)
         if self.device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
@@ -402,6 +410,12 @@ class Trainer:
                     f"{info.n_classes - 1} classes: start fresh to add classes."
                 )
 
+    def _val_postprocess(self) -> dict:
+        kw = dict(self.info.postprocess)
+        if "min_size" in kw:  # validation runs on scaled planes
+            kw["min_size"] = max(4, int(kw["min_size"] * self.info.scale**2))
+        return kw
+
     def stop(self) -> None:
         """Ask the running generator to stop after the current step."""
         self._stop = True
@@ -473,7 +487,7 @@ class Trainer:
                     t = np.where(t == IGNORE, IGNORE, (t > 0).astype(np.uint8))
                     pred_cls = (pred_cls > 0).astype(np.uint8)
                     truth = np.where(a >= 2, a, 0)
-                    pred_lab = instances_from_probs(probs)
+                    pred_lab = instances_from_probs(probs, **self._val_postprocess())
                     inst.append(instance_metrics(pred_lab, truth, (0.5,), region=a != 0))
                 preds.append(pred_cls.ravel())
                 targs.append(t.ravel())
