@@ -529,24 +529,29 @@ class Trainer:
         finished = False
         try:
             while True:
-                elapsed = time.perf_counter() - t0
-                fraction = self._fraction(elapsed)
-                for g in self.optimizer.param_groups:
-                    g["lr"] = cfg.lr * g["lr_scale"] * self._lr_factor(fraction)
-                loss = self._train_step()
-                if not math.isfinite(loss):
-                    raise CellfitError(
-                        "training diverged (the loss became infinite): lower the learning rate "
-                        "or check the image for extreme values."
-                    )
-                self.step += 1
-                losses.append(loss)
+                # a stop request is honoured before the next step, not after it
+                stopping = self._stop and bool(losses)
+                if stopping:
+                    loss = losses[-1]
+                else:
+                    elapsed = time.perf_counter() - t0
+                    fraction = self._fraction(elapsed)
+                    for g in self.optimizer.param_groups:
+                        g["lr"] = cfg.lr * g["lr_scale"] * self._lr_factor(fraction)
+                    loss = self._train_step()
+                    if not math.isfinite(loss):
+                        raise CellfitError(
+                            "training diverged (the loss became infinite): lower the learning "
+                            "rate or check the image for extreme values."
+                        )
+                    self.step += 1
+                    losses.append(loss)
                 elapsed = time.perf_counter() - t0
                 fraction = self._fraction(elapsed)
                 last = (
-                    (cfg.steps is not None and self.step - start_step >= cfg.steps)
+                    stopping
+                    or (cfg.steps is not None and self.step - start_step >= cfg.steps)
                     or (cfg.time_limit is not None and elapsed >= cfg.time_limit)
-                    or self._stop
                 )
                 val = None
                 if last or self.step % max(1, cfg.val_every) == 0:

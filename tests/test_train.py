@@ -1,0 +1,158 @@
+"""The training generator: reproducibility, limits, stop, validation, fine-tuning, modes."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from cellfit.errors import CellfitError
+from cellfit.model import read_model_info
+from cellfit.synthetic import sparse_annotation, synthetic_cells
+from cellfit.train import TrainConfig, Trainer
+
+TINY = {"patch_size": 64, "batch_size": 2, "decoder_channels": (16, 16, 16, 16, 16)}
+
+
+@pytest.fixture(scope="module")
+def data():
+    img, lab = synthetic_cells((96, 96), n_cells=10, seed=5)
+    return img, lab, sparse_annotation(lab, 0.8, seed=2)
+
+
+def _weights(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_seeded_training_is_reproducible_on_cpu(data):
+    img, _, ann = data
+    runs = []
+    for seed in (0, 0, 1):
+        t = Trainer([img], [ann], TrainConfig(steps=3, seed=seed, val_every=100, **TINY))
+        losses = [e.loss for e in t.run()]
+        runs.append((losses, _weights(t.model)))
+    assert runs[0][0] == runs[1][0]
+    assert torch.equal(runs[0][1], runs[1][1])
+    assert runs[0][0] != runs[2][0]
+
+
+def test_step_limit_events_and_validation(data):
+    img, _, ann = data
+    t = Trainer([img], [ann], TrainConfig(steps=6, val_every=3, **TINY))
+    events = list(t.run())
+    assert [e.step for e in events] == [1, 2, 3, 4, 5, 6]
+    assert events[-1].done and not any(e.done for e in events[:-1])
+    validated = [e.step for e in events if e.validation]
+    assert validated == [3, 6]
+    v = events[2].validation
+    for key in ("precision", "recall", "f1", "iou", "ap50", "score"):
+        assert 0.0 <= v[key] <= 1.0
+    assert all(e.lr > 0 and e.elapsed >= 0 for e in events)
+    assert [e.fraction for e in events] == sorted(e.fraction for e in events)
+    rec = t.info.training[-1]
+    assert rec["steps"] == 6 and rec["annotation"]["cells"] > 0
+    assert rec["validation"] is not None and rec["best_step"] in (3, 6)
+
+
+def test_time_limit_stops_training(data):
+    img, _, ann = data
+    t = Trainer([img], [ann], TrainConfig(time_limit=1.5, val_every=1000, **TINY))
+    t0 = time.perf_counter()
+    events = list(t.run())
+    took = time.perf_counter() - t0
+    assert events[-1].done
+    assert events[-1].elapsed >= 1.5
+    assert took < 1.5 + 10  # one step and the final validation at most beyond the limit
+
+
+def test_stop_acts_before_the_next_step(data):
+    img, _, ann = data
+    t = Trainer([img], [ann], TrainConfig(steps=50, val_every=1000, **TINY))
+    events = []
+    for ev in t.run():
+        events.append(ev)
+        if ev.step == 2 and not ev.done:
+            t.stop()
+    assert events[-1].stopped and events[-1].done
+    assert t.step == 2  # no step was taken after the request
+    assert t.info.training[-1]["stopped_early"]
+
+
+def test_keeps_the_best_checkpoint(data):
+    img, _, ann = data
+    t = Trainer([img], [ann], TrainConfig(steps=4, val_every=1, **TINY))
+    list(t.run())
+    best = t.best_state
+    assert best is not None
+    for k, v in t.model.state_dict().items():
+        assert torch.equal(v.cpu(), best[k])
+    assert t.info.training[-1]["best_score"] == max(h["score"] for h in t.history)
+
+
+def test_fine_tuning_continues_from_a_model_file(tmp_path, data):
+    img, _, ann = data
+    t = Trainer([img], [ann], TrainConfig(steps=2, val_every=100, **TINY))
+    list(t.run())
+    path = t.save(tmp_path / "m.cellfit")
+    t2 = Trainer([img], [ann], TrainConfig(steps=2, init=path, val_every=100, **TINY))
+    before = _weights(t2.model).clone()
+    assert torch.equal(before, _weights(t.model))
+    list(t2.run())
+    assert not torch.equal(before, _weights(t2.model))
+    t2.save(tmp_path / "m2.cellfit")
+    info = read_model_info(tmp_path / "m2.cellfit")
+    assert len(info.training) == 2 and info.training[1]["init"] == str(path)
+    with pytest.raises(CellfitError, match="instances mode"):
+        Trainer([img], [ann], TrainConfig(steps=1, init=path, mode="semantic", **TINY))
+
+
+def test_semantic_mode_many_classes():
+    rng = np.random.default_rng(0)
+    img = rng.normal(0, 1, (64, 64)).astype(np.float32)
+    ann = np.zeros((64, 64), np.uint16)
+    # 12 classes painted as 5x5 squares, plus background
+    for k in range(12):
+        y, x = divmod(k, 4)
+        ann[4 + 15 * y : 9 + 15 * y, 4 + 15 * x : 9 + 15 * x] = k + 2
+        img[4 + 15 * y : 9 + 15 * y, 4 + 15 * x : 9 + 15 * x] += k
+    ann[60:, :] = 1
+    t = Trainer([img], [ann], TrainConfig(mode="semantic", steps=2, val_every=100, **TINY))
+    events = list(t.run())
+    assert t.info.n_classes == 13 and len(t.info.class_names) == 13
+    assert np.isfinite(events[-1].loss)
+    probs = t.predict_raw(img[None])
+    assert probs.shape == (13, 64, 64)
+
+
+def test_stack_uses_every_annotated_slice_and_only_those(data):
+    img, lab, ann = data
+    stack = np.stack([img, img, img, img])
+    anns = np.zeros((4, *ann.shape), ann.dtype)
+    anns[1], anns[3] = ann, ann
+    t = Trainer([stack], [anns], TrainConfig(steps=1, val_every=100, **TINY))
+    assert t.summary["planes"] == 2
+    assert len(t.sampler.images) == 2
+
+
+@pytest.mark.parametrize(
+    ("ann_value", "message"),
+    [(0, "no pixel is annotated"), (1, "no cell is annotated")],
+)
+def test_unusable_annotations_say_what_to_do(data, ann_value, message):
+    img, _, _ = data
+    ann = np.full(img.shape, ann_value, np.uint16)
+    with pytest.raises(CellfitError, match=message):
+        Trainer([img], [ann], TrainConfig(steps=1, **TINY))
+
+
+def test_large_cells_are_scaled_down_and_prediction_returns_full_size():
+    img, lab = synthetic_cells((256, 256), n_cells=6, radius=(28, 34), seed=1)
+    ann = sparse_annotation(lab, 1.0, seed=0)
+    t = Trainer([img], [ann], TrainConfig(steps=1, val_every=100, **TINY))
+    assert t.info.scale < 0.6  # ~60 px cells brought to ~30 px
+    assert t.sampler.images[0].shape[-1] == round(256 * t.info.scale)
+    assert t.info.postprocess["min_size"] > 16
+    list(t.run())
+    assert t.predict_raw(img[None]).shape == (3, 256, 256)
