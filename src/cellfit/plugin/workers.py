@@ -1,0 +1,620 @@
+"""The background jobs behind the dock widget: plain generators, no Qt, no napari.
+
+Each job wraps an engine generator (:meth:`cellfit.train.Trainer.run`,
+:func:`cellfit.predict.iter_predict`, :func:`cellfit.batch.predict_files`), yields
+small progress records the widget can show as they come, and ends by *returning* a
+result whose ``error`` is one sentence for the user instead of raising. The widget
+runs ``job.run()`` in a napari ``thread_worker``; the tests drain the same generator
+synchronously.
+
+Helpers here also bring napari layer data to the engine's layout: an image layer's
+array (``lead axes + (Y, X)``, or ``+ (Y, X, RGB)``) to planes ``(P, C, Y, X)``.
+"""
+
+from __future__ import annotations
+
+# isort: off
+from cellfit.plugin import _safety  # noqa: F401  (first: imports the torch stack safely)
+
+# isort: on
+import logging
+import os
+import threading
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+
+from cellfit.batch import FileEvent, predict_files
+from cellfit.errors import CellfitError
+from cellfit.io import ImageStack, to_planes
+from cellfit.model import ModelInfo
+from cellfit.normalize import match_channels
+from cellfit.postprocess import labels_from_probs
+from cellfit.predict import (
+    DEFAULT_OVERLAP,
+    DEFAULT_TILE,
+    iter_predict,
+    predict_plane,
+    prepare_planes,
+)
+from cellfit.train import TrainConfig, Trainer, annotation_summary
+
+__all__ = [
+    "BatchJob",
+    "BatchResult",
+    "PredictJob",
+    "PredictResult",
+    "Progress",
+    "TrainJob",
+    "TrainResult",
+    "TrainUpdate",
+    "annotated_planes",
+    "cell_probability",
+    "count_annotation",
+    "fast_tile",
+    "gui_friendly_threads",
+    "lead_shape",
+    "plane_index",
+    "plane_of",
+    "planes_of",
+    "prediction_to_annotation",
+    "user_message",
+]
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------- layer data
+def lead_shape(shape: Sequence[int], rgb: bool = False) -> tuple[int, ...]:
+    """The stack axes of an image layer's shape (everything before ``Y, X`` [, RGB])."""
+    n = len(shape) - (3 if rgb else 2)
+    return tuple(int(s) for s in shape[: max(n, 0)])
+
+
+def plane_index(lead_index: Sequence[int], lead: Sequence[int]) -> int:
+    """Flat plane number of a position in the stack axes (0 for a 2D image)."""
+    if not lead:
+        return 0
+    idx = [min(max(int(i), 0), int(n) - 1) for i, n in zip(lead_index, lead)]
+    return int(np.ravel_multi_index(idx, tuple(lead)))
+
+
+def planes_of(data: np.ndarray, rgb: bool = False) -> np.ndarray:
+    """An image layer's array as planes ``(P, C, Y, X)`` (a view where possible)."""
+    arr = np.asarray(data)
+    axes = "Q" * (arr.ndim - (3 if rgb else 2)) + ("YXS" if rgb else "YX")
+    return to_planes(arr, axes, what="the image layer")[0]
+
+
+def plane_of(data, plane: int, rgb: bool = False) -> np.ndarray:
+    """One raw plane ``(C, Y, X)`` of an image layer's array, reading only that plane
+    (so lazy dask / zarr stacks are not loaded whole)."""
+    lead = lead_shape(data.shape, rgb)
+    idx = tuple(int(i) for i in np.unravel_index(int(plane), lead)) if lead else ()
+    return np.ascontiguousarray(planes_of(np.asarray(data[idx]), rgb)[0])
+
+
+def annotated_planes(annotation: np.ndarray) -> np.ndarray:
+    """Indices of the planes of an annotation ``lead + (Y, X)`` that hold any painting."""
+    ann = np.asarray(annotation)
+    flat = ann.reshape(-1, *ann.shape[-2:])
+    return np.flatnonzero(flat.reshape(flat.shape[0], -1).any(axis=1))
+
+
+def count_annotation(annotation: np.ndarray, mode: str = "instances") -> dict:
+    """Cells / background pixels / annotated slices of an annotation (engine counts)."""
+    ann = np.asarray(annotation)
+    return annotation_summary([ann.reshape(-1, *ann.shape[-2:])], mode)
+
+
+def cell_probability(probs: np.ndarray) -> np.ndarray:
+    """What the probability layer shows: the chance that a pixel is not background,
+    ``1 - p_background``, from probabilities ``(K, ..., Y, X)`` (float32, 0–1)."""
+    return np.clip(1.0 - probs[0], 0.0, 1.0).astype(np.float32)
+
+
+def prediction_to_annotation(
+    annotation: np.ndarray, labels: np.ndarray, ring: int = 2
+) -> tuple[np.ndarray, int]:
+    """Copy predicted cells into one annotated plane ("use prediction as annotation").
+
+    Parameters
+    ----------
+    annotation : ndarray, shape (Y, X)
+        The plane's annotation (0 not annotated, 1 background, >= 2 cells).
+    labels : ndarray, shape (Y, X)
+        Predicted instance labels of the same plane (0 background); cells the user
+        deleted from the labels layer are simply absent.
+    ring : int
+        Also mark unannotated predicted-background pixels within this many pixels of a
+        copied cell as background (1), so its edge is learned as a boundary; 0: none.
+
+    Returns
+    -------
+    new : ndarray, shape (Y, X), dtype of ``annotation``
+        Every predicted cell that does not touch an already painted cell gets a new id
+        (the next free ones); only unannotated pixels (0) are written.
+    n_copied : int
+    """
+    ann = np.asarray(annotation)
+    lab = np.asarray(labels)
+    if ann.shape != lab.shape:
+        raise CellfitError(
+            f"the prediction ({lab.shape}) and the annotation ({ann.shape}) differ in size: "
+            "predict this image again, then copy."
+        )
+    ids = np.unique(lab)
+    ids = ids[ids > 0]
+    painted = np.unique(lab[ann >= 2])
+    keep = np.setdiff1d(ids, painted)
+    if keep.size == 0:
+        return ann.copy(), 0
+    start = max(int(ann.max()) + 1, 2)
+    top = start + keep.size - 1
+    if np.issubdtype(ann.dtype, np.integer) and top > np.iinfo(ann.dtype).max:
+        raise CellfitError(
+            f"the annotation layer cannot hold {top} cell ids in its {ann.dtype} pixels: "
+            "remove some cells or save and reload the annotation as 32-bit labels."
+        )
+    lut = np.zeros(int(lab.max()) + 1, dtype=np.int64)
+    lut[keep] = np.arange(start, top + 1)
+    cells = lut[lab] > 0
+    free = ann == 0
+    new = ann.copy()
+    write = cells & free
+    new[write] = lut[lab[write]].astype(ann.dtype)
+    if ring > 0:
+        near = ndi.binary_dilation(cells, iterations=int(ring))
+        new[near & (lab == 0) & free] = 1
+    return new, int(keep.size)
+
+
+def user_message(exc: BaseException, what: str) -> str:
+    """One sentence for the user about an exception raised while doing ``what``."""
+    if isinstance(exc, CellfitError):
+        return str(exc)
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return (
+            f"{what} ran out of GPU memory: choose a smaller patch size or model size, "
+            "or use the CPU."
+        )
+    if isinstance(exc, MemoryError):
+        return (
+            f"{what} ran out of memory: choose a smaller patch size, a smaller model, or "
+            "segment fewer slices at once."
+        )
+    return (
+        f"{what} stopped on an unexpected error ({type(exc).__name__}: {exc}); "
+        "the details are in the napari log: please report it."
+    )
+
+
+def fast_tile(shape: Sequence[int], scale: float = 1.0) -> int:
+    """A tile side that covers a plane of ``shape`` (Y, X) in one tile up to ~960 pixels.
+
+    The engine's default 512-pixel tiles plus its mirrored border margin run a
+    512 x 512 plane as four overlapping tiles; one tile does the same work once. Larger
+    planes get 1024-pixel tiles (run one at a time to bound memory).
+    """
+    side = max(int(s) for s in shape) * float(scale or 1.0) + 2 * DEFAULT_OVERLAP
+    return int(min(1024, max(DEFAULT_TILE // 2, -(-side // 32) * 32)))
+
+
+def _log(exc: BaseException, what: str) -> None:
+    """A user error is logged in one line; anything else with its traceback."""
+    if isinstance(exc, CellfitError):
+        log.info("cellfit %s: %s", what, exc)
+    else:
+        log.exception("cellfit %s failed", what)
+
+
+def gui_friendly_threads(device: torch.device) -> int | None:
+    """Torch threads for CPU training next to a live viewer (None: leave as is).
+
+    One core is left to napari's event loop, so the viewer stays responsive while the
+    model trains (see docs/plugin.md for the measurement behind this).
+    """
+    if device.type != "cpu":
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 2) - 1)
+
+
+# ---------------------------------------------------------------------- train
+@dataclass
+class TrainUpdate:
+    """What the widget shows after one training step.
+
+    ``probability`` (cell probability, ``(Y, X)``, 0–1) and ``labels`` (``(Y, X)``) are
+    set when a live preview of plane ``preview_plane`` was computed at this step.
+    """
+
+    step: int
+    loss: float
+    elapsed: float
+    fraction: float
+    total_steps: int | None = None
+    time_limit: float | None = None
+    validation: dict | None = None
+    best_score: float | None = None
+    preview_plane: int | None = None
+    probability: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    done: bool = False
+    stopped: bool = False
+
+
+@dataclass
+class TrainResult:
+    """The end of a training job: the trained model, or ``error`` (one sentence)."""
+
+    model: torch.nn.Module | None = None
+    info: ModelInfo | None = None
+    record: dict = field(default_factory=dict)
+    stopped: bool = False
+    error: str | None = None
+    summary: dict = field(default_factory=dict)
+
+
+class TrainJob:
+    """Train or fine-tune, with a live preview of one plane that can change while it runs.
+
+    Parameters
+    ----------
+    images : list of ndarray, each (P, C, Y, X)
+        The annotated planes of each image (already copied, so painting can go on).
+    annotations : list of ndarray, each (P, Y, X)
+    config : TrainConfig
+        ``config.preview_every`` is the shortest time between previews.
+    model, info : optional
+        The current model, to fine-tune it instead of starting fresh.
+    preview : (plane number, raw plane (C, Y, X)), optional
+        The plane to preview; change it with :meth:`show_plane`.
+    threads : int, optional
+        Torch CPU threads while training (restored afterwards).
+    postprocess : dict, optional
+        Overrides of the model's post-processing settings for the preview labels.
+
+    The preview is computed here between two training steps with the engine's
+    :func:`~cellfit.predict.predict_plane` and the current weights, on one tile where the
+    plane allows (see :func:`fast_tile`), and paced so it takes at most about a quarter
+    of the time. No preview is computed for the last step: the widget then previews the
+    model that training keeps (its best validated weights).
+    """
+
+    def __init__(
+        self,
+        images: Sequence[np.ndarray],
+        annotations: Sequence[np.ndarray],
+        config: TrainConfig,
+        *,
+        model: torch.nn.Module | None = None,
+        info: ModelInfo | None = None,
+        preview: tuple[int, np.ndarray] | None = None,
+        threads: int | None = None,
+        postprocess: dict | None = None,
+    ) -> None:
+        self.images = list(images)
+        self.annotations = list(annotations)
+        self.config = config
+        self.model = model
+        self.info = info
+        self.threads = threads
+        self.postprocess = dict(postprocess or {})
+        self.trainer: Trainer | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._preview = preview
+        self.preview_every = float(config.preview_every)
+        self.preview_seconds: list[float] = []
+        self.stop_requested_at: float | None = None
+
+    def stop(self) -> None:
+        """Stop after the current step (safe to call from any thread, any time)."""
+        if not self._stop.is_set():
+            self.stop_requested_at = time.perf_counter()
+        self._stop.set()
+        if self.trainer is not None:
+            self.trainer.stop()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def show_plane(self, index: int, plane: np.ndarray | None) -> None:
+        """Preview plane ``index`` (raw ``(C, Y, X)``) from now on; None: no preview."""
+        with self._lock:
+            self._preview = None if plane is None else (index, plane)
+
+    def _compute_preview(self, trainer: Trainer) -> tuple[int, np.ndarray] | None:
+        with self._lock:
+            request = self._preview
+        if request is None:
+            return None
+        index, raw = request
+        t0 = time.perf_counter()
+        plane = match_channels(raw[None], trainer.info.in_channels)[0]
+        tile = fast_tile(plane.shape[-2:], trainer.info.scale)
+        probs = predict_plane(
+            trainer.model, trainer.info, plane, device=trainer.device, tile=tile,
+            batch_size=1 if tile > DEFAULT_TILE else 4,
+        )
+        trainer.model.train()
+        self.preview_seconds.append(time.perf_counter() - t0)
+        return index, probs
+
+    def run(self) -> Generator[TrainUpdate, None, TrainResult]:
+        """Build the trainer and train, yielding a :class:`TrainUpdate` per step."""
+        old_threads = torch.get_num_threads()
+        result = TrainResult()
+        try:
+            if self.threads:
+                torch.set_num_threads(int(self.threads))
+            trainer = Trainer(
+                self.images, self.annotations, self.config, model=self.model, info=self.info
+            )
+            self.trainer = trainer
+            result.summary = dict(trainer.summary)
+            n_before = len(self.info.training) if self.info is not None else 0
+            gen = trainer.run()
+            first = True
+            last_preview = -1e9
+            try:
+                while True:
+                    if self._stop.is_set():
+                        if first:  # stopped before the first step: train nothing
+                            break
+                        trainer.stop()
+                    try:
+                        ev = next(gen)
+                    except StopIteration:
+                        break
+                    first = False
+                    up = TrainUpdate(
+                        step=ev.step,
+                        loss=ev.loss,
+                        elapsed=ev.elapsed,
+                        fraction=ev.fraction,
+                        total_steps=ev.total_steps,
+                        time_limit=self.config.time_limit,
+                        validation=ev.validation,
+                        best_score=ev.best_score,
+                        done=ev.done,
+                        stopped=ev.stopped,
+                    )
+                    now = time.perf_counter()
+                    due = now - last_preview >= self.preview_every
+                    if due and not ev.done and not self._stop.is_set():
+                        shown = self._compute_preview(trainer)
+                        if shown is not None:
+                            up.preview_plane, probs = shown
+                            up.probability = cell_probability(probs)
+                            up.labels = labels_from_probs(
+                                probs, trainer.info.mode,
+                                **{**trainer.info.postprocess, **self.postprocess},
+                            )
+                            cost = time.perf_counter() - now
+                            self.preview_every = max(self.config.preview_every, 3.0 * cost)
+                            last_preview = time.perf_counter()
+                    yield up
+            finally:
+                gen.close()
+            result.model = trainer.model
+            result.info = trainer.info
+            result.stopped = self._stop.is_set()
+            if len(trainer.info.training) > n_before:
+                result.record = trainer.info.training[-1]
+        except Exception as exc:  # reported to the user as one sentence
+            _log(exc, "training")
+            result.error = user_message(exc, "training")
+            if self.trainer is not None:  # keep what was learnt so far
+                result.model, result.info = self.trainer.model, self.trainer.info
+        finally:
+            if self.threads:
+                torch.set_num_threads(old_threads)
+        return result
+
+
+# -------------------------------------------------------------------- predict
+@dataclass
+class Progress:
+    """A progress report: ``fraction`` done (0–1) and one line of text."""
+
+    fraction: float
+    text: str
+
+
+@dataclass
+class PredictResult:
+    """Probabilities and labels of the predicted planes (``error``: one sentence)."""
+
+    planes: list[int] = field(default_factory=list)
+    probability: np.ndarray | None = None  # (n, Y, X) float32, cell probability
+    labels: np.ndarray | None = None  # (n, Y, X) int32
+    cancelled: bool = False
+    error: str | None = None
+    seconds: float = 0.0
+
+
+class PredictJob:
+    """Segment some or all planes of one image with an in-memory model.
+
+    Parameters
+    ----------
+    model, info
+        The model (on its device) and its :class:`ModelInfo`.
+    planes : ndarray, shape (P, C, Y, X)
+        All planes of the image (normalisation statistics use the whole stack).
+    which : list of int, optional
+        The planes to predict (all when None).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        info: ModelInfo,
+        planes: np.ndarray,
+        which: Sequence[int] | None = None,
+        *,
+        postprocess: dict | None = None,
+        batch_size: int = 4,
+        threads: int | None = None,
+    ) -> None:
+        self.model = model
+        self.info = info
+        self.planes = planes
+        self.which = list(range(planes.shape[0])) if which is None else [int(i) for i in which]
+        self.postprocess = dict(postprocess or {})
+        self.batch_size = batch_size
+        self.threads = threads
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def run(self) -> Generator[Progress, None, PredictResult]:
+        t0 = time.perf_counter()
+        result = PredictResult(planes=list(self.which))
+        old_threads = torch.get_num_threads()
+        try:
+            if self.threads:
+                torch.set_num_threads(int(self.threads))
+            planes, stats = prepare_planes(ImageStack(self.planes), self.info)
+            sel = planes[self.which]
+            n, _, h, w = sel.shape
+            prob = np.zeros((n, h, w), np.float32)
+            labels = np.zeros((n, h, w), np.int32)
+            yield Progress(0.0, f"Segmenting {_planes_text(n)}…")
+            tile = fast_tile(sel.shape[-2:], self.info.scale)
+            post = {**self.info.postprocess, **self.postprocess}
+            for ev in iter_predict(
+                self.model, self.info, sel, stats, tile=tile,
+                batch_size=1 if tile > DEFAULT_TILE else self.batch_size,
+            ):
+                if self._cancel.is_set():
+                    result.cancelled = True
+                    return result
+                if ev.probabilities is not None:
+                    prob[ev.plane] = cell_probability(ev.probabilities)
+                    labels[ev.plane] = labels_from_probs(ev.probabilities, self.info.mode, **post)
+                text = (
+                    f"Segmenting slice {ev.plane + 1} of {n}…" if n > 1 else "Segmenting…"
+                )
+                yield Progress(ev.fraction, text)
+            result.probability, result.labels = prob, labels
+        except Exception as exc:
+            _log(exc, "prediction")
+            result.error = user_message(exc, "segmentation")
+        finally:
+            if self.threads:
+                torch.set_num_threads(old_threads)
+            result.seconds = time.perf_counter() - t0
+        return result
+
+
+def _planes_text(n: int) -> str:
+    return "1 slice" if n == 1 else f"{n} slices"
+
+
+# ---------------------------------------------------------------------- batch
+@dataclass
+class BatchResult:
+    """Counts of a folder batch; ``failed`` holds ``(file name, reason)`` pairs."""
+
+    done: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    n_files: int = 0
+    out_dir: str = ""
+    cancelled: bool = False
+    error: str | None = None
+    seconds: float = 0.0
+
+
+class BatchJob:
+    """Segment every TIFF of a folder into an output folder: the CLI's engine function,
+    :func:`cellfit.batch.predict_files`, with progress and cancel."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        inputs: Sequence[str | os.PathLike],
+        out_dir: str | os.PathLike,
+        *,
+        probabilities: bool = False,
+        overwrite: bool = True,
+        device: str = "auto",
+        threads: int | None = None,
+    ) -> None:
+        self.model_path = Path(model_path)
+        self.inputs = [Path(p) for p in inputs]
+        self.out_dir = Path(out_dir)
+        self.probabilities = probabilities
+        self.overwrite = overwrite
+        self.device = device
+        self.threads = threads
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def run(self) -> Generator[Progress, None, BatchResult]:
+        t0 = time.perf_counter()
+        result = BatchResult(out_dir=str(self.out_dir))
+        old_threads = torch.get_num_threads()
+        gen = None
+        try:
+            if self.threads:
+                torch.set_num_threads(int(self.threads))
+            gen = predict_files(
+                self.model_path,
+                self.inputs,
+                self.out_dir,
+                probabilities=self.probabilities,
+                overwrite=self.overwrite,
+                device=self.device,
+            )
+            yield Progress(0.0, "Loading the model…")
+            for ev in gen:
+                result.n_files = ev.n_files
+                if ev.status == "done":
+                    result.done += 1
+                elif ev.status == "skipped":
+                    result.skipped += 1
+                elif ev.status == "failed":
+                    result.failed.append((ev.path.name, ev.error or "unknown error"))
+                yield Progress(_batch_fraction(ev), _batch_text(ev))
+                if self._cancel.is_set():
+                    result.cancelled = True
+                    break
+        except Exception as exc:
+            _log(exc, "batch")
+            result.error = user_message(exc, "the folder segmentation")
+        finally:
+            if gen is not None:
+                gen.close()  # outputs are written atomically: no half-written file stays
+            if self.threads:
+                torch.set_num_threads(old_threads)
+            result.seconds = time.perf_counter() - t0
+        return result
+
+
+def _batch_fraction(ev: FileEvent) -> float:
+    if ev.status == "plane":
+        inner = ev.plane / max(1, ev.n_planes)
+    else:
+        inner = 1.0
+    return min(1.0, (ev.index + inner) / max(1, ev.n_files))
+
+
+def _batch_text(ev: FileEvent) -> str:
+    head = f"File {ev.index + 1} of {ev.n_files}: {ev.path.name}"
+    if ev.status == "plane":
+        return head + (f", slice {ev.plane} of {ev.n_planes}" if ev.n_planes > 1 else "")
+    return head + {"done": ", done", "skipped": ", skipped (results exist)",
+                   "failed": ", failed"}.get(ev.status, "")
