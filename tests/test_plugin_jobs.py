@@ -1,0 +1,297 @@
+"""The plugin's Qt-free parts: import rules, manifest, sample data, writer, and the
+background jobs drained synchronously (no viewer needed)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+from cellfit.synthetic import sparse_annotation, synthetic_cells
+from cellfit.train import TrainConfig
+
+TINY = {"patch_size": 64, "val_every": 2, "warmup_steps": 1, "device": "cpu", "preview_every": 0.0}
+ONE = {"threads": 1}  # one torch thread: fast and steady on a small, shared CPU
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+
+
+def test_plugin_package_imports_no_qt_napari_or_torch():
+    code = (
+        "import sys, cellfit.plugin, cellfit.plugin.sample_data, cellfit.plugin.writers\n"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in "
+        "('qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'napari', 'torch', 'magicgui')]\n"
+        "print(heavy)\n"
+        "assert not heavy, heavy\n"
+    )
+    res = _run(code)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_workers_and_engine_import_without_qt():
+    code = (
+        "import sys, cellfit.train, cellfit.plugin.workers\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'napari')]\n"
+        "assert not bad, bad\n"
+        "from cellfit.plugin._safety import triton_blocked\n"
+        "assert not triton_blocked()  # no GUI here: nothing is blocked\n"
+    )
+    res = _run(code)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_triton_is_blocked_once_a_qt_gui_is_loaded():
+    # the crash fix: with Qt loaded and triton not yet imported, the torch stack still
+    # imports and trains, and triton is not loaded
+    code = (
+        "import sys, PyQt6.QtWidgets\n"
+        "from cellfit.plugin import _safety\n"
+        "assert _safety.triton_blocked()\n"
+        "import torchvision, segmentation_models_pytorch, cellfit.train\n"
+        "try:\n"
+        "    import triton\n"
+        "except ImportError:\n"
+        "    print('blocked')\n"
+    )
+    res = _run(code)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "blocked" in res.stdout
+
+
+def test_manifest_is_valid():
+    from npe2 import PluginManifest
+
+    pm = PluginManifest.from_distribution("napari-cellfit")
+    pm.validate_imports()
+    assert pm.display_name == "cellfit"
+    assert [w.display_name for w in pm.contributions.widgets] == ["Annotate, train & segment"]
+    keys = {s.key for s in pm.contributions.sample_data}
+    assert keys == {"nuclei", "synthetic", "synthetic_timelapse"}
+    nuclei = next(s for s in pm.contributions.sample_data if s.key == "nuclei")
+    assert "BSD-3-Clause" in nuclei.display_name
+    assert pm.contributions.writers[0].layer_types == ["labels"]
+
+
+def test_sample_data():
+    from cellfit.plugin.sample_data import (
+        nuclei_sample,
+        synthetic_sample,
+        synthetic_timelapse_sample,
+    )
+
+    [(img, kw, kind)] = nuclei_sample()
+    assert kind == "image" and img.shape == (512, 512) and img.dtype == np.uint16
+    assert "BSD 3-Clause" in kw["metadata"]["licence"]
+    assert "Data Science Bowl" in kw["metadata"]["source"]
+    [(syn, _, _)] = synthetic_sample()
+    assert syn.shape == (256, 256)
+    [(stack, _, _)] = synthetic_timelapse_sample()
+    assert stack.shape == (5, 192, 192)
+
+
+def test_writer_keeps_labels_small(tmp_path):
+    from cellfit.plugin.writers import write_labels_tiff
+
+    labels = np.zeros((2, 20, 30), np.int32)
+    labels[0, 2:5, 3:9] = 7
+    labels[1, 10:15, 10:20] = 200
+    [out] = write_labels_tiff(str(tmp_path / "cells"), labels, {})
+    assert out.endswith("cells.tif")
+    back = tifffile.imread(out)
+    assert back.dtype == np.uint8
+    np.testing.assert_array_equal(back, labels)
+    assert write_labels_tiff(str(tmp_path / "f.tif"), np.zeros((4, 4), np.float32), {}) == []
+
+
+def test_layer_layout_helpers():
+    from cellfit.plugin.workers import lead_shape, plane_index, plane_of, planes_of
+
+    assert lead_shape((5, 3, 64, 80)) == (5, 3)
+    assert lead_shape((64, 80, 3), rgb=True) == ()
+    assert plane_index((2, 1), (5, 3)) == 7
+    assert plane_index((), ()) == 0
+    assert plane_index((9, 9), (5, 3)) == 14  # clipped to the last plane
+    stack = np.arange(4 * 6 * 7).reshape(4, 6, 7)
+    assert planes_of(stack).shape == (4, 1, 6, 7)
+    np.testing.assert_array_equal(plane_of(stack, 2)[0], stack[2])
+    rgb = np.zeros((6, 7, 3), np.uint8)
+    rgb[..., 1] = 5
+    assert planes_of(rgb, rgb=True).shape == (1, 3, 6, 7)
+    assert plane_of(rgb, 0, rgb=True)[1].max() == 5
+
+
+def test_prediction_to_annotation_copies_only_new_cells():
+    from cellfit.plugin.workers import prediction_to_annotation
+
+    ann = np.zeros((12, 12), np.uint16)
+    ann[1:4, 1:4] = 2  # a painted cell
+    ann[8:12, 0:3] = 1  # painted background
+    pred = np.zeros((12, 12), np.int32)
+    pred[1:4, 1:5] = 1  # overlaps the painted cell: skipped
+    pred[6:9, 6:9] = 5  # new
+    pred[9:12, 1:5] = 9  # new, partly over painted background: only free pixels written
+    new, n = prediction_to_annotation(ann, pred, ring=1)
+    assert n == 2
+    assert set(np.unique(new[6:9, 6:9])) == {3}
+    assert new[1, 4] == 0  # the skipped cell is not copied
+    np.testing.assert_array_equal(new[8:12, 0:3], ann[8:12, 0:3])  # painted pixels kept
+    assert new[11, 4] == 4  # free pixels of the second new cell
+    assert new[5, 7] == 1 and new[9, 7] == 1  # the ring
+    assert new.dtype == ann.dtype
+    same, none = prediction_to_annotation(new, pred, ring=1)
+    assert none == 0
+    np.testing.assert_array_equal(same, new)
+
+
+@pytest.fixture
+def tiny_data():
+    img, lab = synthetic_cells((96, 96), n_cells=8, seed=1)
+    ann = sparse_annotation(lab, fraction=0.6, seed=1)
+    return img, ann
+
+
+def test_train_job_yields_previews_and_returns_model(tiny_data):
+    from cellfit.plugin.workers import TrainJob, planes_of
+
+    img, ann = tiny_data
+    job = TrainJob([planes_of(img)], [ann[None]], TrainConfig(steps=3, **TINY),
+                   preview=(0, planes_of(img)[0]), **ONE)
+    gen = job.run()
+    updates = []
+    while True:
+        try:
+            updates.append(next(gen))
+        except StopIteration as stop:
+            result = stop.value
+            break
+    assert [u.step for u in updates] == [1, 2, 3]
+    first = updates[0]
+    assert first.preview_plane == 0
+    assert first.probability.shape == (96, 96) and first.labels.shape == (96, 96)
+    assert first.probability.min() >= 0.0 and first.probability.max() <= 1.0
+    assert any(u.validation for u in updates)
+    assert result.error is None and result.model is not None
+    assert result.record["steps"] == 3
+    assert result.summary["cells"] >= 2
+
+    # fine-tune: the same model object trains on, and its record grows
+    job2 = TrainJob([planes_of(img)], [ann[None]], TrainConfig(steps=2, **TINY),
+                    model=result.model, info=result.info, **ONE)
+    res2 = _drain(job2.run())
+    assert res2.error is None and res2.model is result.model
+    assert len(res2.info.training) == 2
+
+
+def _drain(gen):
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+def test_train_job_stop_and_errors(tiny_data):
+    from cellfit.plugin.workers import TrainJob, planes_of
+
+    img, ann = tiny_data
+    job = TrainJob([planes_of(img)], [ann[None]], TrainConfig(steps=50, **TINY), **ONE)
+    gen = job.run()
+    next(gen)
+    job.stop()
+    rest = []
+    while True:
+        try:
+            rest.append(next(gen))
+        except StopIteration as stop:
+            result = stop.value
+            break
+    assert len(rest) <= 1 and result.stopped and result.record["stopped_early"]
+
+    stopped_early = TrainJob([planes_of(img)], [ann[None]], TrainConfig(steps=5, **TINY), **ONE)
+    stopped_early.stop()
+    res = _drain(stopped_early.run())
+    assert res.error is None and res.record == {}
+
+    empty = TrainJob([planes_of(img)], [np.zeros((1, 96, 96), np.uint16)], TrainConfig(steps=2, **TINY), **ONE)
+    res = _drain(empty.run())
+    assert res.error.startswith("no pixel is annotated") and res.model is None
+
+    only_bg = np.where(ann > 0, 1, 0).astype(np.uint16)[None]
+    res = _drain(TrainJob([planes_of(img)], [only_bg], TrainConfig(steps=2, **TINY), **ONE).run())
+    assert "no cell is annotated" in res.error
+
+
+def test_predict_job_stack_and_cancel(tiny_data):
+    from cellfit.model import ModelInfo, build_model
+    from cellfit.plugin.workers import PredictJob, planes_of
+
+    img, _ = tiny_data
+    stack = np.stack([img, img[::-1], img[:, ::-1]])
+    info = ModelInfo()
+    model = build_model(info)
+    res = _drain(PredictJob(model, info, planes_of(stack), **ONE).run())
+    assert res.error is None and res.planes == [0, 1, 2]
+    assert res.probability.shape == (3, 96, 96) and res.labels.shape == (3, 96, 96)
+    one = _drain(PredictJob(model, info, planes_of(stack), [1], **ONE).run())
+    assert one.planes == [1] and one.labels.shape == (1, 96, 96)
+    job = PredictJob(model, info, planes_of(stack), **ONE)
+    job.cancel()
+    assert _drain(job.run()).cancelled
+
+
+def test_batch_job(tmp_path, tiny_data):
+    from cellfit.model import ModelInfo, build_model, save_model
+    from cellfit.plugin.workers import BatchJob
+
+    img, _ = tiny_data
+    src = tmp_path / "in"
+    src.mkdir()
+    tifffile.imwrite(src / "a.tif", img)
+    tifffile.imwrite(src / "b.tif", np.stack([img, img]))
+    (src / "broken.tif").write_bytes(b"not a tiff")
+    model_path = save_model(tmp_path / "m.cellfit", build_model(ModelInfo()), ModelInfo())
+    job = BatchJob(model_path, [src], tmp_path / "out", probabilities=True, device="cpu", **ONE)
+    gen = job.run()
+    texts = []
+    while True:
+        try:
+            texts.append(next(gen).text)
+        except StopIteration as stop:
+            res = stop.value
+            break
+    assert res.error is None and res.done == 2 and res.n_files == 3
+    assert [name for name, _ in res.failed] == ["broken.tif"]
+    assert (tmp_path / "out" / "b_labels.tif").exists()
+    assert tifffile.imread(tmp_path / "out" / "b_labels.tif").shape == (2, 96, 96)
+    assert (tmp_path / "out" / "a_prob.tif").exists()
+    assert any("File 2 of 3: b.tif" in t for t in texts)
+
+    missing = _drain(BatchJob(model_path, [tmp_path / "nowhere"], tmp_path / "o2").run())
+    assert "does not exist" in missing.error
+    same = _drain(BatchJob(model_path, [src], src).run())
+    assert "separate output folder" in same.error
+
+
+def test_user_message():
+    from cellfit.errors import CellfitError
+    from cellfit.plugin.workers import user_message
+
+    assert user_message(CellfitError("give a file."), "x") == "give a file."
+    assert "ran out of memory" in user_message(MemoryError(), "training")
+    msg = user_message(RuntimeError("boom"), "training")
+    assert msg.startswith("training stopped on an unexpected error (RuntimeError: boom)")
+
+
+def test_fast_tile_covers_small_planes_in_one_tile():
+    from cellfit.plugin.workers import fast_tile
+
+    assert fast_tile((512, 512)) == 640  # the plane and the engine's mirrored margin
+    assert fast_tile((100, 60)) == 256
+    assert fast_tile((4000, 3000)) == 1024
+    assert fast_tile((1024, 1024), scale=0.5) == 640
