@@ -1,0 +1,242 @@
+"""Does napari stay responsive while cellfit trains on the CPU?
+
+A napari viewer (headless under Xvfb) shows the bundled nuclei image with a sparse
+annotation; the cellfit dock widget trains in its ``thread_worker`` exactly as when a
+user presses Train. A ``QTimer`` asks to run every 10 ms on the Qt event loop (with ``--pan`` the camera
+also moves every 100 ms so the canvas redraws, as when a user pans while watching).
+Reported:
+
+* the interval between timer ticks (10 ms when the loop is free; p50 / p95 / p99 / max),
+  idle before training and while training;
+* the time from pressing Train to the first live preview on screen;
+* the time from pressing Stop to training having ended.
+
+Run (about a minute per setting)::
+
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python benchmarks/gui_latency.py \\
+        --seconds 45 --threads auto --threads all --json docs/gui_latency.json
+
+``--threads auto`` is the plugin's choice (all cores but one for training on a CPU);
+``--threads all`` gives training every core (torch's default), for comparison.
+"""
+
+from __future__ import annotations
+
+# isort: off
+# the torch stack first: importing triton after a viewer exists crashes under Mesa
+import segmentation_models_pytorch  # noqa: F401
+import torch
+import torchvision  # noqa: F401
+
+# isort: on
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+
+def _stats(intervals_ms: list[float]) -> dict:
+    a = np.asarray(intervals_ms, dtype=float)
+    if a.size == 0:
+        return {"ticks": 0}
+    return {
+        "ticks": int(a.size),
+        "p50_ms": round(float(np.percentile(a, 50)), 1),
+        "p95_ms": round(float(np.percentile(a, 95)), 1),
+        "p99_ms": round(float(np.percentile(a, 99)), 1),
+        "max_ms": round(float(a.max()), 1),
+        "over_50ms": int((a > 50).sum()),
+    }
+
+
+def run_once(
+    seconds: float,
+    threads: str,
+    idle: float = 4.0,
+    stop_after: float | None = None,
+    pan: bool = False,
+) -> dict:
+    import napari
+    from qtpy.QtCore import Qt, QTimer
+    from qtpy.QtWidgets import QApplication
+
+    import cellfit.plugin.widgets as widgets_module
+    from cellfit.data import nuclei_dsb2018
+    from cellfit.synthetic import sparse_annotation
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if threads == "all":
+        widgets_module.gui_friendly_threads = lambda device: cores
+    elif threads != "auto":
+        n = int(threads)
+        widgets_module.gui_friendly_threads = lambda device: n
+
+    viewer = napari.Viewer(show=True)
+    viewer.window._qt_window.resize(1500, 950)
+    img, mask = nuclei_dsb2018()
+    viewer.add_image(img, name="nuclei")
+    _dock, widget = viewer.window.add_plugin_dock_widget(
+        "napari-cellfit", "Annotate, train & segment"
+    )
+    ann = widget.create_annotation_layer()
+    ann.data = sparse_annotation(mask, fraction=0.15, seed=0).astype(ann.data.dtype)
+    widget.device_combo.setCurrentIndex(widget.device_combo.findData("cpu"))
+    widget.budget_unit.setCurrentIndex(widget.budget_unit.findData("seconds"))
+    widget.budget_spin.setValue(int(seconds))
+    widget.tabs.setCurrentIndex(1)
+    viewer.reset_view()
+    app = QApplication.instance()
+
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.setTimerType(Qt.TimerType.PreciseTimer)
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    center = np.asarray(viewer.camera.center, dtype=float)
+    wiggle = QTimer()
+    wiggle.setInterval(100)
+    phase = [0]
+
+    def pan_camera() -> None:  # a user looking around: the canvas redraws
+        phase[0] += 1
+        viewer.camera.center = tuple(
+            center + [0, 3 * np.sin(phase[0] / 5), 3 * np.cos(phase[0] / 5)][-len(center) :]
+        )
+
+    wiggle.timeout.connect(pan_camera)
+
+    def spin(duration: float) -> None:
+        end = time.perf_counter() + duration
+        while time.perf_counter() < end:
+            app.processEvents()
+            time.sleep(0.001)
+
+    spin(1.0)  # settle
+    timer.start()
+    if pan:
+        wiggle.start()
+    spin(idle)
+    idle_ticks = list(ticks)
+    ticks.clear()
+    load_before = os.getloadavg()
+
+    t_click = time.perf_counter()
+    widget.train_button.click()
+    first_preview = None
+    stop_pressed = None
+    while widget.job_kind == "train" or (widget.job is None and time.perf_counter() - t_click < 2):
+        app.processEvents()
+        if first_preview is None and widget.first_preview_seconds is not None:
+            first_preview = time.perf_counter() - t_click
+        if (
+            stop_after is not None
+            and stop_pressed is None
+            and time.perf_counter() - t_click > stop_after
+        ):
+            widget.stop_button.click()
+            stop_pressed = time.perf_counter()
+        time.sleep(0.001)
+        if time.perf_counter() - t_click > seconds + 120:
+            break
+    train_ticks = list(ticks)
+    timer.stop()
+    wiggle.stop()
+    widget.wait(60)
+    res = widget.last_train_result
+    rec = res.record if res is not None else {}
+    load_after = os.getloadavg()
+    out = {
+        "threads_setting": threads,
+        "torch_threads": int(
+            widgets_module.gui_friendly_threads(torch.device("cpu")) or torch.get_num_threads()
+        ),
+        "cores": cores,
+        "budget_s": seconds,
+        "patch_size": int(widget.patch_combo.currentData()),
+        "pan": pan,
+        "idle": _stats(list(np.diff(idle_ticks) * 1000)),
+        "training": _stats(list(np.diff(train_ticks) * 1000)),
+        "first_preview_s": round(first_preview, 2) if first_preview is not None else None,
+        "stop_to_end_s": round(widget.stop_seconds, 2) if widget.stop_seconds is not None else None,
+        "steps": rec.get("steps"),
+        "train_seconds": rec.get("seconds"),
+        "validation": rec.get("validation"),
+        "error": res.error if res is not None else "no result",
+        "load_avg_before": [round(x, 2) for x in load_before],
+        "load_avg_after": [round(x, 2) for x in load_after],
+    }
+    viewer.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--seconds", type=float, default=45.0, help="training budget per run")
+    p.add_argument(
+        "--threads",
+        action="append",
+        default=None,
+        help="'auto' (the plugin's choice), 'all', or a number; repeat to compare",
+    )
+    p.add_argument(
+        "--stop-after",
+        type=float,
+        default=None,
+        help="press Stop this many seconds after Train (default: budget minus 10 s)",
+    )
+    p.add_argument(
+        "--pan",
+        action="store_true",
+        help="also move the camera every 100 ms (redraws; costly with software OpenGL)",
+    )
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    settings = args.threads or ["auto"]
+    stop_after = args.stop_after if args.stop_after is not None else max(5.0, args.seconds - 10)
+    results = []
+    for threads in settings:
+        r = run_once(
+            args.seconds + 30, threads, stop_after=stop_after, pan=args.pan
+        )  # Stop ends it
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    print()
+    print(
+        "| training threads | tick p50 | tick p95 | tick p99 | max | ticks > 50 ms | "
+        "first preview | Stop → ended | steps |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        t = r["training"]
+        print(
+            f"| {r['torch_threads']} of {r['cores']} ({r['threads_setting']}) | {t['p50_ms']} ms | "
+            f"{t['p95_ms']} ms | {t['p99_ms']} ms | {t['max_ms']} ms | "
+            f"{t['over_50ms']} of {t['ticks']} | {r['first_preview_s']} s | {r['stop_to_end_s']} s | "
+            f"{r['steps']} |"
+        )
+    idle = results[0]["idle"]
+    print(
+        f"\nidle (before training): tick p50 {idle['p50_ms']} ms, p95 {idle['p95_ms']} ms, "
+        f"max {idle['max_ms']} ms"
+    )
+    if args.json:
+        meta = {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+        }
+        with open(args.json, "w") as fh:
+            json.dump({"meta": meta, "runs": results}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
