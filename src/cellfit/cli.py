@@ -357,13 +357,25 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(asdict(info), indent=2))
         return 0
+    norm = info.normalization
+    norm_text = (
+        f"percentiles {norm.get('low')}-{norm.get('high')} of each image mapped to 0-1"
+        if norm.get("method", "percentile") == "percentile"
+        else str(norm.get("method"))
+    )
     print(f"model       {args.model}")
     print(f"network     U-Net++ / {info.encoder}, {info.in_channels} channel(s) in")
     print(f"mode        {info.mode}: {', '.join(info.class_names)}")
-    print(f"normalise   {info.normalization}")
+    print(f"normalise   {norm_text}")
+    if abs(info.scale - 1.0) > 1e-6:
+        print(f"scale       images are resized by {info.scale:g} before the network "
+              "(cells brought to ~30 px across)")
+    if info.postprocess.get("min_size"):
+        print(f"min. size   objects under {info.postprocess['min_size']} pixels are dropped")
     for k, rec in enumerate(info.training, 1):
         val = rec.get("validation") or {}
-        figs = ", ".join(f"{n} {val[n]:.3f}" for n in ("precision", "recall", "f1", "ap50") if n in val)
+        names = {"precision": "precision", "recall": "recall", "f1": "F1", "ap50": "AP@0.5"}
+        figs = ", ".join(f"{names[n]} {val[n]:.3f}" for n in names if n in val)
         ann = rec.get("annotation", {})
         print(f"training {k}  {rec.get('date')}: {rec.get('steps')} steps, {rec.get('seconds')} s on "
               f"{rec.get('device')}; {ann.get('cells')} cells annotated; validation: {figs or 'n/a'}")
