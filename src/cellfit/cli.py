@@ -209,9 +209,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer.save(out)
     rec = trainer.info.training[-1]
     val = rec.get("validation") or {}
-    figures = ", ".join(
-        f"{k} {val[k]:.3f}" for k in ("precision", "recall", "f1", "iou", "ap50") if k in val
-    )
+    names = {"precision": "precision", "recall": "recall", "f1": "F1", "iou": "IoU", "ap50": "AP@0.5"}
+    figures = ", ".join(f"{names[k]} {val[k]:.3f}" for k in names if k in val)
     status = "Finished" if completed else "Interrupted; kept the best model so far"
     print(
         f"{status}: {rec['steps']} steps in {rec['seconds']:.0f} s. Validation ({rec['validated_on']}) "
