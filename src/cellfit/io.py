@@ -8,6 +8,7 @@ leading axes so results can be written back with the input's shape.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Sequence
@@ -19,10 +20,15 @@ import numpy as np
 from cellfit.errors import CellfitError
 
 __all__ = [
+    "LAZY_BYTES",
     "TIFF_SUFFIXES",
+    "ImageMeta",
     "ImageStack",
+    "InMemoryImage",
+    "LazyImage",
     "atomic_write_tiff",
     "find_tiffs",
+    "open_image",
     "pair_files",
     "read_image",
     "read_labels",
@@ -359,3 +365,216 @@ def atomic_write_tiff(
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+# --------------------------------------------------------------------------- lazy reading
+#: files whose pixels take more bytes than this are read lazily (plane by plane, or row
+#: band by row band) by :func:`open_image`; smaller files are read whole (fastest).
+LAZY_BYTES = 256 * 2**20
+
+
+@dataclass
+class ImageMeta:
+    """What an output must carry over from its input: axes and calibration."""
+
+    axes: str = "YX"
+    resolution: tuple | None = None
+    resolution_unit: int | None = None
+    imagej: dict = field(default_factory=dict)  # spacing, unit, finterval (ImageJ files)
+    is_imagej: bool = False
+
+
+_IJ_KEYS = ("spacing", "unit", "finterval", "fps", "xorigin", "yorigin", "zorigin")
+
+
+def _tiff_meta(tif, series) -> ImageMeta:
+    page = series.pages[0] if len(series.pages) else tif.pages[0]
+    tags = page.tags
+    res = None
+    xr, yr = tags.get("XResolution"), tags.get("YResolution")
+    if xr is not None and yr is not None:
+        res = (xr.value, yr.value)
+    unit = tags.get("ResolutionUnit")
+    ij = {}
+    if tif.is_imagej and tif.imagej_metadata:
+        ij = {k: v for k, v in tif.imagej_metadata.items() if k in _IJ_KEYS}
+    return ImageMeta(
+        axes=series.axes,
+        resolution=res,
+        resolution_unit=int(unit.value) if unit is not None else None,
+        imagej=ij,
+        is_imagej=bool(tif.is_imagej),
+    )
+
+
+class LazyImage:
+    """A TIFF image opened without reading its pixels: planes and row bands on demand.
+
+    Same layout as :class:`ImageStack` (planes ``(P, C, Y, X)``), but pixels are read
+    only when asked for, so memory does not grow with the stack's length or the
+    plane's size. Uncompressed contiguous files are read by offset (a short-lived
+    memory map per read, so the process does not keep the file's pages mapped);
+    compressed or tiled files through tifffile's zarr store (one page, strip or tile
+    decoded at a time).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        import tifffile
+
+        self.path = Path(path)
+        _check_file(self.path, "image")
+        try:
+            self._tif = tifffile.TiffFile(self.path)
+            series = self._tif.series[0]
+            self.meta = _tiff_meta(self._tif, series)
+            shape, dtype = tuple(series.shape), np.dtype(series.dtype)
+            self._offset = series.dataoffset
+            self._zarr = None
+            if self._offset is None:
+                import zarr
+
+                self._store = series.aszarr()
+                self._zarr = zarr.open_array(self._store, mode="r")
+        except CellfitError:
+            raise
+        except Exception as exc:
+            self.close()
+            raise CellfitError(
+                f"image {self.path} could not be read as a TIFF ({type(exc).__name__}: {exc}); "
+                "the file may be truncated or corrupt: export it again."
+            ) from None
+        if 0 in shape:
+            self.close()
+            raise CellfitError(f"image {self.path} is empty: check that it holds pixels.")
+        _check_dtype(np.empty(0, dtype), f"image {self.path}")
+        self.shape, self.dtype = shape, dtype
+        self._byteorder = self._tif.byteorder
+        # layout: reuse to_planes on a zero-strided stand-in of the full shape
+        dummy = np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape, [0] * len(shape))
+        planes, self.lead_shape, self.axes = to_planes(dummy, self.meta.axes, f"image {self.path}")
+        self._in_axes = self.meta.axes.upper() if len(self.meta.axes) == len(shape) else None
+        if self._in_axes is None:
+            self._in_axes = guess_axes(shape)
+        self.n_planes, self.n_channels = int(planes.shape[0]), int(planes.shape[1])
+        self.plane_shape = (int(planes.shape[2]), int(planes.shape[3]))
+        self.name = self.path.stem
+        self.resolution = self.meta.resolution
+
+    # ImageStack-like surface
+    @property
+    def labels_shape(self) -> tuple[int, ...]:
+        return (*self.lead_shape, *self.plane_shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def _index(self, p: int, r0: int, r1: int) -> tuple[tuple, str]:
+        """Index into the series for plane ``p``, rows ``r0:r1``; and the axes left."""
+        lead_idx = np.unravel_index(p, self.lead_shape) if self.lead_shape else ()
+        idx: list = []
+        rest = ""
+        k = 0
+        for a in self._in_axes:
+            if a == "Y":
+                idx.append(slice(r0, r1))
+                rest += a
+            elif a == "X" or a in _CHANNEL_AXES:
+                idx.append(slice(None))
+                rest += a
+            else:
+                idx.append(int(lead_idx[k]))
+                k += 1
+        return tuple(idx), rest
+
+    def _read(self, idx: tuple) -> np.ndarray:
+        if self._zarr is not None:
+            return np.asarray(self._zarr[idx])
+        dtype = self.dtype.newbyteorder(self._byteorder)
+        mm = np.memmap(self.path, dtype=dtype, mode="r", offset=self._offset, shape=self.shape)
+        out = np.array(mm[idx], dtype=self.dtype)
+        del mm  # unmapped now: the process keeps none of the file's pages
+        return out
+
+    def rows(self, p: int, r0: int, r1: int) -> np.ndarray:
+        """Rows ``r0:r1`` of plane ``p``, shape ``(C, r1 - r0, X)``, in the file's dtype."""
+        if not 0 <= p < self.n_planes:
+            raise IndexError(p)
+        idx, rest = self._index(p, r0, r1)
+        try:
+            arr = self._read(idx)
+        except Exception as exc:
+            raise CellfitError(
+                f"image {self.path} could not be read ({type(exc).__name__}: {exc}); the file "
+                "may be truncated or corrupt: export it again."
+            ) from None
+        return to_planes(arr, rest, f"image {self.path}")[0][0]
+
+    def plane(self, p: int) -> np.ndarray:
+        """Plane ``p``, shape ``(C, Y, X)``."""
+        return self.rows(p, 0, self.plane_shape[0])
+
+    def close(self) -> None:
+        for name in ("_store", "_tif"):
+            obj = getattr(self, name, None)
+            if obj is not None:
+                with contextlib.suppress(Exception):
+                    obj.close()
+                setattr(self, name, None)
+
+    def __enter__(self) -> LazyImage:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class InMemoryImage:
+    """An :class:`ImageStack` with the :class:`LazyImage` surface (plane, rows, meta)."""
+
+    def __init__(self, stack: ImageStack, meta: ImageMeta | None = None) -> None:
+        self.stack = stack
+        self.path = None
+        self.meta = meta or ImageMeta(axes=stack.axes, resolution=stack.resolution)
+        self.shape = stack.data.shape
+        self.dtype = stack.data.dtype
+        self.lead_shape, self.axes, self.name = stack.lead_shape, stack.axes, stack.name
+        self.n_planes, self.n_channels = stack.n_planes, stack.n_channels
+        self.plane_shape = stack.plane_shape
+        self.resolution = stack.resolution
+        self.labels_shape = stack.labels_shape
+        self.nbytes = stack.data.nbytes
+
+    def rows(self, p: int, r0: int, r1: int) -> np.ndarray:
+        return self.stack.data[p, :, r0:r1]
+
+    def plane(self, p: int) -> np.ndarray:
+        return self.stack.data[p]
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> InMemoryImage:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def open_image(
+    path: str | os.PathLike, lazy: bool | None = None
+) -> LazyImage | InMemoryImage:
+    """Open a TIFF for streaming: lazily when it is large (``lazy=None``: more than
+    :data:`LAZY_BYTES` of pixels), read whole otherwise. Both results offer
+    ``plane(p)``, ``rows(p, r0, r1)``, ``n_planes``, ``plane_shape``, ``lead_shape``,
+    ``meta`` and ``close()``."""
+    lazy_img = LazyImage(path)
+    if lazy is True or (lazy is None and lazy_img.nbytes > LAZY_BYTES):
+        return lazy_img
+    meta = lazy_img.meta
+    lazy_img.close()
+    stack = read_image(path)
+    return InMemoryImage(stack, meta)

@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_OVERLAP",
     "DEFAULT_TILE",
     "PredictEvent",
+    "TileRunner",
     "blend_window",
     "iter_predict",
     "predict_plane",
@@ -133,10 +134,122 @@ class PredictEvent:
     tiles_done: int
     tiles_total: int
     probabilities: np.ndarray | None = None
+    #: a message for the user, e.g. that the tile batch was halved after running out of memory
+    notice: str | None = None
 
     @property
     def fraction(self) -> float:
         return (self.plane + self.tiles_done / max(1, self.tiles_total)) / max(1, self.n_planes)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for a device out-of-memory error (CUDA, and MPS's RuntimeError)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+class TileRunner:
+    """Runs batches of tiles through the network and returns their softmax.
+
+    AMP (bfloat16 where supported, else float16) and channels-last on CUDA. The batch
+    size is automatic when None: on CUDA it is measured from the free GPU memory and
+    the memory one tile takes, elsewhere it is 4. When the device runs out of memory,
+    the batch is halved and retried (down to one tile), and a notice says so; the
+    smaller batch is kept for the tiles that follow.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device: str | torch.device | None = None,
+        *,
+        batch_size: int | None = None,
+        amp: bool = True,
+    ) -> None:
+        if device is None:
+            device = next(model.parameters()).device
+        self.model = model
+        self.device = resolve_device(device)
+        self.use_amp = amp and self.device.type == "cuda"
+        self.amp_dtype = (
+            torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        )
+        self.batch_size = int(batch_size) if batch_size else None
+        self.notices: list[str] = []
+
+    def pop_notice(self) -> str | None:
+        """The notices since the last call, joined, or None."""
+        if not self.notices:
+            return None
+        text = "; ".join(self.notices)
+        self.notices.clear()
+        return text
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(
+            self.device.type, dtype=self.amp_dtype, enabled=self.use_amp
+        ):
+            return self.model(x).float().softmax(dim=1)
+
+    def auto_batch_size(self, tile_shape: tuple[int, int, int]) -> int:
+        """Tiles per batch for tiles of ``(C, h, w)``: from free memory on CUDA, else 4."""
+        if self.device.type != "cuda":
+            return 4
+        dev = self.device
+        try:
+            torch.cuda.empty_cache()
+            free, _total = torch.cuda.mem_get_info(dev)
+            base = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            probe = torch.zeros((2, *tile_shape), device=dev)
+            self._forward(probe)
+            per_tile = max((torch.cuda.max_memory_allocated(dev) - base) / 2, 1)
+            del probe
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            torch.cuda.empty_cache()
+            return 1
+        n = int(0.6 * free / per_tile)
+        n = 1 << max(0, min(n, 64).bit_length() - 1)  # a power of two, 1..64
+        return max(1, n)
+
+    def __call__(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Softmax ``(N, K, h, w)`` (float32, on the device) of tiles ``(N, C, h, w)``."""
+        xt = torch.as_tensor(x)
+        if self.batch_size is None:
+            self.batch_size = self.auto_batch_size(tuple(xt.shape[1:]))
+        outs = []
+        i = 0
+        while i < xt.shape[0]:
+            n = self.batch_size
+            try:
+                outs.append(self._forward(xt[i : i + n].to(self.device, non_blocking=True)))
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                outs_keep = outs  # results so far stay valid
+                del exc
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if n <= 1:
+                    raise CellfitError(
+                        f"the {self.device.type.upper()} device ran out of memory on a single "
+                        f"tile of {xt.shape[-2]}x{xt.shape[-1]} pixels: use a smaller --tile "
+                        "(e.g. 256) or --device cpu."
+                    ) from None
+                self.batch_size = max(1, n // 2)
+                self.notices.append(
+                    f"out of {self.device.type.upper()} memory with batches of {n} tiles: "
+                    f"retrying with {self.batch_size}"
+                )
+                outs = outs_keep
+                continue
+            i += n
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def prepare_planes(
@@ -164,9 +277,10 @@ def iter_predict(
     *,
     tile: int = DEFAULT_TILE,
     overlap: int = DEFAULT_OVERLAP,
-    batch_size: int = 4,
+    batch_size: int | None = 4,
     device: str | torch.device | None = None,
     amp: bool = True,
+    runner: TileRunner | None = None,
 ) -> Iterator[PredictEvent]:
     """Predict probabilities plane by plane, yielding progress after each batch of tiles.
 
@@ -178,10 +292,14 @@ def iter_predict(
         Normalisation percentiles; computed from ``planes`` when None.
     tile, overlap : int
         Tile side (rounded up to a multiple of 32) and overlap in pixels.
+    batch_size : int or None
+        Tiles per batch; None: automatic (see :class:`TileRunner`).
+    runner : TileRunner, optional
+        Runs the batches (and keeps a batch size halved after running out of memory
+        across calls); made from ``model``, ``device``, ``batch_size``, ``amp`` when None.
     """
-    if device is None:
-        device = next(model.parameters()).device
-    device = resolve_device(device)
+    if runner is None:
+        runner = TileRunner(model, device, batch_size=batch_size, amp=amp)
     if stats is None and info.normalization.get("method", "percentile") == "percentile":
         stats = percentiles(
             planes, float(info.normalization["low"]), float(info.normalization["high"])
@@ -190,8 +308,6 @@ def iter_predict(
     overlap = int(min(max(overlap, 0), tile // 2))
     margin = max(overlap // 2, 8)
     model.eval()
-    use_amp = amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     n_planes = planes.shape[0]
     for p in range(n_planes):
         plane = normalize(planes[p : p + 1], info.normalization, stats)[0]
@@ -216,17 +332,14 @@ def iter_predict(
         acc = np.zeros((info.n_classes, H, W), dtype=np.float32)
         wsum = np.zeros((H, W), dtype=np.float32)
         done = 0
-        for b0 in range(0, len(coords), batch_size):
-            batch = coords[b0 : b0 + batch_size]
+        b0 = 0
+        while b0 < len(coords):
+            step = runner.batch_size or runner.auto_batch_size((plane.shape[0], th, tw))
+            runner.batch_size = step
+            batch = coords[b0 : b0 + step]
+            b0 += len(batch)
             x = np.stack([plane[:, y : y + th, x0 : x0 + tw] for y, x0 in batch])
-            xt = torch.from_numpy(x).to(device)
-            if device.type == "cuda":
-                xt = xt.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), torch.autocast(
-                device.type, dtype=amp_dtype, enabled=use_amp
-            ):
-                prob = model(xt).float().softmax(dim=1)
-            prob_np = prob.cpu().numpy()
+            prob_np = runner(torch.from_numpy(x)).cpu().numpy()
             for (y, x0), pr in zip(batch, prob_np):
                 key = (y == 0, y + th >= H, x0 == 0, x0 + tw >= W)
                 window = windows.get(key)
@@ -236,12 +349,12 @@ def iter_predict(
                 wsum[y : y + th, x0 : x0 + tw] += window
             done += len(batch)
             if done < len(coords):
-                yield PredictEvent(p, n_planes, done, len(coords))
+                yield PredictEvent(p, n_planes, done, len(coords), notice=runner.pop_notice())
         acc /= wsum[None]
         probs = acc[:, m : m + h, m : m + w]
         if probs.shape[1:] != full_shape:
             probs = resize_plane(probs, full_shape)
-        yield PredictEvent(p, n_planes, done, len(coords), probs)
+        yield PredictEvent(p, n_planes, done, len(coords), probs, notice=runner.pop_notice())
 
 
 def predict_plane(
