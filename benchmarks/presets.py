@@ -36,6 +36,7 @@ PRESETS: dict[str, dict] = {
     },
     "mobilenet_v2 / narrow / auto scale, patch 192": {"patch_size": 192},
     "mobilenet_v2 / narrow / auto scale, lr 0.01": {"lr": 1e-2},
+    "mobilenet_v2 / narrow / auto scale, strong intensity jitter": {"intensity_augment": "strong"},
 }
 
 

@@ -37,6 +37,8 @@ class PatchSampler:
         Share of patches centred on a cell (non-background) pixel.
     augment : bool
         Random flips, 90° rotations and intensity jitter.
+    intensity : {"mild", "strong"}
+        Intensity jitter: gain 0.75–1.25 (mild) or 0.5–2 with a gamma change (strong).
     seed : int or numpy Generator
     """
 
@@ -48,6 +50,7 @@ class PatchSampler:
         fg_fraction: float = DEFAULT_FG_FRACTION,
         augment: bool = True,
         seed: int | np.random.Generator = 0,
+        intensity: str = "mild",
     ) -> None:
         if len(images) != len(targets) or not images:
             raise ValueError("images and targets must be non-empty lists of equal length")
@@ -56,6 +59,7 @@ class PatchSampler:
         self.patch_size = int(patch_size)
         self.fg_fraction = float(fg_fraction)
         self.augment = augment
+        self.intensity = intensity
         self.rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         ann_idx, fg_idx = [], []
         for i, t in enumerate(self.targets):
@@ -105,7 +109,15 @@ class PatchSampler:
             y = np.rot90(y, k, axes=(0, 1))
         if rng.random() < 0.5:
             x, y = x[:, :, ::-1], y[:, ::-1]
-        gain = rng.uniform(0.75, 1.25, size=(x.shape[0], 1, 1)).astype(np.float32)
+        if self.intensity == "strong":
+            # brightness over a factor of 2 either way and a gamma change, so that a few
+            # very bright objects that compress the others' range do not throw the model
+            gain = np.exp(rng.uniform(-0.7, 0.7, size=(x.shape[0], 1, 1))).astype(np.float32)
+            if rng.random() < 0.5:
+                gamma = np.float32(np.exp(rng.uniform(-0.35, 0.35)))
+                x = np.sign(x) * np.abs(x) ** gamma
+        else:
+            gain = rng.uniform(0.75, 1.25, size=(x.shape[0], 1, 1)).astype(np.float32)
         offset = rng.uniform(-0.1, 0.1, size=(x.shape[0], 1, 1)).astype(np.float32)
         x = x * gain + offset
         if rng.random() < 0.3:

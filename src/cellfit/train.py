@@ -105,6 +105,7 @@ class TrainConfig:
     fg_fraction: float = DEFAULT_FG_FRACTION
     boundary_width: int = 2
     augment: bool = True
+    intensity_augment: str = "mild"
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -325,6 +326,7 @@ class Trainer:
             fg_fraction=cfg.fg_fraction,
             augment=cfg.augment,
             seed=self.rng,
+            intensity=cfg.intensity_augment,
         )
         counts = class_counts(self.train_targets, self.info.n_classes)
         self.class_counts = counts
