@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="balanced (default), none, or comma-separated numbers, one per class")
     t.add_argument("--val-every", type=_positive_int, default=50, metavar="STEPS")
     t.add_argument("--overwrite", action="store_true", help="replace MODEL if it exists")
+    t.add_argument("--masks", action="store_true",
+                   help="LABELS are complete masks (0 = background, 1..N = cells or classes), "
+                   "e.g. existing ground truth: every pixel counts as annotated")
 
     p = sub.add_parser("predict", help="segment TIFF files or folders with a trained model")
     p.add_argument("model", metavar="MODEL")
@@ -161,6 +164,7 @@ def _run_training(trainer, desc: str = "training") -> bool:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cellfit.io import pair_files, read_image, read_labels
+    from cellfit.targets import annotation_from_mask, looks_like_mask
     from cellfit.train import TrainConfig, Trainer
 
     out = Path(args.out)
@@ -175,7 +179,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     for img_path, lab_path in pairs:
         stack = read_image(img_path)
         images.append(stack)
-        anns.append(read_labels(lab_path, stack.labels_shape))
+        ann = read_labels(lab_path, stack.labels_shape)
+        if args.masks:
+            ann = annotation_from_mask(ann)
+        elif looks_like_mask(ann):
+            print(f"cellfit: note: {lab_path.name} looks like a complete mask (0 = background, "
+                  "1..N = cells), but cellfit reads 0 as not annotated and 1 as background; "
+                  "if it is a mask, add --masks.", file=sys.stderr)
+        anns.append(ann)
     time_limit = args.time_limit
     if time_limit is None and args.steps is None:
         time_limit = 300.0

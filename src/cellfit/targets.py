@@ -27,8 +27,10 @@ from cellfit.errors import CellfitError
 __all__ = [
     "IGNORE",
     "INSTANCE_CLASSES",
+    "annotation_from_mask",
     "class_counts",
     "instance_targets",
+    "looks_like_mask",
     "make_targets",
     "n_classes_for",
     "semantic_targets",
@@ -130,3 +132,26 @@ def class_counts(targets: list[np.ndarray], n_classes: int) -> np.ndarray:
         c = np.bincount(t.ravel(), minlength=256)
         counts += c[:n_classes]
     return counts
+
+
+def annotation_from_mask(mask: np.ndarray) -> np.ndarray:
+    """Turn a complete label mask (0 = background, 1..N = cells or classes) into the
+    annotation convention (1 = background, 2..N+1), every pixel annotated."""
+    mask = np.asarray(mask)
+    if mask.size and int(mask.max()) >= np.iinfo(np.uint32).max:
+        raise CellfitError("the mask has too many labels: relabel it 1..N first.")
+    return np.where(mask > 0, mask.astype(np.uint32) + 1, 1).astype(np.uint32)
+
+
+def looks_like_mask(annotation: np.ndarray) -> bool:
+    """True when an annotation looks like a complete mask given by mistake: most pixels
+    are 0, and the pixels labelled 1 form an object of a cell's size rather than a
+    background stroke (so 1 is probably a cell, not background)."""
+    a = np.asarray(annotation)
+    if a.size == 0 or (a == 0).mean() < 0.3:
+        return False
+    sizes = np.bincount(a.ravel().astype(np.int64))
+    if len(sizes) < 4 or sizes[1] == 0:
+        return False
+    cells = sizes[2:][sizes[2:] > 0]
+    return bool(len(cells) >= 2 and sizes[1] <= 3 * np.median(cells))
