@@ -89,17 +89,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LABELS are complete masks (0 = background, 1..N = cells or classes), "
                    "e.g. existing ground truth: every pixel counts as annotated")
 
-    p = sub.add_parser("predict", help="segment TIFF files or folders with a trained model")
+    p = sub.add_parser(
+        "predict",
+        help="segment TIFF files or folders with a trained model",
+        description="Writes DIR/<stem>_labels.tif (and <stem>_prob.tif) for each input, "
+        "streaming: stacks slice by slice, huge images tile by tile. A rerun skips files "
+        "whose outputs are complete (made by this model from this input); --overwrite "
+        "redoes them. Inputs are never modified.",
+    )
     p.add_argument("model", metavar="MODEL")
     p.add_argument("inputs", nargs="+", metavar="INPUTS", help="TIFF files or folders of TIFFs")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--probabilities", action="store_true", help="also write <stem>_prob.tif")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--probabilities", action="store_true",
+                   help="also write <stem>_prob (float32, one channel per class)")
+    p.add_argument("--link-slices", action="store_true",
+                   help="join per-slice objects of 3D stacks into 3D objects by overlap "
+                   "(one id per nucleus through the stack)")
+    p.add_argument("--format", choices=("tiff", "zarr"), default="tiff",
+                   help="tiff (default; BigTIFF above 4 GB) or zarr (<stem>_labels.zarr)")
+    p.add_argument("--compression", choices=("zlib", "zstd", "lzw", "none"), default="zlib",
+                   help="TIFF compression (default zlib, which Fiji reads)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo files whose outputs are complete (default: skip them)")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="skip files whose outputs are complete (the default; kept for old scripts)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run on a dask.distributed cluster: scheduler address "
+                   "(tcp://host:8786) or scheduler file; default: this machine")
+    p.add_argument("--slices-per-task", type=_positive_int, default=64, metavar="N",
+                   help="with --scheduler, stacks longer than N slices are split into tasks "
+                   "of N slices (default 64)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
     p.add_argument("--tile", type=_positive_int, default=512, metavar="PIXELS")
     p.add_argument("--overlap", type=int, default=64, metavar="PIXELS")
-    p.add_argument("--batch-size", type=_positive_int, default=4, metavar="N")
-    p.add_argument("--skip-existing", action="store_true",
-                   help="skip inputs whose outputs already exist (resume an interrupted batch)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+                   help="tiles per batch (default: automatic, from free GPU memory on CUDA)")
 
     e = sub.add_parser("evaluate", help="compare predicted labels with ground truth")
     e.add_argument("predictions", metavar="PREDICTIONS", help="folder or file of predicted labels")
@@ -237,28 +261,66 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from cellfit.batch import predict_files
 
+    if args.overwrite and args.skip_existing:
+        raise CellfitError(
+            "--overwrite and --skip-existing contradict each other: give one of them "
+            "(complete outputs are skipped by default)."
+        )
     events = predict_files(
         args.model,
         args.inputs,
         args.out,
         probabilities=args.probabilities,
-        overwrite=not args.skip_existing,
+        overwrite=args.overwrite,
         tile=args.tile,
         overlap=args.overlap,
         batch_size=args.batch_size,
         device=args.device,
+        link_slices=args.link_slices,
+        format=args.format,
+        compression=args.compression,
+        scheduler=args.scheduler,
+        slices_per_task=args.slices_per_task,
     )
     failed: list[tuple[Path, str]] = []
     done = skipped = 0
-    bar = None
+    files_bar = inner = None
+    current = None
+    spread = args.scheduler is not None  # events of many files interleave
+    planes_done: dict[int, int] = {}
     try:
         for ev in events:
-            if bar is None:
-                bar = tqdm(total=ev.n_files, desc="files", unit="file")
+            if files_bar is None:
+                files_bar = tqdm(total=ev.n_files, desc="files", unit="file", position=0)
+                # the second bar only on a terminal (in a log it would garble the lines)
+                inner = tqdm(total=0, desc="slices", unit="slice", position=1, leave=False,
+                             disable=None)
+            if ev.notice:
+                tqdm.write(f"cellfit: note: {ev.path.name}: {ev.notice}", file=sys.stderr)
             if ev.status == "plane":
-                bar.set_postfix_str(f"{ev.path.name}: plane {ev.plane}/{ev.n_planes}")
+                if spread:  # one bar over the slices of all files
+                    if ev.index not in planes_done:
+                        planes_done[ev.index] = 0
+                        inner.total += ev.n_planes
+                    inner.update(ev.plane - planes_done[ev.index])
+                    planes_done[ev.index] = ev.plane
+                    inner.refresh()
+                    continue
+                if ev.index != current:
+                    current = ev.index
+                    inner.reset(total=ev.n_planes)
+                    inner.set_description_str(ev.path.name)
+                if ev.tiles_total and ev.n_planes == 1:  # one huge plane: tiles
+                    inner.unit = "tile"
+                    inner.total = ev.tiles_total
+                    inner.n = ev.tiles_done
+                else:
+                    inner.unit = "slice"
+                    inner.total = ev.n_planes
+                    inner.n = ev.plane
+                inner.refresh()
                 continue
-            bar.update(1)
+            files_bar.update(1)
             if ev.status == "done":
                 done += 1
             elif ev.status == "skipped":
@@ -267,16 +329,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 failed.append((ev.path, ev.error or "unknown error"))
                 tqdm.write(f"cellfit: {ev.path}: {ev.error}", file=sys.stderr)
     except KeyboardInterrupt:
+        events.close()  # aborts the file in progress: its temporaries are removed
+        for bar in (inner, files_bar):
+            if bar is not None:
+                bar.close()
+        print(
+            f"cellfit: interrupted after {done} file(s); the file in progress was discarded "
+            "(finished outputs are complete, nothing is half-written): run the same command "
+            "again to resume.",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    for bar in (inner, files_bar):
         if bar is not None:
             bar.close()
-        print("cellfit: interrupted; finished files are complete and no partial file was left.",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
-    if bar is not None:
-        bar.close()
     summary = f"{done} file(s) segmented into {args.out}"
     if skipped:
-        summary += f", {skipped} skipped (outputs exist)"
+        summary += f", {skipped} skipped (complete outputs exist; --overwrite redoes them)"
     if failed:
         summary += f", {len(failed)} failed: " + "; ".join(f"{p.name}" for p, _ in failed)
     print(summary + ".", file=sys.stderr)
