@@ -100,6 +100,8 @@ class Settings:
     huge_pixels: int = HUGE_PIXELS
     amp: bool = True
     slices_per_task: int = 64
+    #: side of the blocks huge planes are labelled in (None: from the plane's width)
+    block: int | None = None
 
 
 def label_dtype(max_label: int) -> type:
@@ -422,6 +424,9 @@ def _run_huge(engine, img, labels_path, prob_path, settings, fp, dtype):
     y, x = img.plane_shape
     k = info.n_classes
     block, halo = _block_geometry(x, pred.scale)
+    if settings.block:
+        block = int(settings.block)
+        halo = min(halo, block // 2)
     work = _tmp_name(labels_path.parent / f"{img.name}.work")
     writer = None
     notices: list[str] = []
@@ -468,6 +473,9 @@ def _run_huge(engine, img, labels_path, prob_path, settings, fp, dtype):
                 else:
                     raw[r0:r1] = classes_from_probs(band[:, r0 - lo : r1 - lo])
             rows.drain()
+            for item in rows.side:
+                yield ("tiles", item.tiles_done, item.tiles_total)
+            rows.side.clear()
             lut, n_obj = labeller.lut() if labeller is not None else (None, 0)
             if writer is None:
                 if dtype is None and labeller is not None:
