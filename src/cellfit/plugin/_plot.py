@@ -37,11 +37,12 @@ class TrainingPlot(QWidget):
         self.ap50: list[float] = []
         self.update()
 
-    def add_loss(self, step: int, loss: float) -> None:
+    def add_loss(self, step: int, loss: float, redraw: bool = True) -> None:
         if math.isfinite(loss):
             self.steps.append(step)
             self.losses.append(loss)
-            self.update()
+            if redraw:
+                self.update()
 
     def add_validation(self, step: int, f1: float | None, ap50: float | None) -> None:
         self.val_steps.append(step)

@@ -126,6 +126,46 @@ def annotation_colormap() -> CyclicLabelColormap:
     return _COLORMAP
 
 
+_SOFTWARE_GL_NAMES = ("llvmpipe", "softpipe", "swrast", "swiftshader", "software rasterizer",
+                      "basic render driver", "gdi generic")
+_RENDERER: str | None = None
+
+
+def opengl_renderer() -> str:
+    """The OpenGL renderer of this session, e.g. "llvmpipe (LLVM 15.0.6, 256 bits)"
+    ("" when it cannot be asked)."""
+    global _RENDERER
+    if _RENDERER is None:
+        _RENDERER = ""
+        try:
+            from OpenGL import GL
+            from qtpy.QtGui import QOffscreenSurface, QOpenGLContext
+
+            ctx = QOpenGLContext()
+            if ctx.create():
+                surface = QOffscreenSurface()
+                surface.setFormat(ctx.format())
+                surface.create()
+                if ctx.makeCurrent(surface):
+                    _RENDERER = (GL.glGetString(GL.GL_RENDERER) or b"").decode(errors="replace")
+                    ctx.doneCurrent()
+        except Exception:  # no OpenGL to ask: assume a GPU draws the window
+            _RENDERER = ""
+    return _RENDERER
+
+
+def software_opengl() -> bool:
+    """Whether the window is drawn by the CPU (remote desktops, VMs, Xvfb).
+
+    There every repaint of the window costs tens of milliseconds, and napari's
+    activity indicator (a spinner shown while any napari progress bar is open) repaints
+    continuously: it slows the event loop and the training thread several-fold (see
+    docs/plugin.md). Jobs then report progress in the dock only.
+    """
+    name = opengl_renderer().lower()
+    return any(word in name for word in _SOFTWARE_GL_NAMES)
+
+
 def probability_colormap() -> Colormap:
     """Transparent at 0, magenta at 1: the image stays visible under low probabilities."""
     return Colormap([[0.0, 0.0, 0.0, 0.0], [1.0, 0.1, 0.9, 1.0]], name="cell probability")
@@ -201,6 +241,9 @@ class CellfitWidget(QWidget):
         self.first_preview_seconds: float | None = None
         self.stop_seconds: float | None = None
 
+        # napari's progress bars, unless the CPU draws the window (see software_opengl)
+        self.napari_progress = not software_opengl()
+        self._last_ui = 0.0
         self._count_timer = QTimer(self)
         self._count_timer.setSingleShot(True)
         self._count_timer.setInterval(250)
@@ -922,10 +965,16 @@ class CellfitWidget(QWidget):
                         self._on_train_result)
 
     def _on_train_update(self, up: TrainUpdate) -> None:
-        self.plot.add_loss(up.step, up.loss)
+        self.plot.add_loss(up.step, up.loss, redraw=False)
         v = up.validation
         if v:
             self.plot.add_validation(up.step, v.get("f1"), v.get("ap50"))
+        # a fast GPU yields many steps a second: redraw text and plot ~5 times a second
+        now = time.perf_counter()
+        if not (v or up.probability is not None or up.done or now - self._last_ui > 0.2):
+            return
+        self._last_ui = now
+        self.plot.update()
         if up.time_limit:
             budget = f"{up.elapsed:.0f} s of {up.time_limit:.0f} s"
         else:
@@ -1263,7 +1312,8 @@ class CellfitWidget(QWidget):
         self._job_started = time.perf_counter()
         if kind != "preview":
             self._set_progress(0.0)
-            self._pbar = progress(total=1000, desc=desc)
+            if self.napari_progress:
+                self._pbar = progress(total=1000, desc=desc)
         self._live = True  # False once the result is in: late progress is dropped
         worker = thread_worker(job.run, start_thread=False)()
         if on_yield is not None:
@@ -1302,6 +1352,7 @@ class CellfitWidget(QWidget):
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
+        if self.job_kind in ("train", "predict", "batch"):
             bar = self.train_bar if self.job_kind == "train" else self.seg_bar
             bar.setValue(bar.maximum())
         self.job, self.job_kind, self.worker = None, None, None

@@ -311,7 +311,8 @@ class TrainJob:
         self._lock = threading.Lock()
         self._preview = preview
         self.preview_every = float(config.preview_every)
-        self.preview_seconds: list[float] = []
+        self.preview_seconds: list[float] = []  # time of each preview
+        self.step_seconds: list[float] = []  # time of each engine step (validation included)
         self.stop_requested_at: float | None = None
 
     def stop(self) -> None:
@@ -370,10 +371,12 @@ class TrainJob:
                         if first:  # stopped before the first step: train nothing
                             break
                         trainer.stop()
+                    t_step = time.perf_counter()
                     try:
                         ev = next(gen)
                     except StopIteration:
                         break
+                    self.step_seconds.append(time.perf_counter() - t_step)
                     first = False
                     up = TrainUpdate(
                         step=ev.step,
