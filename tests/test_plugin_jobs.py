@@ -46,6 +46,7 @@ def test_workers_and_engine_import_without_qt():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+@pytest.mark.slow
 def test_triton_is_blocked_once_a_qt_gui_is_loaded():
     # the crash fix: with Qt loaded and triton not yet imported, the torch stack still
     # imports and trains, and triton is not loaded

@@ -245,8 +245,11 @@ def test_stack_annotate_one_slice_and_preview_it(make_napari_viewer, qtbot):
     assert "this slice:" in widget.count_label.text()
 
     _tiny_training(widget, steps=3)
+    widget.napari_progress = True  # as with a GPU-drawn window: napari's bar in the activity dock
     widget.train_button.click()
+    assert widget._pbar is not None and widget._pbar.total == 1000
     _wait_idle(qtbot, widget)
+    assert widget._pbar is None
     assert widget.last_train_result.error is None
     prob = viewer.layers["movie probability"]
     lab = viewer.layers["movie labels"]
