@@ -25,6 +25,16 @@ from cellfit.stream import BlockLabeller, PlanePredictor, ResizeRows, stack_stat
 from cellfit.synthetic import synthetic_cells
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread: on a shared CI machine several threads spin against each other
+    (a tiny network's tile takes seconds instead of milliseconds)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 # ------------------------------------------------------------------ helpers
 class BlobModel(nn.Module):
     """Per-pixel logits from the intensity and a 5x5 mean: bright regions are cell

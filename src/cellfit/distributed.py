@@ -209,8 +209,9 @@ def _client(scheduler):
             return Client(scheduler, set_as_default=False), True
         text = str(scheduler)
         if os.path.isfile(text):
-            return Client(scheduler_file=text, timeout="30s", set_as_default=False), True
-        return Client(text, timeout="30s", set_as_default=False), True
+            return Client(scheduler_file=text, set_as_default=False), True
+        # connection timeout: dask's distributed.comm.timeouts.connect (30 s by default)
+        return Client(text, set_as_default=False), True
     except (OSError, TimeoutError, ValueError) as exc:
         raise CellfitError(
             f"could not reach the dask scheduler at {scheduler} ({type(exc).__name__}): check "
@@ -298,7 +299,7 @@ def predict_files_distributed(
                                     key=f"cellfit-file-{tag}", pure=False)
                 futures[fut] = (i, "file", None)
         done_planes: dict[int, int] = {}
-        for fut in as_completed(list(futures)):
+        for fut in as_completed(list(futures), loop=client.loop):
             i, kind, count = futures[fut]
             f = files[i]
             if kind == "slices":
