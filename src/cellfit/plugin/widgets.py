@@ -12,11 +12,9 @@ from __future__ import annotations
 from cellfit.plugin import _safety  # noqa: F401  (first: imports the torch stack safely)
 
 # isort: on
-import html
 import shutil
 import tempfile
 import time
-from datetime import datetime
 from functools import partial
 from pathlib import Path
 
@@ -26,10 +24,10 @@ import torch
 from napari.layers import Image, Labels
 from napari.qt.threading import thread_worker
 from napari.utils import progress
-from napari.utils.colormaps import Colormap, CyclicLabelColormap, label_colormap
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QSize, Qt, QTimer
 from qtpy.QtWidgets import (
+    QApplication,
     QCheckBox,
     QComboBox,
     QFileDialog,
@@ -51,6 +49,15 @@ from qtpy.QtWidgets import (
 from cellfit.devices import device_label
 from cellfit.errors import CellfitError
 from cellfit.model import ModelInfo, load_model, save_model
+from cellfit.plugin._display import (
+    ENCODERS,
+    annotation_colormap,
+    encoder_name,
+    model_record_html,
+    number,
+    probability_colormap,
+    software_opengl,
+)
 from cellfit.plugin._plot import TrainingPlot
 from cellfit.plugin.workers import (
     BatchJob,
@@ -75,11 +82,6 @@ from cellfit.train import TrainConfig
 
 __all__ = ["CellfitWidget"]
 
-ENCODERS = [
-    ("mobilenet_v2", "Small and fast (MobileNet V2)"),
-    ("resnet18", "Medium (ResNet-18)"),
-    ("resnet34", "Large (ResNet-34)"),
-]
 LOSSES = [
     ("focal+dice", "Focal + Dice (recommended)"),
     ("ce+dice", "Cross-entropy + Dice"),
@@ -102,74 +104,10 @@ DEFAULT_PATCH_CPU = 128
 DEFAULT_PATCH_GPU = 256
 DEFAULT_SECONDS = 60
 PREVIEW_EVERY = 3.0
+FINE_TUNE_LR = 0.3  # learning rate when fine-tuning, relative to a fresh training
 VAL_EVERY = 25  # validation points on the live plot (and best-model checkpoints)
 ANN_DTYPE = np.uint16
-BACKGROUND_COLOR = (0.35, 0.55, 0.85, 0.45)  # label 1: a quiet, see-through blue
 SMALL = "font-size: 11px; color: palette(mid);"
-
-_COLORMAP: CyclicLabelColormap | None = None
-
-
-def annotation_colormap() -> CyclicLabelColormap:
-    """napari's usual label colours for cells, a quiet see-through blue for background (1).
-
-    The colours cycle every 65534 ids, so no cell id of a 16-bit annotation ever
-    takes the background colour.
-    """
-    global _COLORMAP
-    if _COLORMAP is None:
-        base = label_colormap(49).colors
-        n = 2**16 - 1
-        colors = np.concatenate([base[:1], np.resize(base[1:], (n - 1, 4))])
-        colors[1] = BACKGROUND_COLOR
-        _COLORMAP = CyclicLabelColormap(colors=colors)
-    return _COLORMAP
-
-
-_SOFTWARE_GL_NAMES = ("llvmpipe", "softpipe", "swrast", "swiftshader", "software rasterizer",
-                      "basic render driver", "gdi generic")
-_RENDERER: str | None = None
-
-
-def opengl_renderer() -> str:
-    """The OpenGL renderer of this session, e.g. "llvmpipe (LLVM 15.0.6, 256 bits)"
-    ("" when it cannot be asked)."""
-    global _RENDERER
-    if _RENDERER is None:
-        _RENDERER = ""
-        try:
-            from OpenGL import GL
-            from qtpy.QtGui import QOffscreenSurface, QOpenGLContext
-
-            ctx = QOpenGLContext()
-            if ctx.create():
-                surface = QOffscreenSurface()
-                surface.setFormat(ctx.format())
-                surface.create()
-                if ctx.makeCurrent(surface):
-                    _RENDERER = (GL.glGetString(GL.GL_RENDERER) or b"").decode(errors="replace")
-                    ctx.doneCurrent()
-        except Exception:  # no OpenGL to ask: assume a GPU draws the window
-            _RENDERER = ""
-    return _RENDERER
-
-
-def software_opengl() -> bool:
-    """Whether the window is drawn by the CPU (remote desktops, VMs, Xvfb).
-
-    There every repaint of the window costs tens of milliseconds, and napari's
-    activity indicator (a spinner shown while any napari progress bar is open) repaints
-    continuously: it slows the event loop and the training thread several-fold (see
-    docs/plugin.md). Jobs then report progress in the dock only.
-    """
-    name = opengl_renderer().lower()
-    return any(word in name for word in _SOFTWARE_GL_NAMES)
-
-
-def probability_colormap() -> Colormap:
-    """Transparent at 0, magenta at 1: the image stays visible under low probabilities."""
-    return Colormap([[0.0, 0.0, 0.0, 0.0], [1.0, 0.1, 0.9, 1.0]], name="cell probability")
-
 
 def _small(text: str) -> QLabel:
     lab = QLabel(text)
@@ -197,10 +135,6 @@ def _device_words(device: str) -> str:
     """The engine's device phrase, e.g. "CUDA: NVIDIA H100 (80 GB)" or "CPU only"."""
     text = device_label(device)
     return "CPU only" if text.startswith("CPU only") else text
-
-
-def _number(n: int) -> str:
-    return f"{n:,}"
 
 
 class CellfitWidget(QWidget):
@@ -241,8 +175,9 @@ class CellfitWidget(QWidget):
         self.first_preview_seconds: float | None = None
         self.stop_seconds: float | None = None
 
-        # napari's progress bars, unless the CPU draws the window (see software_opengl)
-        self.napari_progress = not software_opengl()
+        # napari's progress bars, unless the CPU draws the window (see software_opengl);
+        # None: decided when the first job starts
+        self.napari_progress: bool | None = None
         self._last_ui = 0.0
         self._count_timer = QTimer(self)
         self._count_timer.setSingleShot(True)
@@ -251,6 +186,9 @@ class CellfitWidget(QWidget):
 
         self._build()
         self._connect_viewer()
+        app = QApplication.instance()
+        if app is not None:  # quitting napari stops a running job instead of waiting for it
+            app.aboutToQuit.connect(self.shutdown)
         self.refresh_layers()
         self._render_model()
         self._update_state()
@@ -605,7 +543,11 @@ class CellfitWidget(QWidget):
     def refresh_layers(self, event=None) -> None:
         """Refill the image and annotation lists from the viewer's layers."""
         current = self.image_combo.currentText()
-        names = [layer.name for layer in self.viewer.layers if isinstance(layer, Image)]
+        names = [
+            layer.name
+            for layer in self.viewer.layers
+            if isinstance(layer, Image) and layer.metadata.get("cellfit") != "probability"
+        ]
         self.image_combo.blockSignals(True)
         self.image_combo.clear()
         self.image_combo.addItems(names)
@@ -615,7 +557,7 @@ class CellfitWidget(QWidget):
             # prefer the selected image layer, else the first one that is not our output
             active = self.viewer.layers.selection.active
             pick = active.name if isinstance(active, Image) else None
-            pick = pick or next((n for n in names if not n.endswith(" probability")), names[0])
+            pick = pick if pick in names else names[0]
             self.image_combo.setCurrentText(pick)
         self.image_combo.blockSignals(False)
         self._refresh_annotation_choices()
@@ -804,9 +746,9 @@ class CellfitWidget(QWidget):
         ann = np.asarray(layer.data)
         s = count_annotation(ann, mode)
         what = "cell" if mode == "instances" else "object"
-        cells = f"{_number(s['cells'])} {what}{'s' if s['cells'] != 1 else ''}"
+        cells = f"{number(s['cells'])} {what}{'s' if s['cells'] != 1 else ''}"
         text = (
-            f"Annotated: <b>{cells}</b> and <b>{_number(s['background_pixels'])}</b> "
+            f"Annotated: <b>{cells}</b> and <b>{number(s['background_pixels'])}</b> "
             "background pixels"
         )
         if self._lead(image):
@@ -869,10 +811,10 @@ class CellfitWidget(QWidget):
         return n
 
     # =================================================================== train
-    def _train_config(self) -> TrainConfig:
+    def _train_config(self, fine_tune: bool = False) -> TrainConfig:
         amount = int(self.budget_spin.value())
         by_time = self.budget_unit.currentData() == "seconds"
-        return TrainConfig(
+        config = TrainConfig(
             mode=self._mode(),
             encoder=self.encoder_combo.currentData(),
             loss=self.loss_combo.currentData(),
@@ -884,6 +826,9 @@ class CellfitWidget(QWidget):
             preview_every=PREVIEW_EVERY,
             val_every=VAL_EVERY,
         )
+        if fine_tune:  # start from what the model knows: smaller steps keep it
+            config.lr *= FINE_TUNE_LR
+        return config
 
     def _training_data(self, image: Image, annotation: Labels) -> tuple[list, list, list[str]]:
         """Annotated planes of the selected image, and of every other image layer that
@@ -930,8 +875,8 @@ class CellfitWidget(QWidget):
                 "(Background brush), then press Train."
             )
             return
-        config = self._train_config()
         fine_tune = self.model is not None and not self.fresh_check.isChecked()
+        config = self._train_config(fine_tune)
         try:
             device = resolve_device(config.device)
         except CellfitError as exc:
@@ -1099,7 +1044,7 @@ class CellfitWidget(QWidget):
         what = "cells" if self.info is None or self.info.mode == "instances" else "labelled regions"
         where = "" if len(result.planes) == 1 else f" in {len(result.planes)} slices"
         text = (
-            f"Segmented '{image.name}' in {result.seconds:.1f} s: {_number(n_cells)} {what}"
+            f"Segmented '{image.name}' in {result.seconds:.1f} s: {number(n_cells)} {what}"
             f"{where}. See the '{image.name} labels' and '{image.name} probability' layers."
         )
         self.seg_status.setText(text)
@@ -1302,7 +1247,7 @@ class CellfitWidget(QWidget):
         if self.model_path and not self.model_saved:
             where += ", changed since saved"
         return (
-            f"<b>Model:</b> {_encoder_name(self.info.encoder)}, {runs} training "
+            f"<b>Model:</b> {encoder_name(self.info.encoder)}, {runs} training "
             f"run{'s' if runs != 1 else ''}{score} ({where})."
         )
 
@@ -1312,6 +1257,8 @@ class CellfitWidget(QWidget):
         self._job_started = time.perf_counter()
         if kind != "preview":
             self._set_progress(0.0)
+            if self.napari_progress is None:
+                self.napari_progress = not software_opengl()
             if self.napari_progress:
                 self._pbar = progress(total=1000, desc=desc)
         self._live = True  # False once the result is in: late progress is dropped
@@ -1401,10 +1348,13 @@ class CellfitWidget(QWidget):
             self.seg_status.setText("Cancelling…")
         self._update_state()
 
+    def shutdown(self) -> None:
+        """Stop or cancel the running job (napari is closing)."""
+        if self.job is not None:
+            self.stop()
+
     def wait(self, timeout: float = 60.0) -> bool:
         """Block (processing Qt events) until the running job ends; for scripts and tests."""
-        from qtpy.QtWidgets import QApplication
-
         end = time.perf_counter() + timeout
         while self.job is not None and time.perf_counter() < end:
             QApplication.processEvents()
@@ -1425,7 +1375,10 @@ class CellfitWidget(QWidget):
         )
         for b in (self.bg_button, self.cell_button, self.erase_button):
             b.setEnabled(has_image)
-        self.copy_button.setEnabled(has_image and not (busy and self.job_kind != "train"))
+        has_prediction = self._layer(f"{name} labels", Labels) is not None
+        self.copy_button.setEnabled(
+            has_image and has_prediction and not (busy and self.job_kind != "train")
+        )
         self.train_button.setEnabled(not busy and has_image)
         self.train_button.setText("Train more (fine-tune)" if fine_tune else "Train")
         self.train_button.setToolTip(
@@ -1455,75 +1408,3 @@ class CellfitWidget(QWidget):
         self.load_button.setEnabled(not busy)
         if not has_ann and has_image and self.count_label.text() == "No annotation yet.":
             self.count_label.setText("No annotation layer yet: press Create annotation layer.")
-
-
-def _encoder_name(encoder: str) -> str:
-    for value, text in ENCODERS:
-        if value == encoder:
-            return f"U-Net++, {text.split(' (')[0].lower()} ({encoder})"
-    return f"U-Net++ ({encoder})"
-
-
-def model_record_html(info: ModelInfo | None, path: Path | None, saved: bool) -> str:
-    """The Model tab's text: what the model is and how it was trained, in words."""
-    if info is None:
-        return (
-            "<p><b>No model yet.</b></p><p>Train one in the Train tab, or load a .cellfit "
-            "file. A model file holds the network and its training record; it opens "
-            "without running any code.</p>"
-        )
-    esc = html.escape
-    classes = ", ".join(esc(c) for c in info.class_names)
-    kind = "cells (instances)" if info.mode == "instances" else "classes (semantic)"
-    where = esc(str(path)) if path else "not saved yet"
-    if path and not saved:
-        where += " (trained further since it was saved)"
-    out = [
-        f"<p><b>{esc(_encoder_name(info.encoder))}</b><br>"
-        f"Segments {kind}; classes: {classes}; {info.in_channels} input channel"
-        f"{'s' if info.in_channels != 1 else ''}.<br>File: {where}</p>"
-    ]
-    notes = []
-    scale = float(getattr(info, "scale", 1.0) or 1.0)
-    if abs(scale - 1.0) > 1e-6:
-        notes.append(f"Images are resized ×{scale:.2g} before the network (set from the size "
-                     "of the annotated cells).")
-    min_size = (getattr(info, "postprocess", None) or {}).get("min_size")
-    if min_size:
-        notes.append(f"Objects smaller than {int(min_size)} pixels are dropped.")
-    if notes:
-        out.append("<p>" + " ".join(notes) + "</p>")
-    if not info.training:
-        out.append("<p>No training record in this file.</p>")
-    for k, rec in enumerate(reversed(info.training)):
-        n = len(info.training) - k
-        date = _local_date(rec.get("date"))
-        val = rec.get("validation") or {}
-        ann = rec.get("annotation") or {}
-        scores = ", ".join(
-            f"{name} {val[key]:.2f}"
-            for key, name in (("f1", "F1"), ("ap50", "AP50"), ("precision", "precision"),
-                              ("recall", "recall"), ("iou", "IoU"))
-            if isinstance(val.get(key), (int, float))
-        )
-        how = "fine-tuned" if (rec.get("init") or n > 1) else "trained from scratch"
-        stopped = ", stopped early" if rec.get("stopped_early") else ""
-        out.append(
-            f"<p><b>Run {n}</b>: {esc(date)}, {how}<br>"
-            f"{rec.get('steps', '?')} steps in {rec.get('seconds', 0):.0f} s on "
-            f"{esc(str(rec.get('device', '?')))}{stopped}<br>"
-            f"Validation ({esc(str(rec.get('validated_on', '?')))}): {scores or 'not run'}<br>"
-            f"Annotation: {_number(int(ann.get('cells', 0)))} cells, "
-            f"{_number(int(ann.get('background_pixels', 0)))} background pixels in "
-            f"{ann.get('planes', 0)} slice{'s' if ann.get('planes', 0) != 1 else ''}</p>"
-        )
-    return "\n".join(out)
-
-
-def _local_date(text: str | None) -> str:
-    if not text:
-        return "date unknown"
-    try:
-        return datetime.fromisoformat(text).astimezone().strftime("%Y-%m-%d %H:%M")
-    except ValueError:
-        return text
