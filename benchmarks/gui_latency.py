@@ -74,6 +74,7 @@ def run_once(
 
     import cellfit.plugin.widgets as widgets_module
     from cellfit.data import nuclei_dsb2018
+    from cellfit.plugin._display import opengl_renderer
     from cellfit.plugin.workers import gui_friendly_threads
     from cellfit.synthetic import sparse_annotation
 
@@ -176,7 +177,7 @@ def run_once(
         "patch_size": int(widget.patch_combo.currentData()),
         "pan": pan,
         "napari_progress_bar": widget.napari_progress,
-        "opengl": widgets_module.opengl_renderer(),
+        "opengl": opengl_renderer(),
         "preview": preview,
         "shown": show,
         "idle": _stats(list(np.diff(idle_ticks) * 1000)),

@@ -296,3 +296,20 @@ def test_fast_tile_covers_small_planes_in_one_tile():
     assert fast_tile((100, 60)) == 256
     assert fast_tile((4000, 3000)) == 1024
     assert fast_tile((1024, 1024), scale=0.5) == 640
+
+
+def test_train_job_preview_follows_the_slice_on_screen():
+    from cellfit.plugin.workers import TrainJob, planes_of
+
+    frames = [synthetic_cells((96, 96), n_cells=8, seed=s) for s in (1, 2)]
+    stack = planes_of(np.stack([f[0] for f in frames]))
+    ann = np.stack([sparse_annotation(frames[0][1], fraction=0.6, seed=1), np.zeros((96, 96), np.uint16)])
+    job = TrainJob([stack], [ann], TrainConfig(steps=4, **TINY), preview=(0, stack[0]), **ONE)
+    gen = job.run()
+    first = next(gen)
+    assert first.preview_plane == 0
+    job.show_plane(1, stack[1])  # the user moved the slider
+    later = [next(gen) for _ in range(2)]
+    assert later[0].preview_plane == 1 and later[0].probability.shape == (96, 96)
+    job.show_plane(1, None)  # preview switched off
+    assert _drain(gen).error is None

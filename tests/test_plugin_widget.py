@@ -126,7 +126,7 @@ def test_the_whole_loop(make_napari_viewer, qtbot, tmp_path, nuclei_crop):
     # train: a live preview appears while it runs; Stop ends it early
     widget.tabs.setCurrentIndex(1)
     if DOCS_MODE:
-        widget.budget_spin.setValue(int(os.environ.get("CELLFIT_SCREENSHOT_SECONDS", "90")))
+        widget.budget_spin.setValue(int(os.environ.get("CELLFIT_SCREENSHOT_SECONDS", "60")))
     else:
         _tiny_training(widget, steps=200)
     assert widget.fresh_check.isEnabled() is False
@@ -157,6 +157,7 @@ def test_the_whole_loop(make_napari_viewer, qtbot, tmp_path, nuclei_crop):
 
     # correct: copy the predicted cells the user keeps into the annotation
     widget.tabs.setCurrentIndex(0)
+    assert widget.copy_button.isEnabled()  # there is a prediction to copy now
     keep = lab.data.copy()
     ids = np.setdiff1d(np.unique(keep), [0])
     if ids.size == 0:  # a few steps may predict nothing yet: stand in for a prediction
@@ -175,7 +176,7 @@ def test_the_whole_loop(make_napari_viewer, qtbot, tmp_path, nuclei_crop):
     widget.tabs.setCurrentIndex(1)
     model_before = widget.model
     if DOCS_MODE:
-        widget.budget_spin.setValue(30)
+        widget.budget_spin.setValue(20)
     else:
         _tiny_training(widget, steps=3)
     widget.train_button.click()
@@ -191,13 +192,15 @@ def test_the_whole_loop(make_napari_viewer, qtbot, tmp_path, nuclei_crop):
     assert pres.error is None and pres.planes == [0]
     assert viewer.layers["nuclei labels"].data.shape == img.shape
     assert "Segmented 'nuclei'" in widget.seg_status.text()
+    ann.visible = False  # look at the segmentation itself
     shots("4_segment", qtbot)
+    ann.visible = True
 
     # batch two TIFFs of a folder, from the dock
     src, out = tmp_path / "tiffs", tmp_path / "results"
     src.mkdir()
     tifffile.imwrite(src / "one.tif", img[:96, :96])
-    tifffile.imwrite(src / "two.tif", np.stack([img[:96, :96], img[96:, 96:]]))
+    tifffile.imwrite(src / "two.tif", np.stack([img[:96, :96], img[96:192, 96:192]]))
     widget.in_edit.setText(str(src))
     widget.out_edit.setText(str(out))
     widget.prob_check.setChecked(True)
@@ -358,3 +361,24 @@ def test_opening_the_widget_in_a_running_napari_does_not_crash(tmp_path):
     assert res.returncode == 0, f"rc={res.returncode} (-11: segfault)\n{res.stdout}\n{res.stderr}"
     assert "OPENED-AND-TRAINED" in res.stdout
     assert time.perf_counter() - t0 < 240
+
+
+def test_rgb_and_several_annotated_images(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    widget = _open_widget(viewer)
+    img, lab = synthetic_cells((80, 90), n_cells=6, seed=8)
+    rgb = np.stack([img // 16, img // 20, img // 24], axis=-1).astype(np.uint8)
+    viewer.add_image(rgb, name="colour", rgb=True)
+    viewer.add_image(img, name="gray")
+    widget.image_combo.setCurrentText("colour")
+    ann_rgb = widget.create_annotation_layer()
+    assert ann_rgb.data.shape == (80, 90)  # no colour axis in the annotation
+    _paint(ann_rgb, sparse_annotation(lab, fraction=0.5, seed=1))
+    widget.image_combo.setCurrentText("gray")
+    ann_gray = widget.create_annotation_layer()
+    assert ann_gray.name == "gray annotation"
+    _paint(ann_gray, sparse_annotation(lab, fraction=0.5, seed=2))
+    images, anns, used = widget._training_data(widget.image_layer(), ann_gray)
+    assert used == ["gray", "colour"]
+    assert images[0].shape == (1, 1, 80, 90) and images[1].shape == (1, 3, 80, 90)
+    assert anns[1].shape == (1, 80, 90)
