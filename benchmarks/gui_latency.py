@@ -45,6 +45,17 @@ import time
 import numpy as np
 
 
+def _longest(ticks: list[float], t0: float, n: int = 5) -> list[dict]:
+    """The ``n`` longest gaps between ticks: when they began (s after Train) and how long."""
+    if len(ticks) < 2:
+        return []
+    t = np.asarray(ticks)
+    gaps = np.diff(t)
+    idx = np.argsort(gaps)[::-1][:n]
+    return [{"at_s": round(float(t[i] - t0), 2), "ms": round(float(gaps[i] * 1000), 1)}
+            for i in sorted(idx)]
+
+
 def _stats(intervals_ms: list[float]) -> dict:
     a = np.asarray(intervals_ms, dtype=float)
     if a.size == 0:
@@ -134,11 +145,12 @@ def run_once(
         wiggle.start()
     spin(idle)
     idle_ticks = list(ticks)
-    ticks.clear()
+    ticks[:] = idle_ticks[-1:]  # the gap across the click counts as training time
     load_before = os.getloadavg()
 
     t_click = time.perf_counter()
     widget.train_button.click()
+    click_ms = (time.perf_counter() - t_click) * 1000
     job = widget.job
     state = {"first_preview": None, "stop_pressed": None}
     loop = QEventLoop()
@@ -182,6 +194,8 @@ def run_once(
         "shown": show,
         "idle": _stats(list(np.diff(idle_ticks) * 1000)),
         "training": _stats(list(np.diff(train_ticks) * 1000)),
+        "longest_pauses": _longest(train_ticks, t_click),
+        "train_click_ms": round(click_ms, 1),
         "first_preview_s": round(first_preview, 2) if first_preview is not None else None,
         "stop_to_end_s": round(widget.stop_seconds, 2) if widget.stop_seconds is not None else None,
         "steps": rec.get("steps"),

@@ -132,8 +132,10 @@ def test_the_whole_loop(make_napari_viewer, qtbot, tmp_path, nuclei_crop):
     assert widget.fresh_check.isEnabled() is False
     widget.train_button.click()
     assert widget.job_kind == "train" and widget.stop_button.isEnabled()
-    qtbot.waitUntil(lambda: "nuclei labels" in viewer.layers, timeout=60_000)
+    assert "nuclei labels" in viewer.layers  # added at once, filled by the first preview
+    qtbot.waitUntil(lambda: widget.first_preview_seconds is not None, timeout=60_000)
     prob, lab = viewer.layers["nuclei probability"], viewer.layers["nuclei labels"]
+    assert prob.data.any()
     assert isinstance(prob, Image) and isinstance(lab, Labels)
     assert prob.data.shape == img.shape == lab.data.shape
     assert prob.data.dtype == np.float32 and prob.contrast_limits == [0.0, 1.0]

@@ -908,6 +908,8 @@ class CellfitWidget(QWidget):
         self.train_status.setText(f"{what} on {where}: preparing…")
         self._start_job("train", job, f"cellfit: {what.lower()}", self._on_train_update,
                         self._on_train_result)
+        if preview is not None:  # while the trainer gets ready in its thread
+            self._prediction_layers(image)
 
     def _on_train_update(self, up: TrainUpdate) -> None:
         self.plot.add_loss(up.step, up.loss, redraw=False)
@@ -1060,6 +1062,26 @@ class CellfitWidget(QWidget):
     def _show_prediction(self, image: Image, planes: list[int], prob: np.ndarray,
                          labels: np.ndarray) -> None:
         """Write predicted planes into '<image> probability' and '<image> labels'."""
+        prob_layer, lab_layer = self._prediction_layers(image)
+        lead = self._lead(image)
+        if not lead:
+            prob_layer.data = prob[0]
+            lab_layer.data = labels[0].astype(lab_layer.data.dtype, copy=False)
+        else:
+            pdata, ldata = prob_layer.data, lab_layer.data
+            for k, plane in enumerate(planes):
+                idx = self._plane_slices(image, plane)
+                pdata[idx] = prob[k]
+                ldata[idx] = labels[k]
+            prob_layer.refresh()
+            lab_layer.refresh()
+
+    def _prediction_layers(self, image: Image) -> tuple[Image, Labels]:
+        """'<image> probability' and '<image> labels', added (empty) if missing.
+
+        Adding a layer takes napari a second or two when the CPU draws the window, so
+        Train adds them at once rather than when the first preview arrives.
+        """
         shape = self._labels_shape(image)
         active = self.viewer.layers.selection.active
         prob_layer = self._layer(f"{image.name} probability", Image)
@@ -1092,20 +1114,9 @@ class CellfitWidget(QWidget):
             )
             lab_layer.contour = 1
             self._place_below_annotation(lab_layer)
-        lead = self._lead(image)
-        if not lead:
-            prob_layer.data = prob[0]
-            lab_layer.data = labels[0].astype(lab_layer.data.dtype, copy=False)
-        else:
-            pdata, ldata = prob_layer.data, lab_layer.data
-            for k, plane in enumerate(planes):
-                idx = self._plane_slices(image, plane)
-                pdata[idx] = prob[k]
-                ldata[idx] = labels[k]
-            prob_layer.refresh()
-            lab_layer.refresh()
         if active is not None and active in self.viewer.layers:
             self.viewer.layers.selection.active = active
+        return prob_layer, lab_layer
 
     def _place_below_annotation(self, layer) -> None:
         ann = self.annotation_layer()
