@@ -237,7 +237,7 @@ class PlaneResult:
 @dataclass
 class _Plane:
     key: object
-    plane: np.ndarray  # padded, normalised (C, H, W)
+    plane: torch.Tensor  # padded, normalised (C, H, W), on the model's device
     geo: Geometry
     full_shape: tuple[int, int]
     coords: list[tuple[int, int]]
@@ -300,7 +300,11 @@ class PlanePredictor:
         if mshape != full_shape:
             plane = resize_plane(plane, mshape)
         geo = plane_geometry(*mshape, self.tile, self.overlap)
-        plane = np.ascontiguousarray(plane[:, geo.idx_y][:, :, geo.idx_x])
+        # mirrored margin and stride padding on the model's device: tiles are cut there
+        dev = self.device
+        plane = torch.from_numpy(np.ascontiguousarray(plane, dtype=np.float32)).to(dev)
+        plane = plane.index_select(1, torch.from_numpy(geo.idx_y).to(dev))
+        plane = plane.index_select(2, torch.from_numpy(geo.idx_x).to(dev))
         acc = torch.zeros((info.n_classes, geo.H, geo.W), dtype=torch.float32, device=self.device)
         wsum = torch.zeros((geo.H, geo.W), dtype=torch.float32, device=self.device)
         coords = [(y, x) for y in geo.ys for x in geo.xs]
@@ -361,8 +365,8 @@ class PlanePredictor:
                 if len(batch) >= bs:
                     break
             th, tw = shape
-            x = np.stack([r.plane[:, y : y + th, x0 : x0 + tw] for r, (y, x0) in batch])
-            out = self.runner(torch.from_numpy(x))
+            x = torch.stack([r.plane[:, y : y + th, x0 : x0 + tw] for r, (y, x0) in batch])
+            out = self.runner(x)
             notice = self.runner.pop_notice()
             for (r, (y, x0)), pr in zip(batch, out):
                 g = r.geo
