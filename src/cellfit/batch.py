@@ -610,23 +610,26 @@ def _one_file(engine, i, n_files, f, out_dir, settings, digest) -> Iterator[File
                        settings, fp)
         n_planes = 1
         plane = 0
-        while True:
-            try:
-                item = next(gen)
-            except StopIteration as stop:
-                outputs = stop.value
-                break
-            kind = item[0]
-            if kind == "plane":
-                plane, n_planes = item[1], item[2]
-                yield FileEvent(i, n_files, f, "plane", plane, n_planes, notice=notice)
-                notice = None
-            elif kind == "tiles":
-                yield FileEvent(i, n_files, f, "plane", plane, n_planes, notice=notice,
-                                tiles_done=item[1], tiles_total=item[2])
-                notice = None
-            elif kind == "notice":
-                notice = item[1] if notice is None else f"{notice}; {item[1]}"
+        try:
+            while True:
+                try:
+                    item = next(gen)
+                except StopIteration as stop:
+                    outputs = stop.value
+                    break
+                kind = item[0]
+                if kind == "plane":
+                    plane, n_planes = item[1], item[2]
+                    yield FileEvent(i, n_files, f, "plane", plane, n_planes, notice=notice)
+                    notice = None
+                elif kind == "tiles":
+                    yield FileEvent(i, n_files, f, "plane", plane, n_planes, notice=notice,
+                                    tiles_done=item[1], tiles_total=item[2])
+                    notice = None
+                elif kind == "notice":
+                    notice = item[1] if notice is None else f"{notice}; {item[1]}"
+        finally:
+            gen.close()  # closed early (Ctrl-C, a cancelled plugin job): temporaries removed
         yield FileEvent(i, n_files, f, "done", n_planes, n_planes, outputs=tuple(outputs),
                         notice=notice)
     except CellfitError as exc:

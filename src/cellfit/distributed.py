@@ -146,9 +146,13 @@ def task_finalize(model_path, path, work, labels_path, prob_path, settings, fp, 
 
     from cellfit.io import open_image
     from cellfit.model import read_model_info
+    from cellfit.outputs import remove_stale_temporaries
 
     info = read_model_info(model_path)
     work = Path(work)
+    for out in (labels_path, prob_path):
+        if out:
+            remove_stale_temporaries(Path(out))
     notices = [n for c in chunks for n in c.get("notices", [])]
     labels = zarr.open_array(str(work / "labels"), mode="r")
     prob = zarr.open_array(str(work / "prob"), mode="r") if prob_path else None
