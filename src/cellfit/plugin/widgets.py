@@ -457,7 +457,7 @@ class CellfitWidget(QWidget):
         self.prob_check.setToolTip("Writes <name>_prob.tif next to each <name>_labels.tif.")
         form.addRow(self.prob_check)
         self.overwrite_check = QCheckBox("Replace existing results")
-        self.overwrite_check.setChecked(True)
+        self.overwrite_check.setChecked(False)  # as `cellfit predict`: finished files are kept
         self.overwrite_check.setToolTip(
             "Ticked, results already in the output folder are replaced. Unticked, files "
             "whose results exist are skipped (to resume a batch)."
@@ -1175,7 +1175,10 @@ class CellfitWidget(QWidget):
             return
         parts = [f"{result.done} file{'s' if result.done != 1 else ''} segmented"]
         if result.skipped:
-            parts.append(f"{result.skipped} skipped (results existed)")
+            parts.append(
+                f"{result.skipped} skipped because their results exist (tick Replace existing "
+                "results to redo them)"
+            )
         if result.failed:
             parts.append(f"{len(result.failed)} failed")
         head = "Folder segmentation cancelled" if result.cancelled else "Folder done"

@@ -550,7 +550,7 @@ class BatchJob:
         out_dir: str | os.PathLike,
         *,
         probabilities: bool = False,
-        overwrite: bool = True,
+        overwrite: bool = False,
         device: str = "auto",
         threads: int | None = None,
     ) -> None:
