@@ -996,28 +996,28 @@ class CellfitWidget(QWidget):
                 "There is no model yet: train one (Train tab) or load a model file (Model tab)."
             )
             return
-        try:
-            planes = planes_of(self._data(image), image.rgb)
-        except CellfitError as exc:
-            show_error(str(exc))
-            return
         which = None
         if self._lead(image) and self.slices_combo.currentData() == "current":
             which = [self.current_plane(image)]
-        device = next(self.model.parameters()).device
-        job = PredictJob(
-            self.model,
-            self.info,
-            planes,
-            which,
-            postprocess=self._postprocess(),
-            threads=gui_friendly_threads(device),
-        )
-        self._predict_image_name = image.name
-        self._predict_lead = self._lead(image)
+        try:
+            job = self._predict_job(image, which)
+        except CellfitError as exc:
+            show_error(str(exc))
+            return
         self.seg_status.setText(f"Segmenting '{image.name}'…")
         self._start_job("predict", job, "cellfit: segmenting", self._on_progress,
                         self._on_predict_result)
+
+    def _predict_job(self, image: Image, which: list[int] | None) -> PredictJob:
+        """A job segmenting planes ``which`` (all when None) of ``image`` with the model."""
+        assert self.model is not None and self.info is not None
+        planes = planes_of(self._data(image), image.rgb)
+        device = next(self.model.parameters()).device
+        self._predict_image_name, self._predict_lead = image.name, self._lead(image)
+        return PredictJob(
+            self.model, self.info, planes, which,
+            postprocess=self._postprocess(), threads=gui_friendly_threads(device),
+        )
 
     def _postprocess(self) -> dict:
         """Overrides of the model's own post-processing (none when automatic)."""
@@ -1329,18 +1329,10 @@ class CellfitWidget(QWidget):
         image = self._layer(self._train_image or "", Image)
         if image is None or self.model is None or self.info is None:
             return
-        plane = self.current_plane(image)
         try:
-            planes = planes_of(self._data(image), image.rgb)
+            job = self._predict_job(image, [self.current_plane(image)])
         except CellfitError:
             return
-        device = next(self.model.parameters()).device
-        job = PredictJob(
-            self.model, self.info, planes, [plane],
-            postprocess=self._postprocess(),
-            threads=gui_friendly_threads(device),
-        )
-        self._predict_image_name, self._predict_lead = image.name, self._lead(image)
         self._start_job("preview", job, "", None, self._on_preview_result)
 
     def _on_preview_result(self, result: PredictResult) -> None:

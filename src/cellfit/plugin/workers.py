@@ -21,7 +21,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,7 @@ __all__ = [
     "plane_of",
     "planes_of",
     "prediction_to_annotation",
+    "torch_threads",
     "user_message",
 ]
 
@@ -203,6 +205,19 @@ def fast_tile(shape: Sequence[int], scale: float = 1.0) -> int:
     """
     side = max(int(s) for s in shape) * float(scale or 1.0) + 2 * DEFAULT_OVERLAP
     return int(min(1024, max(DEFAULT_TILE // 2, -(-side // 32) * 32)))
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` torch CPU threads (unchanged when None), restored afterwards."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        if n:
+            torch.set_num_threads(old)
 
 
 def _log(exc: BaseException, what: str) -> None:
@@ -351,11 +366,12 @@ class TrainJob:
 
     def run(self) -> Generator[TrainUpdate, None, TrainResult]:
         """Build the trainer and train, yielding a :class:`TrainUpdate` per step."""
-        old_threads = torch.get_num_threads()
+        with torch_threads(self.threads):
+            return (yield from self._run())
+
+    def _run(self) -> Generator[TrainUpdate, None, TrainResult]:
         result = TrainResult()
         try:
-            if self.threads:
-                torch.set_num_threads(int(self.threads))
             trainer = Trainer(
                 self.images, self.annotations, self.config, model=self.model, info=self.info
             )
@@ -417,9 +433,6 @@ class TrainJob:
             result.error = user_message(exc, "training")
             if self.trainer is not None:  # keep what was learnt so far
                 result.model, result.info = self.trainer.model, self.trainer.info
-        finally:
-            if self.threads:
-                torch.set_num_threads(old_threads)
         return result
 
 
@@ -481,12 +494,14 @@ class PredictJob:
         self._cancel.set()
 
     def run(self) -> Generator[Progress, None, PredictResult]:
+        """Segment the planes, yielding progress after each batch of tiles."""
+        with torch_threads(self.threads):
+            return (yield from self._run())
+
+    def _run(self) -> Generator[Progress, None, PredictResult]:
         t0 = time.perf_counter()
         result = PredictResult(planes=list(self.which))
-        old_threads = torch.get_num_threads()
         try:
-            if self.threads:
-                torch.set_num_threads(int(self.threads))
             planes, stats = prepare_planes(ImageStack(self.planes), self.info)
             sel = planes[self.which]
             n, _, h, w = sel.shape
@@ -514,8 +529,6 @@ class PredictJob:
             _log(exc, "prediction")
             result.error = user_message(exc, "segmentation")
         finally:
-            if self.threads:
-                torch.set_num_threads(old_threads)
             result.seconds = time.perf_counter() - t0
         return result
 
@@ -567,13 +580,15 @@ class BatchJob:
         self._cancel.set()
 
     def run(self) -> Generator[Progress, None, BatchResult]:
+        """Segment the files, yielding progress after each slice and file."""
+        with torch_threads(self.threads):
+            return (yield from self._run())
+
+    def _run(self) -> Generator[Progress, None, BatchResult]:
         t0 = time.perf_counter()
         result = BatchResult(out_dir=str(self.out_dir))
-        old_threads = torch.get_num_threads()
         gen = None
         try:
-            if self.threads:
-                torch.set_num_threads(int(self.threads))
             gen = predict_files(
                 self.model_path,
                 self.inputs,
@@ -601,8 +616,6 @@ class BatchJob:
         finally:
             if gen is not None:
                 gen.close()  # outputs are written atomically: no half-written file stays
-            if self.threads:
-                torch.set_num_threads(old_threads)
             result.seconds = time.perf_counter() - t0
         return result
 
