@@ -144,14 +144,27 @@ def annotation_from_mask(mask: np.ndarray) -> np.ndarray:
 
 
 def looks_like_mask(annotation: np.ndarray) -> bool:
-    """True when an annotation looks like a complete mask given by mistake: most pixels
-    are 0, and the pixels labelled 1 form an object of a cell's size rather than a
-    background stroke (so 1 is probably a cell, not background)."""
+    """True when an annotation looks like a complete mask given by mistake (so 1 is
+    probably a cell, not background): most pixels are 0, and the pixels labelled 1 form
+    one compact, cell-sized object that touches at most two other labels, unlike
+    background strokes (thin) or a background ring (touching the painted cells)."""
     a = np.asarray(annotation)
-    if a.size == 0 or (a == 0).mean() < 0.3:
+    if a.ndim != 2 or a.size == 0 or (a == 0).mean() < 0.3:
         return False
     sizes = np.bincount(a.ravel().astype(np.int64))
-    if len(sizes) < 4 or sizes[1] == 0:
-        return False
     cells = sizes[2:][sizes[2:] > 0]
-    return bool(len(cells) >= 2 and sizes[1] <= 3 * np.median(cells))
+    if len(cells) < 2 or len(sizes) < 2 or sizes[1] == 0:
+        return False
+    one = a == 1
+    if not 0.2 <= sizes[1] / np.median(cells) <= 5:
+        return False
+    _, n = ndi.label(one)
+    if n != 1:
+        return False
+    ys, xs = np.nonzero(one)
+    h, w = int(np.ptp(ys)) + 1, int(np.ptp(xs)) + 1
+    if min(h, w) < 0.3 * max(h, w) or sizes[1] < 0.4 * h * w:
+        return False
+    ring = ndi.binary_dilation(one) & ~one
+    touching = np.setdiff1d(np.unique(a[ring]), [0, 1])
+    return len(touching) <= 2
