@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cellfit import __version__
     from cellfit.losses import DEFAULT_LOSS
     from cellfit.model import DEFAULT_ENCODER
+    from cellfit.train import TrainConfig
 
     parser = argparse.ArgumentParser(
         prog="cellfit",
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--patch-size", type=_positive_int, default=256, metavar="PIXELS")
     t.add_argument("--batch-size", type=_positive_int, metavar="N")
-    t.add_argument("--lr", type=_positive_float, default=2e-3, help="learning rate (default 0.002)")
+    t.add_argument("--lr", type=_positive_float, default=TrainConfig.lr, help=f"learning rate (default {TrainConfig.lr:g})")
     t.add_argument("--class-weights", default="balanced",
                    help="balanced (default), none, or comma-separated numbers, one per class")
     t.add_argument("--val-every", type=_positive_int, default=50, metavar="STEPS")
