@@ -77,15 +77,29 @@ def test_stop_acts_before_the_next_step(data):
     assert t.info.training[-1]["stopped_early"]
 
 
-def test_keeps_the_best_checkpoint(data):
+def test_keeps_the_best_checkpoint_when_enough_cells_are_held_back(data):
     img, _, ann = data
-    t = Trainer([img], [ann], TrainConfig(steps=4, val_every=1, **TINY))
+    t = Trainer([img], [ann], TrainConfig(steps=4, val_every=1, min_val_cells_for_best=1, **TINY))
     list(t.run())
     best = t.best_state
     assert best is not None
     for k, v in t.model.state_dict().items():
         assert torch.equal(v.cpu(), best[k])
     assert t.info.training[-1]["best_score"] == max(h["score"] for h in t.history)
+    assert t.info.training[-1]["kept"] == "best validated weights"
+
+
+def test_few_held_back_cells_keep_the_final_weights(data):
+    img, _, ann = data
+    t = Trainer([img], [ann], TrainConfig(steps=3, val_every=1, **TINY))
+    assert 0 < t.split.n_val_cells < 10
+    final = None
+    for ev in t.run():
+        if ev.done:
+            final = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
+    for k, v in t.model.state_dict().items():
+        assert torch.equal(v, final[k])
+    assert t.info.training[-1]["kept"] == "final weights"
 
 
 def test_fine_tuning_continues_from_a_model_file(tmp_path, data):

@@ -73,6 +73,10 @@ class TrainConfig:
         Share of annotated cells held back for validation (none if fewer than 5 cells).
     val_every : int
         Validate every this many steps (and at the end).
+    min_val_cells_for_best : int
+        The best validated weights are kept only when at least this many cells were
+        held back; with fewer, validation is too noisy to pick a checkpoint and the
+        final weights are kept.
     encoder_lr_scale : float
         Learning rate of the encoder relative to the decoder (below 1 keeps a
         pretrained encoder close to where it started).
@@ -102,6 +106,7 @@ class TrainConfig:
     warmup_steps: int = 5
     val_fraction: float = 0.2
     val_every: int = 50
+    min_val_cells_for_best: int = 10
     fg_fraction: float = DEFAULT_FG_FRACTION
     boundary_width: int = 2
     augment: bool = True
@@ -595,7 +600,11 @@ class Trainer:
             self._finish(losses, time.perf_counter() - t0, start_step, finished)
 
     def _finish(self, losses: list[float], seconds: float, start_step: int, finished: bool) -> None:
-        if self.best_state is not None:
+        keep_best = (
+            self.best_state is not None
+            and self.split.n_val_cells >= self.config.min_val_cells_for_best
+        )
+        if keep_best:
             self.model.load_state_dict(self.best_state)
         self.model.eval()
         every = max(1, len(losses) // 200)
@@ -619,6 +628,7 @@ class Trainer:
             if self.split.on_training
             else f"{self.split.n_val_cells} held-back cells",
             "best_step": self.best_step,
+            "kept": "best validated weights" if keep_best else "final weights",
             "best_score": self.best_score,
             "annotation": self.summary,
             "scale": self.info.scale,
