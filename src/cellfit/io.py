@@ -370,7 +370,7 @@ def atomic_write_tiff(
 # --------------------------------------------------------------------------- lazy reading
 #: files whose pixels take more bytes than this are read lazily (plane by plane, or row
 #: band by row band) by :func:`open_image`; smaller files are read whole (fastest).
-LAZY_BYTES = 256 * 2**20
+LAZY_BYTES = 64 * 2**20
 
 
 @dataclass
