@@ -214,7 +214,9 @@ def test_the_whole_loop(make_napari_viewer, qtbot, tmp_path, nuclei_crop):
     assert tifffile.imread(out / "two_labels.tif").shape == (2, 96, 96)
     assert (out / "one_prob.tif").exists()
     assert "Folder done: 2 files segmented" in widget.seg_status.text()
+    first = widget.last_batch_result
     widget.batch_button.click()  # again: finished files are kept, not redone
+    qtbot.waitUntil(lambda: widget.last_batch_result is not first, timeout=120_000)
     _wait_idle(qtbot, widget)
     assert widget.last_batch_result.skipped == 2 and widget.last_batch_result.done == 0
     assert "tick Replace existing results" in widget.seg_status.text()
