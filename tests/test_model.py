@@ -94,6 +94,26 @@ def test_save_overwrites_atomically(tiny, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.cellfit"]
 
 
+def test_saving_the_same_model_again_writes_the_same_bytes(tiny, tmp_path):
+    """A model file's digest identifies the model (batch results are skipped by it), so
+    saving the same model again, anywhere, writes the very same file. safetensors keeps
+    the header's metadata in a hash map whose order changes from call to call: the
+    header is written in a fixed order."""
+    model, info = tiny
+    files = {save_model(tmp_path / f"d{i}" / "m.cellfit", model, info).read_bytes()
+             for i in range(16)}
+    assert len(files) == 1
+    raw = files.pop()
+    (n,) = struct.unpack("<Q", raw[:8])
+    assert n % 8 == 0 and raw[8:9] == b"{"  # safetensors' aligned header
+    header = json.loads(raw[8 : 8 + n])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+    assert header["__metadata__"]["format"] == "pt"
+    loaded, info2 = load_model(tmp_path / "d0" / "m.cellfit")
+    assert info2 == info
+    _assert_same_state(model, loaded)
+
+
 def test_fresh_models_differ_so_the_round_trip_test_means_something(tiny):
     model, info = tiny
     other = _build(info, seed=1)

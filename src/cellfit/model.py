@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -198,17 +199,40 @@ def load_encoder_weights(model: nn.Module, path: str | os.PathLike) -> int:
     return len(cleaned)
 
 
+def _canonical_header(raw: bytes) -> bytes:
+    """``raw`` (a safetensors file) with its JSON header written in a fixed order.
+
+    safetensors keeps the header's metadata in a hash map whose order changes from call
+    to call, so the same tensors and metadata would give different bytes (and a
+    different file digest, which batch results are matched by). The tensor data and
+    their offsets are untouched; the header stays padded to 8 bytes as safetensors
+    writes it.
+    """
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    data = text.encode("utf-8")
+    data += b" " * (-len(data) % 8)
+    return struct.pack("<Q", len(data)) + data + raw[8 + n :]
+
+
 def save_model(path: str | os.PathLike, model: nn.Module, info: ModelInfo) -> Path:
-    """Write the model file atomically (temporary file, then rename)."""
-    from safetensors.torch import save_file
+    """Write the model file atomically (temporary file, then rename).
+
+    The file is a function of the weights and ``info`` alone: saving the same model
+    again writes the same bytes (batch results are matched by the file's digest).
+    """
+    from safetensors.torch import save
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    raw = _canonical_header(save(state, metadata={"cellfit": info.to_json(), "format": "pt"}))
+    del state
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
     try:
-        save_file(state, tmp, metadata={"cellfit": info.to_json(), "format": "pt"})
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

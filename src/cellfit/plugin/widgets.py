@@ -1147,16 +1147,11 @@ class CellfitWidget(QWidget):
             return
         if self.model_path is not None and self.model_saved:
             model_path = self.model_path
-        else:  # the engine reads a model file: write the in-memory model to a temporary one,
-            # once per trained model, so a rerun recognises the results it already made
-            key = (id(self.model), len(self.info.training))
-            cached = getattr(self, "_batch_model", None)
-            if cached is not None and cached[0] == key and cached[1].exists():
-                model_path = cached[1]
-            else:
-                self._batch_tmp = Path(tempfile.mkdtemp(prefix="cellfit-"))
-                model_path = save_model(self._batch_tmp / "model.cellfit", self.model, self.info)
-                self._batch_model = (key, model_path)
+        else:  # the engine reads a model file: write the in-memory model to a temporary one
+            # (removed when the batch ends). The same model always gives the same file, so
+            # a rerun recognises the results it already made (by the file's digest).
+            self._batch_tmp = Path(tempfile.mkdtemp(prefix="cellfit-"))
+            model_path = save_model(self._batch_tmp / "model.cellfit", self.model, self.info)
         device = str(next(self.model.parameters()).device)
         job = BatchJob(
             model_path,
