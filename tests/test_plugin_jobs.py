@@ -318,3 +318,103 @@ def test_train_job_preview_follows_the_slice_on_screen():
     assert later[0].preview_plane == 1 and later[0].probability.shape == (96, 96)
     job.show_plane(1, None)  # preview switched off
     assert _drain(gen).error is None
+
+
+# ------------------------------------------------------------- the starting model
+@pytest.fixture(scope="module")
+def nuclei_30px():
+    """Fluorescent nuclei about 30 pixels across (the starting model's own scenes).
+
+    How close the estimated diameter comes is the engine's test (tests/test_starting.py);
+    these tests check that the plugin's jobs estimate it, use it and report it.
+    """
+    from cellfit.scenes import scene
+
+    img, labels, _ = scene("fluo_nuclei", (192, 192), 30, seed=3)
+    return img, labels
+
+
+def test_train_job_from_the_starting_model_says_why_it_falls_back(tiny_data):
+    from cellfit.plugin.workers import TrainJob, planes_of
+
+    img, ann = tiny_data
+    two = planes_of(np.stack([img, img[::-1]], axis=-1), rgb=True)  # (1, 2, Y, X)
+    assert two.shape == (1, 2, 96, 96)
+    job = TrainJob([two], [ann[None]], TrainConfig(init="starting", steps=2, **TINY), **ONE)
+    gen = job.run()
+    first = next(gen)
+    assert "2 channels" in first.notice and "training from scratch instead" in first.notice
+    res = _drain(gen)
+    assert res.error is None and res.info.in_channels == 2 and res.record["init"] is None
+    # from the starting model where it can serve: the record says so, no notice
+    job = TrainJob([planes_of(img)], [ann[None]], TrainConfig(init="starting", steps=1, **TINY),
+                   **ONE)
+    gen = job.run()
+    assert next(gen).notice is None
+    res = _drain(gen)
+    assert res.error is None and res.record["init"] == "cellfit starting model"
+    assert res.info.diameter == res.summary["median_cell_diameter"]
+
+
+def test_starting_model_diameter_estimate_predict_and_batch(tmp_path, nuclei_30px):
+    from cellfit.model import load_model
+    from cellfit.plugin.workers import DiameterJob, PredictJob, planes_of
+    from cellfit.starting import needs_diameter, starting_model_path
+
+    img, _labels = nuclei_30px
+    model, info = load_model(starting_model_path(), "cpu")
+    assert needs_diameter(info)
+    res = _drain(DiameterJob(model, info, planes_of(img)[0], **ONE).run())
+    assert res.error is None and 5 < res.diameter < 1000
+
+    # segmenting with no diameter estimates it first (and says so), a given one is used
+    job = PredictJob(model, info, planes_of(img), **ONE)
+    gen = job.run()
+    notices = []
+    while True:
+        try:
+            pr = next(gen)
+        except StopIteration as stop:
+            pres = stop.value
+            break
+        if pr.notice:
+            notices.append(pr.notice)
+    assert pres.error is None and pres.diameter == res.diameter
+    assert len(notices) == 1 and f"estimated at {res.diameter:g} pixels" in notices[0]
+    assert pres.labels.shape == (1, 192, 192) and pres.probability.shape == (1, 192, 192)
+    small = _drain(PredictJob(model, info, planes_of(img), diameter=15.0, **ONE).run())
+    large = _drain(PredictJob(model, info, planes_of(img), diameter=60.0, **ONE).run())
+    assert small.error is None and small.diameter is None  # given: not estimated
+    assert not np.allclose(small.probability, large.probability, atol=0.05)  # and used
+    assert needs_diameter(info)  # the model's own record is untouched
+
+    # no cells anywhere: one sentence in the plugin's words (no command-line option)
+    flat = np.random.default_rng(0).normal(100, 1, (1, 1, 128, 128)).astype(np.float32)
+    bad = _drain(DiameterJob(model, info, flat[0], **ONE).run())
+    assert bad.error.startswith("No cells were found") and "--" not in bad.error
+    bad = _drain(PredictJob(model, info, flat, **ONE).run())
+    assert bad.error.startswith("No cells were found") and bad.labels is None
+
+
+def test_batch_job_with_the_starting_model_estimates_the_diameter(tmp_path, nuclei_30px):
+    from cellfit.plugin.workers import BatchJob
+    from cellfit.starting import starting_model_path
+
+    img, _labels = nuclei_30px
+    src = tmp_path / "in"
+    src.mkdir()
+    tifffile.imwrite(src / "a.tif", img)
+    job = BatchJob(starting_model_path(), [src], tmp_path / "out", device="cpu", **ONE)
+    progress = []
+    gen = job.run()
+    while True:
+        try:
+            progress.append(next(gen))
+        except StopIteration as stop:
+            res = stop.value
+            break
+    assert res.error is None and res.done == 1
+    assert len(res.notices) == 1
+    assert res.notices[0].startswith("Cell diameter estimated at") and "--" not in res.notices[0]
+    assert [p.notice for p in progress if p.notice] == res.notices
+    assert tifffile.imread(tmp_path / "out" / "a_labels.tif").shape == img.shape

@@ -155,15 +155,18 @@ def test_the_whole_loop(make_napari_viewer, qtbot, tmp_path, nuclei_crop):
     assert res.stopped is (not DOCS_MODE)
     assert widget.stop_seconds is None or widget.stop_seconds < 30
     assert widget.train_button.text() == "Train more (fine-tune)"
-    assert len(widget.info.training) == 1
+    # by default a new model starts from the shipped starting model (its record first)
+    assert res.record["init"] == "cellfit starting model"
+    n_pretrain = len(widget.info.training) - 1
+    assert n_pretrain >= 1
     assert prob.data.min() >= 0.0 and prob.data.max() <= 1.0
 
     # correct: copy the predicted cells the user keeps into the annotation
     widget.tabs.setCurrentIndex(0)
     assert widget.copy_button.isEnabled()  # there is a prediction to copy now
     keep = lab.data.copy()
-    ids = np.setdiff1d(np.unique(keep), [0])
-    if ids.size == 0:  # a few steps may predict nothing yet: stand in for a prediction
+    ids = np.setdiff1d(np.unique(keep), [0, *np.unique(keep[truth_ann >= 2])])
+    if ids.size == 0:  # a few steps may predict no unpainted cell: stand in for a prediction
         keep = np.where(truth_ann == 0, synthetic_cells(img.shape, seed=5)[1], 0)
         lab.data = keep.astype(lab.data.dtype)
     before = int(ann.data.max())
@@ -185,7 +188,7 @@ def test_the_whole_loop(make_napari_viewer, qtbot, tmp_path, nuclei_crop):
     widget.train_button.click()
     _wait_idle(qtbot, widget, 200)
     assert widget.last_train_result.error is None
-    assert widget.model is model_before and len(widget.info.training) == 2
+    assert widget.model is model_before and len(widget.info.training) == n_pretrain + 2
 
     # predict the image
     widget.tabs.setCurrentIndex(2)
@@ -230,7 +233,7 @@ def test_the_whole_loop(make_napari_viewer, qtbot, tmp_path, nuclei_crop):
     assert "Validation" in text and "cells" in text
     shots("5_model", qtbot)
     assert widget.load_model_file(path)
-    assert len(widget.info.training) == 2
+    assert len(widget.info.training) == n_pretrain + 2
 
     # the labels writer of the manifest
     written = viewer.layers["nuclei annotation"].save(str(tmp_path / "ann.tif"), plugin=PLUGIN)
@@ -391,3 +394,140 @@ def test_rgb_and_several_annotated_images(make_napari_viewer, qtbot):
     assert used == ["gray", "colour"]
     assert images[0].shape == (1, 1, 80, 90) and images[1].shape == (1, 3, 80, 90)
     assert anns[1].shape == (1, 80, 90)
+
+
+# ------------------------------------------------------------- the starting model
+def _painted_widget(make_napari_viewer, qtbot, seed: int = 4):
+    viewer = make_napari_viewer()
+    widget = _open_widget(viewer)
+    img, lab = synthetic_cells((96, 96), n_cells=8, seed=seed)
+    viewer.add_image(img, name="cells")
+    ann = widget.create_annotation_layer()
+    _paint(ann, sparse_annotation(lab, fraction=0.6, seed=seed))
+    _tiny_training(widget, steps=2)
+    return viewer, widget, ann, lab
+
+
+def test_train_starts_from_the_starting_model_unless_scratch(make_napari_viewer, qtbot):
+    from cellfit.model import read_model_info
+    from cellfit.plugin.widgets import FINE_TUNE_LR
+    from cellfit.starting import needs_diameter, starting_model_path
+    from cellfit.train import TrainConfig
+
+    _viewer, widget, _ann, _lab = _painted_widget(make_napari_viewer, qtbot)
+    n_pretrain = len(read_model_info(starting_model_path()).training)
+    default_lr = TrainConfig().lr
+    # the default: a new model from the starting model, with the engine's settings
+    assert widget.start_combo.currentData() == "starting"
+    assert widget._train_plan() == "starting" and widget.train_button.text() == "Train"
+    assert not widget.encoder_combo.isEnabled()  # the starting model has its own size
+    cfg = widget._train_config(widget._train_plan())
+    assert cfg.init == "starting" and cfg.lr == default_lr
+    widget.train_button.click()
+    _wait_idle(qtbot, widget)
+    res = widget.last_train_result
+    assert res.error is None and res.record["init"] == "cellfit starting model"
+    assert len(widget.info.training) == n_pretrain + 1
+    assert widget.info.cell_diameter and not needs_diameter(widget.info)
+    assert widget.model_path is None and not widget.model_saved  # a new model, not the file
+    assert widget.diameter_box.isHidden()  # it learnt the size of the painted cells
+    assert "fine-tuned from the cellfit starting model" in widget.record_view.toPlainText()
+
+    # Train again fine-tunes the user's model, with the smaller learning rate
+    assert widget._train_plan() == "fine-tune"
+    assert widget.train_button.text() == "Train more (fine-tune)"
+    assert not widget.start_combo.isEnabled()
+    cfg = widget._train_config(widget._train_plan())
+    assert cfg.init is None and cfg.lr == pytest.approx(default_lr * FINE_TUNE_LR)
+
+    # a new model from scratch
+    widget.fresh_check.setChecked(True)
+    widget.start_combo.setCurrentIndex(widget.start_combo.findData("scratch"))
+    assert widget._train_plan() == "scratch" and widget.encoder_combo.isEnabled()
+    widget.train_button.click()
+    _wait_idle(qtbot, widget)
+    res = widget.last_train_result
+    assert res.error is None and res.record["init"] is None
+    assert len(widget.info.training) == 1 and widget.info.cell_diameter is None
+    assert "trained from scratch" in widget.record_view.toPlainText()
+
+
+def test_the_dock_says_when_the_starting_model_cannot_serve(make_napari_viewer, qtbot):
+    _viewer, widget, ann, _lab = _painted_widget(make_napari_viewer, qtbot, seed=5)
+    # classes (semantic) mode: the starting model segments cells, so training starts
+    # from scratch and the dock says why
+    classes = np.where(np.asarray(ann.data) >= 2, 2, ann.data).astype(ann.data.dtype)
+    ann.data = classes
+    widget.mode_combo.setCurrentIndex(widget.mode_combo.findData("semantic"))
+    assert widget._train_plan() == "starting"
+    n = _n_notes()
+    widget.train_button.click()
+    _wait_idle(qtbot, widget)
+    assert widget.last_train_result.error is None
+    warnings = [m for sev, m in _notes(n) if sev == "warning"]
+    assert any("semantic mode" in m and "training from scratch instead" in m for m in warnings), (
+        warnings
+    )
+    assert widget.info.mode == "semantic" and widget.last_train_result.record["init"] is None
+
+
+def test_segment_with_the_starting_model_as_is(make_napari_viewer, qtbot, tmp_path):
+    from cellfit.scenes import scene
+    from cellfit.starting import needs_diameter, starting_model_path
+
+    viewer = make_napari_viewer()
+    widget = _open_widget(viewer)
+    img, _labels, _ = scene("fluo_nuclei", (192, 192), 30, seed=3)
+    viewer.add_image(img, name="nuclei")
+    assert not widget.starting_button.isHidden() and widget.diameter_box.isHidden()
+    assert not widget.predict_button.isEnabled()
+    assert widget.use_starting_model()
+    assert needs_diameter(widget.info) and widget.model_saved
+    assert widget.starting_button.isHidden() and not widget.diameter_box.isHidden()
+    assert "starting model" in widget.model_label.text()
+    assert widget._train_plan() == "adapt"  # Train would adapt it, with the engine's settings
+    assert widget._train_config("adapt").init == "starting"
+
+    # Estimate runs in the background and fills the field
+    widget.tabs.setCurrentIndex(2)
+    widget.estimate_button.click()
+    assert widget.job_kind == "estimate"
+    _wait_idle(qtbot, widget)
+    est = widget.last_diameter_result
+    assert est.error is None and est.diameter > 0
+    assert widget.diameter_spin.value() == pytest.approx(est.diameter)
+    assert "Cell diameter estimated at" in widget.seg_status.text()
+
+    # segmenting uses the diameter in the field
+    widget.predict_button.click()
+    _wait_idle(qtbot, widget)
+    pres = widget.last_predict_result
+    assert pres.error is None and pres.diameter is None  # given, not estimated again
+    assert viewer.layers["nuclei labels"].data.shape == img.shape
+    assert f"cell diameter {est.diameter:g} pixels" in widget.seg_status.text()
+
+    # left at "estimate", segmenting estimates it first and says so
+    widget.diameter_spin.setValue(0)
+    n = _n_notes()
+    widget.predict_button.click()
+    _wait_idle(qtbot, widget)
+    assert widget.last_predict_result.diameter == pytest.approx(est.diameter)
+    assert widget.diameter_spin.value() == pytest.approx(est.diameter)
+    assert any("Cell diameter estimated at" in m for _, m in _notes(n))
+
+    # the folder batch takes it too (the shipped file itself, nothing written beside it)
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    tifffile.imwrite(src / "a.tif", img)
+    widget.in_edit.setText(str(src))
+    widget.out_edit.setText(str(out))
+    widget.batch_button.click()
+    _wait_idle(qtbot, widget)
+    assert widget.last_batch_result.error is None and widget.last_batch_result.done == 1
+    assert widget.last_batch_result.notices == []  # the diameter was given
+    assert tifffile.imread(out / "a_labels.tif").shape == img.shape
+
+    # the shipped file is never overwritten
+    n = _n_notes()
+    assert widget.save_model_file(starting_model_path()) is None
+    assert any("starting model" in m for sev, m in _notes(n) if sev == "error")

@@ -133,6 +133,12 @@ def model_record_html(info: ModelInfo | None, path: Path | None, saved: bool) ->
     if abs(scale - 1.0) > 1e-6:
         notes.append(f"Images are resized ×{scale:.2g} before the network (set from the size "
                      "of the annotated cells).")
+    if getattr(info, "cell_diameter", None) and not getattr(info, "diameter", None):
+        notes.append("Works on cells of any size: it must be told their diameter in pixels "
+                     "(Segment tab), until it is trained on your painted cells.")
+    elif getattr(info, "cell_diameter", None):
+        notes.append(f"Set for cells about {float(info.diameter):g} pixels across (from the "
+                     "annotated cells).")
     min_size = (getattr(info, "postprocess", None) or {}).get("min_size")
     if min_size:
         notes.append(f"Objects smaller than {int(min_size)} pixels are dropped.")
@@ -152,6 +158,8 @@ def model_record_html(info: ModelInfo | None, path: Path | None, saved: bool) ->
             if isinstance(val.get(key), (int, float))
         )
         how = "fine-tuned" if (rec.get("init") or n > 1) else "trained from scratch"
+        if rec.get("init") == "cellfit starting model":
+            how = "fine-tuned from the cellfit starting model"
         stopped = ", stopped early" if rec.get("stopped_early") else ""
         out.append(
             f"<p><b>Run {n}</b>: {esc(date)}, {how}<br>"

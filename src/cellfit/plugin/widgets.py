@@ -30,6 +30,7 @@ from qtpy.QtWidgets import (
     QApplication,
     QCheckBox,
     QComboBox,
+    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
@@ -62,6 +63,8 @@ from cellfit.plugin._plot import TrainingPlot
 from cellfit.plugin.workers import (
     BatchJob,
     BatchResult,
+    DiameterJob,
+    DiameterResult,
     PredictJob,
     PredictResult,
     Progress,
@@ -78,6 +81,7 @@ from cellfit.plugin.workers import (
     prediction_to_annotation,
 )
 from cellfit.predict import resolve_device
+from cellfit.starting import needs_diameter, starting_model_path
 from cellfit.train import TrainConfig
 
 __all__ = ["CellfitWidget"]
@@ -97,6 +101,17 @@ MODES = [
     ("instances", "Cells: one id per cell (instances)"),
     ("semantic", "Classes: each value is a class (semantic)"),
 ]
+STARTS = [
+    ("starting", "cellfit starting model (recommended)"),
+    ("scratch", "scratch (random weights)"),
+]
+START_TIP = (
+    "What a new model starts from. The cellfit starting model has already seen many kinds "
+    "of cells (fluorescent nuclei and cells, brightfield, stained tissue), so a handful of "
+    "painted cells is enough to adapt it to yours; it takes grayscale or colour (RGB) "
+    "images and segments cells. Scratch starts from random weights and needs more "
+    "painting and more training."
+)
 PATCH_SIZES = [128, 192, 256, 384, 512]
 # one training step must stay short on a CPU so Stop acts at once and the preview
 # comes early; a GPU takes larger patches in its stride (see docs/plugin.md)
@@ -172,6 +187,9 @@ class CellfitWidget(QWidget):
         self.last_train_result: TrainResult | None = None
         self.last_predict_result: PredictResult | None = None
         self.last_batch_result: BatchResult | None = None
+        self.last_diameter_result: DiameterResult | None = None
+        self._train_in_place = False
+        self._estimate_image = ""
         self.first_preview_seconds: float | None = None
         self.stop_seconds: float | None = None
 
@@ -320,6 +338,9 @@ class CellfitWidget(QWidget):
         page = QWidget()
         lay = QVBoxLayout(page)
         form = QFormLayout()
+        self.start_combo = _combo(STARTS, START_TIP)
+        self.start_combo.currentIndexChanged.connect(self._update_state)
+        form.addRow("Start from:", self.start_combo)
         self.mode_combo = _combo(
             MODES,
             "Cells: every cell gets its own label (touching cells are separated). "
@@ -386,10 +407,11 @@ class CellfitWidget(QWidget):
             "on screen in the '<image> probability' and '<image> labels' layers."
         )
         lay.addWidget(self.preview_check)
-        self.fresh_check = QCheckBox("Start fresh (forget the current model)")
+        self.fresh_check = QCheckBox("Train a new model (forget the current one)")
         self.fresh_check.setToolTip(
             "Unticked, Train continues training (fine-tunes) the current model on your "
-            "updated annotation. Ticked, a new model is trained from scratch."
+            "updated annotation. Ticked, a new model is trained, starting from what "
+            "Start from says; save the current model first if you want to keep it."
         )
         self.fresh_check.toggled.connect(self._update_state)
         lay.addWidget(self.fresh_check)
@@ -418,6 +440,40 @@ class CellfitWidget(QWidget):
     def _build_segment(self) -> QWidget:
         page = QWidget()
         lay = QVBoxLayout(page)
+        self.starting_button = QPushButton("Use the starting model as is")
+        self.starting_button.setToolTip(
+            "Segment without training: use the cellfit starting model, which has seen many "
+            "kinds of cells. Give the size of your cells below (or let it be estimated). "
+            "If it misses cells, paint a few and Train: it adapts to your images."
+        )
+        self.starting_button.clicked.connect(self.use_starting_model)
+        lay.addWidget(self.starting_button)
+        self.diameter_box = QWidget()
+        dform = QFormLayout(self.diameter_box)
+        dform.setContentsMargins(0, 0, 0, 0)
+        self.diameter_spin = QDoubleSpinBox()
+        self.diameter_spin.setRange(0.0, 5000.0)
+        self.diameter_spin.setDecimals(1)
+        self.diameter_spin.setSingleStep(1.0)
+        self.diameter_spin.setValue(0.0)
+        self.diameter_spin.setSpecialValueText("estimate when segmenting")
+        self.diameter_spin.setSuffix(" px")
+        self.diameter_spin.setToolTip(
+            "How many pixels across a typical cell is in your images. This model works on "
+            "cells of any size but must be told theirs; measure one with napari's ruler, "
+            "or press Estimate. Not needed once the model is trained on your painted cells."
+        )
+        self.estimate_button = QPushButton("Estimate")
+        self.estimate_button.setToolTip(
+            "Estimate the cell diameter from the slice on screen (a few seconds). Check "
+            "the result by segmenting; change it if cells come out split or merged."
+        )
+        self.estimate_button.clicked.connect(self.estimate_diameter)
+        drow = QHBoxLayout()
+        drow.addWidget(self.diameter_spin, 1)
+        drow.addWidget(self.estimate_button)
+        dform.addRow("Cell diameter:", drow)
+        lay.addWidget(self.diameter_box)
         box = QGroupBox("The selected image")
         form = QFormLayout(box)
         self.slices_combo = _combo(
@@ -518,8 +574,15 @@ class CellfitWidget(QWidget):
         self.load_button = QPushButton("Load model…")
         self.load_button.setToolTip("Load a .cellfit model file, to segment or to fine-tune it.")
         self.load_button.clicked.connect(self._load_dialog)
+        self.load_starting_button = QPushButton("Starting model")
+        self.load_starting_button.setToolTip(
+            "Make the cellfit starting model the current model, as shipped: to segment "
+            "with it (give the cell diameter in Segment) or to fine-tune it."
+        )
+        self.load_starting_button.clicked.connect(self.use_starting_model)
         row.addWidget(self.save_button)
         row.addWidget(self.load_button)
+        row.addWidget(self.load_starting_button)
         lay.addLayout(row)
         self.record_view = QTextBrowser()
         self.record_view.setOpenLinks(False)
@@ -731,9 +794,30 @@ class CellfitWidget(QWidget):
         self._count_timer.start()
 
     def _mode(self) -> str:
-        if self.info is not None and not self.fresh_check.isChecked():
+        if self._train_plan() in ("fine-tune", "adapt") and self.info is not None:
             return self.info.mode
         return self.mode_combo.currentData()
+
+    def _is_shipped_starting_model(self) -> bool:
+        """True when the model in memory is the starting model as shipped."""
+        if self.model_path is None or not self.model_saved:
+            return False
+        try:
+            return self.model_path.resolve() == starting_model_path().resolve()
+        except CellfitError:
+            return False
+
+    def _train_plan(self) -> str:
+        """What Train does now.
+
+        "fine-tune": go on training the model in memory (a smaller learning rate keeps
+        what it learnt); "adapt": first training of the model in memory, which works on
+        cells of any size (the starting model as loaded: the engine's settings);
+        "starting" / "scratch": a new model from the starting model / random weights.
+        """
+        if self.model is not None and self.info is not None and not self.fresh_check.isChecked():
+            return "adapt" if needs_diameter(self.info) else "fine-tune"
+        return self.start_combo.currentData()
 
     def update_counts(self) -> None:
         """Show how much is annotated (the engine's counts)."""
@@ -811,7 +895,7 @@ class CellfitWidget(QWidget):
         return n
 
     # =================================================================== train
-    def _train_config(self, fine_tune: bool = False) -> TrainConfig:
+    def _train_config(self, plan: str = "scratch") -> TrainConfig:
         amount = int(self.budget_spin.value())
         by_time = self.budget_unit.currentData() == "seconds"
         config = TrainConfig(
@@ -826,8 +910,14 @@ class CellfitWidget(QWidget):
             preview_every=PREVIEW_EVERY,
             val_every=VAL_EVERY,
         )
-        if fine_tune:  # start from what the model knows: smaller steps keep it
+        if plan == "fine-tune":  # start from what the model knows: smaller steps keep it
             config.lr *= FINE_TUNE_LR
+        elif plan == "starting" or (plan == "adapt" and self._is_shipped_starting_model()):
+            # the engine's settings for fine-tuning the starting model; the engine loads
+            # it (and trains from scratch instead, with a notice, where it cannot serve)
+            config.init = "starting"
+        elif plan == "scratch":
+            config.init = "scratch"
         return config
 
     def _training_data(self, image: Image, annotation: Labels) -> tuple[list, list, list[str]]:
@@ -875,8 +965,12 @@ class CellfitWidget(QWidget):
                 "(Background brush), then press Train."
             )
             return
-        fine_tune = self.model is not None and not self.fresh_check.isChecked()
-        config = self._train_config(fine_tune)
+        plan = self._train_plan()
+        config = self._train_config(plan)
+        # the shipped starting model is loaded afresh by the engine; another model in
+        # memory is trained in place
+        fine_tune = plan == "fine-tune" or (plan == "adapt" and config.init is None)
+        self._train_in_place = fine_tune
         try:
             device = resolve_device(config.device)
         except CellfitError as exc:
@@ -903,7 +997,11 @@ class CellfitWidget(QWidget):
         self.plot.clear()
         self.first_preview_seconds = None
         self.stop_seconds = None
-        what = "Fine-tuning the model" if fine_tune else "Training a new model"
+        what = {
+            "fine-tune": "Fine-tuning the model",
+            "adapt": "Fine-tuning the starting model",
+            "starting": "Training a new model from the starting model",
+        }.get(plan, "Training a new model from scratch")
         where = f"{len(used)} images" if len(used) > 1 else f"'{used[0]}'"
         self.train_status.setText(f"{what} on {where}: preparing…")
         self._start_job("train", job, f"cellfit: {what.lower()}", self._on_train_update,
@@ -912,6 +1010,8 @@ class CellfitWidget(QWidget):
             self._prediction_layers(image)
 
     def _on_train_update(self, up: TrainUpdate) -> None:
+        if up.notice:
+            show_warning(f"Training: {up.notice}.")
         self.plot.add_loss(up.step, up.loss, redraw=False)
         v = up.validation
         if v:
@@ -965,6 +1065,8 @@ class CellfitWidget(QWidget):
             return
         self.model, self.info = result.model, result.info
         self.model_saved = False
+        if not self._train_in_place:  # a new model: no file holds it yet
+            self.model_path = None
         self._preview_after_training = self.preview_check.isChecked()
         self.fresh_check.setChecked(False)
         rec = result.record
@@ -993,7 +1095,8 @@ class CellfitWidget(QWidget):
             return
         if self.model is None or self.info is None:
             show_error(
-                "There is no model yet: train one (Train tab) or load a model file (Model tab)."
+                "There is no model yet: train one (Train tab), load a model file (Model "
+                "tab) or press Use the starting model as is."
             )
             return
         which = None
@@ -1017,7 +1120,64 @@ class CellfitWidget(QWidget):
         return PredictJob(
             self.model, self.info, planes, which,
             postprocess=self._postprocess(), threads=gui_friendly_threads(device),
+            diameter=self._diameter() if self.model_needs_diameter() else None,
         )
+
+    def model_needs_diameter(self) -> bool:
+        """True when the model in memory works on cells of any size and must be told
+        the cell diameter (the starting model before it is trained on painted cells)."""
+        return self.info is not None and needs_diameter(self.info)
+
+    def _diameter(self) -> float | None:
+        """The cell diameter typed in the Segment tab (None: estimate it)."""
+        value = float(self.diameter_spin.value())
+        return value if value > 0 else None
+
+    def estimate_diameter(self) -> None:
+        """Estimate the cell diameter on the slice on screen, in the background."""
+        if self.job is not None:
+            show_info("Wait for the running job to finish, or press Stop.")
+            return
+        image = self.image_layer()
+        if image is None:
+            show_error("Open an image first (File > Open, or File > Open Sample > cellfit).")
+            return
+        if self.model is None or self.info is None:
+            show_error(
+                "There is no model yet: press Use the starting model as is, train one "
+                "(Train tab) or load a model file (Model tab)."
+            )
+            return
+        if not self.model_needs_diameter():
+            show_info(
+                "This model learnt the size of your cells when it was trained: it needs "
+                "no cell diameter."
+            )
+            return
+        plane = self.current_plane(image)
+        raw = plane_of(self._data(image), plane, image.rgb)
+        device = next(self.model.parameters()).device
+        job = DiameterJob(self.model, self.info, raw, threads=gui_friendly_threads(device))
+        self._estimate_image = image.name
+        self.seg_status.setText(f"Estimating the cell diameter on '{image.name}'…")
+        self._start_job("estimate", job, "cellfit: estimating the cell diameter",
+                        self._on_progress, self._on_diameter_result)
+
+    def _on_diameter_result(self, result: DiameterResult) -> None:
+        self.last_diameter_result = result
+        if result.error or result.diameter is None:
+            msg = result.error or "The cell diameter could not be estimated."
+            show_error(msg)
+            self.seg_status.setText(f"No estimate: {msg}")
+            return
+        self.diameter_spin.setValue(result.diameter)
+        text = (
+            f"Cell diameter estimated at {result.diameter:g} pixels on "
+            f"'{self._estimate_image}'. Segment to check it, and change "
+            "it if cells come out split or merged."
+        )
+        self.seg_status.setText(text)
+        show_info(text)
 
     def _postprocess(self) -> dict:
         """Overrides of the model's own post-processing (none when automatic)."""
@@ -1025,6 +1185,8 @@ class CellfitWidget(QWidget):
         return {"min_size": value} if value > 0 else {}
 
     def _on_progress(self, pr: Progress) -> None:
+        if pr.notice:
+            show_info(pr.notice)
         self.seg_status.setText(pr.text)
         self._set_progress(pr.fraction)
 
@@ -1041,10 +1203,14 @@ class CellfitWidget(QWidget):
         if image is None or self._lead(image) != self._predict_lead:
             self.seg_status.setText("The image was closed or changed before segmentation ended.")
             return
+        if result.diameter is not None:  # estimated: shown, and used from now on
+            self.diameter_spin.setValue(result.diameter)
         self._show_prediction(image, result.planes, result.probability, result.labels)
         n_cells = sum(len(np.unique(lab)) - (1 if (lab == 0).any() else 0) for lab in result.labels)
         what = "cells" if self.info is None or self.info.mode == "instances" else "labelled regions"
         where = "" if len(result.planes) == 1 else f" in {len(result.planes)} slices"
+        if self.model_needs_diameter() and self._diameter():
+            where += f", cell diameter {self._diameter():g} pixels"
         text = (
             f"Segmented '{image.name}' in {result.seconds:.1f} s: {number(n_cells)} {what}"
             f"{where}. See the '{image.name} labels' and '{image.name} probability' layers."
@@ -1136,7 +1302,8 @@ class CellfitWidget(QWidget):
         src, dst = self.in_edit.text().strip(), self.out_edit.text().strip()
         if self.model is None or self.info is None:
             show_error(
-                "There is no model yet: train one (Train tab) or load a model file (Model tab)."
+                "There is no model yet: train one (Train tab), load a model file (Model "
+                "tab) or press Use the starting model as is."
             )
             return
         if not src:
@@ -1161,6 +1328,7 @@ class CellfitWidget(QWidget):
             overwrite=self.overwrite_check.isChecked(),
             device=device,
             threads=gui_friendly_threads(torch.device(device)),
+            diameter=self._diameter() if self.model_needs_diameter() else None,
         )
         self.seg_status.setText(f"Segmenting the TIFF files of {src}…")
         self._start_job("batch", job, "cellfit: segmenting a folder", self._on_progress,
@@ -1200,6 +1368,13 @@ class CellfitWidget(QWidget):
         if path.suffix == "":
             path = path.with_suffix(".cellfit")
         try:
+            shipped = path.resolve() == starting_model_path().resolve()
+        except CellfitError:
+            shipped = False
+        if shipped:
+            show_error("That file is cellfit's own starting model: save under another name.")
+            return None
+        try:
             save_model(path, self.model, self.info)
         except (CellfitError, OSError) as exc:
             show_error(f"Could not save the model to {path}: {exc}")
@@ -1231,8 +1406,42 @@ class CellfitWidget(QWidget):
         show_info(f"Loaded the model {Path(path).name}: Segment uses it, Train fine-tunes it.")
         return True
 
+    def use_starting_model(self) -> bool:
+        """Make the shipped starting model the current model, as it is (to segment with
+        it, given the cell diameter, or to fine-tune it)."""
+        if self.job is not None:
+            show_info("Wait for the running job to finish, or press Stop.")
+            return False
+        if self.model is not None and not self.model_saved:
+            show_error(
+                "The current model is not saved: save it first (Model tab, Save model…), "
+                "then switch to the starting model."
+            )
+            return False
+        try:
+            path = starting_model_path()
+            model, info = load_model(path, resolve_device(self.device_combo.currentData()))
+        except CellfitError as exc:
+            show_error(str(exc))
+            return False
+        self.model, self.info = model, info
+        self.model_path, self.model_saved = path, True
+        idx = self.mode_combo.findData(info.mode)
+        if idx >= 0:
+            self.mode_combo.setCurrentIndex(idx)
+        self.fresh_check.setChecked(False)
+        self._render_model()
+        self._update_state()
+        show_info(
+            "Using the cellfit starting model: give the cell diameter (or press Estimate) "
+            "and Segment, or paint a few cells and Train to adapt it to your images."
+        )
+        return True
+
     def _save_dialog(self) -> None:
         start = str(self.model_path or Path.home() / "cells.cellfit")
+        if self._is_shipped_starting_model():
+            start = str(Path.home() / "cells.cellfit")
         path, _ = QFileDialog.getSaveFileName(
             self, "Save the cellfit model", start, "cellfit model (*.cellfit);;All files (*)"
         )
@@ -1262,9 +1471,17 @@ class CellfitWidget(QWidget):
         where = self.model_path.name if self.model_path else "not saved"
         if self.model_path and not self.model_saved:
             where += ", changed since saved"
+        if self._is_shipped_starting_model():
+            return (
+                "<b>Model:</b> the cellfit starting model, as shipped: it works on cells "
+                "of any size (give their diameter in Segment); Train adapts it to yours."
+            )
+        size = ""
+        if self.model_needs_diameter():
+            size = " Works on cells of any size: give their diameter in Segment."
         return (
             f"<b>Model:</b> {encoder_name(self.info.encoder)}, {runs} training "
-            f"run{'s' if runs != 1 else ''}{score} ({where})."
+            f"run{'s' if runs != 1 else ''}{score} ({where}).{size}"
         )
 
     # =================================================================== jobs
@@ -1315,7 +1532,7 @@ class CellfitWidget(QWidget):
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
-        if self.job_kind in ("train", "predict", "batch"):
+        if self.job_kind in ("train", "predict", "batch", "estimate"):
             bar = self.train_bar if self.job_kind == "train" else self.seg_bar
             bar.setValue(bar.maximum())
         self.job, self.job_kind, self.worker = None, None, None
@@ -1375,7 +1592,8 @@ class CellfitWidget(QWidget):
         has_image = self.image_layer() is not None
         has_ann = self.annotation_layer() is not None
         has_model = self.model is not None
-        fine_tune = has_model and not self.fresh_check.isChecked()
+        plan = self._train_plan()
+        fine_tune = plan in ("fine-tune", "adapt")
         self.create_button.setEnabled(has_image)
         name = self.image_combo.currentText()
         self.create_button.setText(
@@ -1389,26 +1607,43 @@ class CellfitWidget(QWidget):
         )
         self.train_button.setEnabled(not busy and has_image)
         self.train_button.setText("Train more (fine-tune)" if fine_tune else "Train")
-        self.train_button.setToolTip(
-            "Continue training the current model on your updated annotation."
-            if fine_tune
-            else "Train a new model on every annotated slice."
-        )
+        self.train_button.setToolTip({
+            "fine-tune": "Continue training the current model on your updated annotation.",
+            "adapt": "Teach the starting model your cells: it learns from every annotated "
+                     "slice, including how big your cells are.",
+            "starting": "Train a new model on every annotated slice, starting from the "
+                        "cellfit starting model.",
+        }.get(plan, "Train a new model on every annotated slice, from random weights."))
         self.stop_button.setEnabled(busy and self.job_kind == "train")
         self.fresh_check.setEnabled(has_model and not busy)
-        for w in (self.mode_combo, self.encoder_combo):
-            w.setEnabled(not busy and not fine_tune)
-        self.encoder_combo.setToolTip(
-            "Fine-tuning keeps the current model's size; tick Start fresh to change it."
+        self.start_combo.setEnabled(not busy and not fine_tune)
+        self.start_combo.setToolTip(
+            "Train fine-tunes the current model; tick Train a new model to start another."
             if fine_tune
-            else "The size of the network. Small is fast on a laptop CPU; larger ones can be "
-            "more accurate given a GPU and more annotation."
+            else START_TIP
         )
+        self.mode_combo.setEnabled(not busy and not fine_tune)
+        self.encoder_combo.setEnabled(not busy and plan == "scratch")
+        if fine_tune:
+            tip = "Fine-tuning keeps the current model's size; tick Train a new model to change it."
+        elif plan == "starting":
+            tip = ("The starting model has its own size (small and fast); choose Start from: "
+                   "scratch to pick another.")
+        else:
+            tip = ("The size of the network. Small is fast on a laptop CPU; larger ones can be "
+                   "more accurate given a GPU and more annotation.")
+        self.encoder_combo.setToolTip(tip)
         for w in (self.budget_spin, self.budget_unit, self.patch_combo, self.loss_combo,
                   self.weights_combo, self.device_combo, self.preview_check):
             w.setEnabled(not busy)
         self.predict_button.setEnabled(not busy and has_image and has_model)
         self.batch_button.setEnabled(not busy and has_model)
+        self.starting_button.setVisible(not has_model)
+        self.starting_button.setEnabled(not busy)
+        self.load_starting_button.setEnabled(not busy)
+        self.diameter_box.setVisible(self.model_needs_diameter())
+        self.diameter_spin.setEnabled(not busy)
+        self.estimate_button.setEnabled(not busy and has_image)
         self.cancel_button.setEnabled(busy and self.job_kind in ("predict", "batch"))
         image = self.image_layer()
         self.slices_combo.setEnabled(not busy and image is not None and bool(self._lead(image)))

@@ -43,11 +43,14 @@ from cellfit.predict import (
     predict_plane,
     prepare_planes,
 )
+from cellfit.starting import apply_diameter, estimate_diameter, needs_diameter
 from cellfit.train import TrainConfig, Trainer, annotation_summary
 
 __all__ = [
     "BatchJob",
     "BatchResult",
+    "DiameterJob",
+    "DiameterResult",
     "PredictJob",
     "PredictResult",
     "Progress",
@@ -57,6 +60,7 @@ __all__ = [
     "annotated_planes",
     "cell_probability",
     "count_annotation",
+    "estimate_cell_diameter",
     "fast_tile",
     "gui_friendly_threads",
     "lead_shape",
@@ -64,6 +68,7 @@ __all__ = [
     "plane_of",
     "planes_of",
     "prediction_to_annotation",
+    "starting_words",
     "torch_threads",
     "user_message",
 ]
@@ -262,6 +267,8 @@ class TrainUpdate:
     labels: np.ndarray | None = None
     done: bool = False
     stopped: bool = False
+    #: a message for the user (e.g. the batch was halved after running out of memory)
+    notice: str | None = None
 
 
 @dataclass
@@ -405,6 +412,7 @@ class TrainJob:
                         best_score=ev.best_score,
                         done=ev.done,
                         stopped=ev.stopped,
+                        notice=ev.notice,
                     )
                     now = time.perf_counter()
                     due = now - last_preview >= self.preview_every
@@ -443,6 +451,82 @@ class Progress:
 
     fraction: float
     text: str
+    #: a message for the user (e.g. the cell diameter was estimated), shown once
+    notice: str | None = None
+
+
+NO_CELLS_FOR_DIAMETER = (
+    "No cells were found at any size to estimate their diameter: type the cell diameter "
+    "in pixels (Segment tab), or train on a few painted cells first."
+)
+
+
+def starting_words(text: str) -> str:
+    """An engine message about the cell diameter in the plugin's words (the engine's
+    name the command-line option ``--diameter``)."""
+    return (
+        text.replace("give --diameter to set it", "type a cell diameter to set it")
+        .replace("give --diameter PIXELS", "type the cell diameter in pixels")
+    )
+
+
+def estimate_cell_diameter(model: torch.nn.Module, info: ModelInfo, plane: np.ndarray) -> float:
+    """The cell diameter (image pixels) of a raw plane ``(C, Y, X)``, estimated with a
+    model that works on cells of any size (:func:`cellfit.starting.estimate_diameter`),
+    on the model's own device; a :class:`CellfitError` in the plugin's words when no
+    cell is found."""
+    device = next(model.parameters()).device
+    try:
+        return float(estimate_diameter(model, info, plane, device=device))
+    except CellfitError as exc:
+        if "no cells were found" in str(exc):
+            raise CellfitError(NO_CELLS_FOR_DIAMETER) from None
+        raise
+    finally:
+        model.eval()
+
+
+@dataclass
+class DiameterResult:
+    """The estimated cell diameter in pixels, or ``error`` (one sentence)."""
+
+    diameter: float | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+class DiameterJob:
+    """Estimate the cell diameter of one raw plane ``(C, Y, X)`` with a model that works
+    on cells of any size (a few small predictions at several sizes)."""
+
+    def __init__(
+        self, model: torch.nn.Module, info: ModelInfo, plane: np.ndarray, *,
+        threads: int | None = None,
+    ) -> None:
+        self.model = model
+        self.info = info
+        self.plane = plane
+        self.threads = threads
+
+    def cancel(self) -> None:  # a few seconds at most: it runs to its end
+        pass
+
+    def run(self) -> Generator[Progress, None, DiameterResult]:
+        with torch_threads(self.threads):
+            return (yield from self._run())
+
+    def _run(self) -> Generator[Progress, None, DiameterResult]:
+        t0 = time.perf_counter()
+        result = DiameterResult()
+        try:
+            yield Progress(0.0, "Estimating the cell diameter…")
+            result.diameter = estimate_cell_diameter(self.model, self.info, self.plane)
+        except Exception as exc:
+            _log(exc, "diameter estimate")
+            result.error = user_message(exc, "estimating the cell diameter")
+        finally:
+            result.seconds = time.perf_counter() - t0
+        return result
 
 
 @dataclass
@@ -455,6 +539,8 @@ class PredictResult:
     cancelled: bool = False
     error: str | None = None
     seconds: float = 0.0
+    #: the cell diameter (pixels) estimated for a model that needs one and got none
+    diameter: float | None = None
 
 
 class PredictJob:
@@ -468,6 +554,10 @@ class PredictJob:
         All planes of the image (normalisation statistics use the whole stack).
     which : list of int, optional
         The planes to predict (all when None).
+    diameter : float, optional
+        Cell diameter in pixels, for a model that works on cells of any size (the
+        starting model before fine-tuning). Left out for such a model, it is estimated
+        from the first plane to predict (``result.diameter``, and a progress notice).
     """
 
     def __init__(
@@ -480,9 +570,11 @@ class PredictJob:
         postprocess: dict | None = None,
         batch_size: int = 4,
         threads: int | None = None,
+        diameter: float | None = None,
     ) -> None:
         self.model = model
         self.info = info
+        self.diameter = diameter
         self.planes = planes
         self.which = list(range(planes.shape[0])) if which is None else [int(i) for i in which]
         self.postprocess = dict(postprocess or {})
@@ -502,16 +594,29 @@ class PredictJob:
         t0 = time.perf_counter()
         result = PredictResult(planes=list(self.which))
         try:
-            planes, stats = prepare_planes(ImageStack(self.planes), self.info)
+            info = self.info
+            if needs_diameter(info):
+                d = self.diameter
+                if d is None:
+                    yield Progress(0.0, "Estimating the cell diameter…")
+                    d = estimate_cell_diameter(
+                        self.model, info, np.asarray(self.planes[self.which[0]])
+                    )
+                    result.diameter = d
+                    yield Progress(0.0, f"Cell diameter estimated at {d:g} pixels.",
+                                   notice=f"Cell diameter estimated at {d:g} pixels; type "
+                                   "another value under Cell diameter to change it.")
+                info = apply_diameter(info, d)
+            planes, stats = prepare_planes(ImageStack(self.planes), info)
             sel = planes[self.which]
             n, _, h, w = sel.shape
             prob = np.zeros((n, h, w), np.float32)
             labels = np.zeros((n, h, w), np.int32)
             yield Progress(0.0, f"Segmenting {_planes_text(n)}…")
-            tile = fast_tile(sel.shape[-2:], self.info.scale)
-            post = {**self.info.postprocess, **self.postprocess}
+            tile = fast_tile(sel.shape[-2:], info.scale)
+            post = {**info.postprocess, **self.postprocess}
             for ev in iter_predict(
-                self.model, self.info, sel, stats, tile=tile,
+                self.model, info, sel, stats, tile=tile,
                 batch_size=1 if tile > DEFAULT_TILE else self.batch_size,
             ):
                 if self._cancel.is_set():
@@ -519,7 +624,7 @@ class PredictJob:
                     return result
                 if ev.probabilities is not None:
                     prob[ev.plane] = cell_probability(ev.probabilities)
-                    labels[ev.plane] = labels_from_probs(ev.probabilities, self.info.mode, **post)
+                    labels[ev.plane] = labels_from_probs(ev.probabilities, info.mode, **post)
                 text = (
                     f"Segmenting slice {ev.plane + 1} of {n}…" if n > 1 else "Segmenting…"
                 )
@@ -550,11 +655,16 @@ class BatchResult:
     cancelled: bool = False
     error: str | None = None
     seconds: float = 0.0
+    notices: list[str] = field(default_factory=list)
 
 
 class BatchJob:
     """Segment every TIFF of a folder into an output folder: the CLI's engine function,
-    :func:`cellfit.batch.predict_files`, with progress and cancel."""
+    :func:`cellfit.batch.predict_files`, with progress and cancel.
+
+    ``diameter`` (pixels) is for a model that works on cells of any size; left out for
+    such a model, the engine estimates it from the first file (a progress notice says so).
+    """
 
     def __init__(
         self,
@@ -566,7 +676,9 @@ class BatchJob:
         overwrite: bool = False,
         device: str = "auto",
         threads: int | None = None,
+        diameter: float | None = None,
     ) -> None:
+        self.diameter = diameter
         self.model_path = Path(model_path)
         self.inputs = [Path(p) for p in inputs]
         self.out_dir = Path(out_dir)
@@ -596,9 +708,15 @@ class BatchJob:
                 probabilities=self.probabilities,
                 overwrite=self.overwrite,
                 device=self.device,
+                diameter=self.diameter,
             )
             yield Progress(0.0, "Loading the model…")
             for ev in gen:
+                notice = None
+                if ev.notice:
+                    notice = starting_words(ev.notice)
+                    notice = notice[:1].upper() + notice[1:] + "."
+                    result.notices.append(notice)
                 result.n_files = ev.n_files
                 if ev.status == "done":
                     result.done += 1
@@ -606,13 +724,16 @@ class BatchJob:
                     result.skipped += 1
                 elif ev.status == "failed":
                     result.failed.append((ev.path.name, ev.error or "unknown error"))
-                yield Progress(_batch_fraction(ev), _batch_text(ev))
+                yield Progress(_batch_fraction(ev), _batch_text(ev), notice=notice)
                 if self._cancel.is_set():
                     result.cancelled = True
                     break
         except Exception as exc:
             _log(exc, "batch")
             result.error = user_message(exc, "the folder segmentation")
+            if "no cells were found" in result.error:
+                result.error = NO_CELLS_FOR_DIAMETER
+            result.error = starting_words(result.error)
         finally:
             if gen is not None:
                 gen.close()  # outputs are written atomically: no half-written file stays
