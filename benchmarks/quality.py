@@ -465,12 +465,13 @@ def section(
     )
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace this benchmark's section in ``path`` (or append it), keeping the rest."""
+def write_section(path: Path, text: str, start: str = MARK_START, end: str = MARK_END) -> None:
+    """Replace a benchmark's section (between ``start`` and ``end``) in ``path`` (or
+    append it), keeping the rest."""
     old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MARK_START in old and MARK_END in old:
-        a = old.index(MARK_START)
-        b = old.index(MARK_END) + len(MARK_END)
+    if start in old and end in old:
+        a = old.index(start)
+        b = old.index(end) + len(end)
         rest = old[b:]
         new = old[:a] + text.rstrip("\n") + ("\n" if not rest.startswith("\n") else "") + rest
     else:

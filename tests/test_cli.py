@@ -105,8 +105,12 @@ def test_train_predict_evaluate_info_2d(data, capsys):
     assert model.is_file()
     assert f"Saved model to {model}" in err
     info = read_model_info(model)
-    assert info.mode == "instances" and info.in_channels == 1 and info.n_classes == 3
+    # fine-tuned from the starting model by default (grayscale into its RGB input)
+    assert info.mode == "instances" and info.in_channels == 3 and info.n_classes == 3
+    assert "fine-tuning cellfit's starting model" in err
     rec = info.training[-1]
+    assert rec["init"] == "cellfit starting model"
+    assert info.diameter == rec["annotation"]["median_cell_diameter"]
     assert rec["steps"] == 3 and rec["patch_size"] == 64 and rec["batch_size"] == 2
     assert rec["annotation"]["cells"] == len(
         np.setdiff1d(np.unique(tifffile.imread(data / "lab" / "a.tif")), [0, 1])
@@ -152,7 +156,7 @@ def test_train_predict_evaluate_info_2d(data, capsys):
     assert "mobilenet_v2" in out and "instances" in out and "3 steps" in out
     code, out, err = run(capsys, "info", model, "--json")
     assert code == 0
-    assert json.loads(out)["training"][0]["steps"] == 3
+    assert json.loads(out)["training"][-1]["steps"] == 3
 
     # fine-tune the same model in place (no --overwrite needed for --init == --out)
     args = _train_args(data, "--init", model)
@@ -161,7 +165,7 @@ def test_train_predict_evaluate_info_2d(data, capsys):
     assert code == 0, err
     assert f"fine-tuning {model}" in err
     runs = read_model_info(model).training
-    assert [r["steps"] for r in runs] == [3, 2] and runs[1]["init"] == str(model)
+    assert [r["steps"] for r in runs[-2:]] == [3, 2] and runs[-1]["init"] == str(model)
 
 
 @pytest.mark.slow
@@ -180,7 +184,7 @@ def test_train_and_predict_rgb_and_3d_stack(tmp_path, capsys, kind):
         expect_labels, expect_probs, channels = (3, 64, 72), (3, 3, 64, 72), 1
         photometric = "minisblack"  # three slices, not the planes of an RGB image
     write_pair(tmp_path, "x.tif", img, lab, photometric=photometric)
-    args = _train_args(tmp_path)
+    args = [*_train_args(tmp_path), "--init", "scratch"]  # a model of the data's channels
     args[args.index("--steps") + 1] = "2"
     code, _, err = run(capsys, *args)
     assert code == 0, err
@@ -546,3 +550,24 @@ def test_predict_the_same_file_twice_is_done_once(tmp_path, capsys, model_file):
     assert code == 0, err
     assert "1 file(s) segmented" in err
     assert [p.name for p in out.iterdir()] == ["x_labels.tif"]
+
+
+def test_train_from_scratch_and_from_a_model_file(data, capsys):
+    code, _, err = run(capsys, *_train_args(data), "--init", "scratch")
+    assert code == 0, err
+    assert "from scratch" in err
+    info = read_model_info(data / "m.cellfit")
+    assert info.in_channels == 1 and info.training[-1]["init"] is None
+    code, _, err = run(capsys, *_train_args(data), "--init", str(data / "m.cellfit"),
+                       "--overwrite", "--distill", "0.5")
+    assert code == 0, err
+    rec = read_model_info(data / "m.cellfit").training[-1]
+    assert rec["init"] == str(data / "m.cellfit") and rec["distill"] == 0.5
+
+
+def test_predict_takes_a_cell_diameter_only_for_models_of_any_cell_size(data, capsys):
+    code, _, err = run(capsys, *_train_args(data), "--init", "scratch")
+    assert code == 0, err
+    code, _, err = run(capsys, "predict", data / "m.cellfit", data / "img", "--out",
+                       data / "p", "--diameter", "20", "--device", "cpu")
+    assert code == 2 and "leave --diameter out" in err and "Traceback" not in err

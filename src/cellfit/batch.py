@@ -33,6 +33,7 @@ from cellfit.errors import CellfitError
 from cellfit.io import ImageMeta, expand_inputs, open_image
 from cellfit.postprocess import classes_from_probs, labels_from_probs
 from cellfit.predict import DEFAULT_OVERLAP, DEFAULT_TILE, TileRunner, resolve_device
+from cellfit.starting import apply_diameter, is_starting, needs_diameter, starting_model_path
 
 __all__ = [
     "HUGE_PIXELS",
@@ -102,6 +103,9 @@ class Settings:
     slices_per_task: int = 64
     #: side of the blocks huge planes are labelled in (None: from the plane's width)
     block: int | None = None
+    #: cell diameter in image pixels, for models that work on cells of any size (the
+    #: starting model); None: the model's own, or estimated from the first file
+    diameter: float | None = None
 
 
 def label_dtype(max_label: int) -> type:
@@ -162,6 +166,13 @@ class Engine:
         self.model_path = Path(model_path)
         self.device = resolve_device(settings.device)
         self.model, self.info = load_model(self.model_path, self.device)
+        if settings.diameter is not None:
+            self.info = apply_diameter(self.info, settings.diameter)
+        elif needs_diameter(self.info):
+            raise CellfitError(
+                "this model works on cells of any size and needs their diameter: give "
+                "--diameter PIXELS."
+            )
         self.runner = TileRunner(
             self.model, self.device, batch_size=settings.batch_size, amp=settings.amp
         )
@@ -182,6 +193,7 @@ def fingerprint(model_digest: str, path: Path, settings: Settings) -> dict:
         "input": [int(st.st_size), int(st.st_mtime_ns)],
         "link_slices": bool(settings.link_slices),
         "postprocess": dict(sorted((settings.postprocess or {}).items())),
+        **({"diameter": settings.diameter} if settings.diameter is not None else {}),
     }
 
 
@@ -539,6 +551,7 @@ def predict_files(
     slices_per_task: int = 64,
     huge_pixels: int = HUGE_PIXELS,
     amp: bool = True,
+    diameter: float | None = None,
 ) -> Iterator[FileEvent]:
     """Predict every TIFF in ``inputs`` (files or folders) into ``out_dir``.
 
@@ -562,6 +575,10 @@ def predict_files(
         long stacks (``slices_per_task`` planes each) become tasks on its workers.
     huge_pixels : int
         Planes with more pixels are predicted as huge planes (tile rows, blocks).
+    diameter : float, optional
+        Cell diameter in pixels, for a model that works on cells of any size (the
+        starting model). Left out, such a model's is estimated from the first file
+        (and the first event's notice says so).
     """
     if format not in FORMATS:
         raise CellfitError(f"unknown output format {format!r}: use tiff or zarr.")
@@ -570,7 +587,10 @@ def predict_files(
         batch_size=batch_size, device=device, postprocess=dict(postprocess or {}),
         link_slices=link_slices, format=format, compression=compression,
         huge_pixels=huge_pixels, amp=amp, slices_per_task=slices_per_task,
+        diameter=diameter,
     )
+    if is_starting(model_path):
+        model_path = starting_model_path()
     files = expand_inputs(inputs, "input")
     out_dir = Path(out_dir)
     _check_out_dir(files, out_dir)
@@ -578,18 +598,54 @@ def predict_files(
     from cellfit.model import read_model_info
     from cellfit.outputs import file_digest
 
-    read_model_info(model_path)  # a clear error for a missing or foreign model file
+    info = read_model_info(model_path)  # a clear error for a missing or foreign model file
+    if diameter is not None and not info.cell_diameter:
+        raise CellfitError(
+            f"{Path(model_path).name} was trained at a fixed cell size and takes no cell "
+            "diameter: leave --diameter out."
+        )
     digest = file_digest(model_path)
+    first_notice = None
+    if settings.diameter is None and needs_diameter(info):
+        settings.diameter, first_notice = _estimate_diameter(model_path, files, settings)
     if scheduler is not None:
         from cellfit.distributed import predict_files_distributed
 
-        yield from predict_files_distributed(model_path, files, out_dir, settings, digest,
-                                             scheduler)
-        return
-    engine = Engine(model_path, settings)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for i, f in enumerate(files):
-        yield from _one_file(engine, i, len(files), f, out_dir, settings, digest)
+        events = predict_files_distributed(model_path, files, out_dir, settings, digest,
+                                           scheduler)
+    else:
+        engine = Engine(model_path, settings)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        events = (
+            ev
+            for i, f in enumerate(files)
+            for ev in _one_file(engine, i, len(files), f, out_dir, settings, digest)
+        )
+    for ev in events:
+        if first_notice is not None:
+            ev.notice = first_notice if ev.notice is None else f"{first_notice}; {ev.notice}"
+            first_notice = None
+        yield ev
+
+
+def _estimate_diameter(model_path, files, settings) -> tuple[float, str]:
+    """The cell diameter of the first readable file (middle plane), and a notice."""
+    from cellfit.model import load_model
+    from cellfit.starting import estimate_diameter
+
+    model, info = load_model(model_path, resolve_device(settings.device))
+    for f in files:
+        try:
+            with open_image(f) as img:
+                plane = img.plane(img.n_planes // 2)
+        except CellfitError:
+            continue  # reported when the file's turn comes
+        d = estimate_diameter(model, info, plane, device=resolve_device(settings.device))
+        return d, (
+            f"cell diameter estimated at {d:g} pixels from {f.name}; give --diameter to "
+            "set it"
+        )
+    raise CellfitError("none of the input files could be read: check the inputs.")
 
 
 def _one_file(engine, i, n_files, f, out_dir, settings, digest) -> Iterator[FileEvent]:

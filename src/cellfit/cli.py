@@ -69,11 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--time-limit", type=_positive_float, metavar="SECONDS",
                    help="stop after this many seconds (default 300 unless --steps is given)")
     t.add_argument("--steps", type=_positive_int, metavar="N", help="stop after N steps")
-    t.add_argument("--init", metavar="MODEL", help="fine-tune this model instead of starting fresh")
+    t.add_argument("--init", metavar="MODEL",
+                   help="model to fine-tune: 'starting' (cellfit's generalist starting "
+                   "model; the default unless --encoder or --encoder-weights is given), "
+                   "'scratch' (random weights) or a model file")
+    t.add_argument("--distill", type=float, default=TrainConfig.distill, metavar="WEIGHT",
+                   help="when fine-tuning, keep unannotated pixels as the starting model "
+                   f"predicts them, with this weight (default {TrainConfig.distill:g}; 0 = off)")
     t.add_argument("--loss", default=DEFAULT_LOSS, metavar="NAME",
                    help=f"ce, focal, dice, jaccard, tversky or a sum such as focal+dice (default {DEFAULT_LOSS})")
-    t.add_argument("--encoder", default=DEFAULT_ENCODER, metavar="NAME",
-                   help=f"encoder of the U-Net++ (default {DEFAULT_ENCODER})")
+    t.add_argument("--encoder", metavar="NAME",
+                   help=f"encoder of a new U-Net++ (default {DEFAULT_ENCODER}); implies "
+                   "--init scratch")
     t.add_argument("--encoder-weights", metavar="imagenet|FILE",
                    help="pretrained encoder weights: 'imagenet' (needs internet) or a local file")
     t.add_argument("--mode", choices=("instances", "semantic"), default="instances")
@@ -81,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--patch-size", type=_positive_int, default=256, metavar="PIXELS")
     t.add_argument("--batch-size", type=_positive_int, metavar="N")
-    t.add_argument("--lr", type=_positive_float, default=TrainConfig.lr, help=f"learning rate (default {TrainConfig.lr:g})")
+    t.add_argument("--lr", type=_positive_float, metavar="RATE",
+                   help=f"learning rate (default {TrainConfig.lr:g} for a new model, "
+                   f"{TrainConfig.finetune_lr:g} when fine-tuning)")
     t.add_argument("--class-weights", default="balanced",
                    help="balanced (default), none, or comma-separated numbers, one per class")
     t.add_argument("--val-every", type=_positive_int, default=50, metavar="STEPS")
@@ -98,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         "whose outputs are complete (made by this model from this input); --overwrite "
         "redoes them. Inputs are never modified.",
     )
-    p.add_argument("model", metavar="MODEL")
+    p.add_argument("model", metavar="MODEL",
+                   help="a model file, or 'starting' for cellfit's starting model as is")
     p.add_argument("inputs", nargs="+", metavar="INPUTS", help="TIFF files or folders of TIFFs")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--probabilities", action="store_true",
@@ -120,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slices-per-task", type=_positive_int, default=64, metavar="N",
                    help="with --scheduler, stacks longer than N slices are split into tasks "
                    "of N slices (default 64)")
+    p.add_argument("--diameter", type=_positive_float, metavar="PIXELS",
+                   help="cell diameter in pixels, for the starting model (default: "
+                   "estimated from the first image); models fine-tuned on painted cells "
+                   "know it already")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
     p.add_argument("--tile", type=_positive_int, default=512, metavar="PIXELS")
     p.add_argument("--overlap", type=int, default=64, metavar="PIXELS")
@@ -168,6 +182,8 @@ def _run_training(trainer, desc: str = "training") -> bool:
     post: dict = {}
     try:
         for ev in gen:
+            if ev.notice:
+                tqdm.write(f"cellfit: note: {ev.notice}", file=sys.stderr)
             bar.n = int(ev.fraction * 1000)
             post["step"] = ev.step
             post["loss"] = f"{ev.loss:.3f}"
@@ -189,11 +205,23 @@ def _run_training(trainer, desc: str = "training") -> bool:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cellfit.io import pair_files, read_image, read_labels
+    from cellfit.model import DEFAULT_ENCODER
+    from cellfit.starting import is_scratch, is_starting
     from cellfit.targets import annotation_from_mask, looks_like_mask
     from cellfit.train import TrainConfig, Trainer
 
+    fresh = args.encoder is not None or args.encoder_weights is not None
+    if args.init is None:
+        args.init = "scratch" if fresh else "starting"
+    elif fresh and not is_scratch(args.init):
+        raise CellfitError(
+            "--encoder and --encoder-weights build a new network, but --init fine-tunes an "
+            "existing one: give one of them (or --init scratch)."
+        )
     out = Path(args.out)
-    if out.exists() and not args.overwrite and not (args.init and Path(args.init) == out):
+    if out.exists() and not args.overwrite and not (
+        args.init and not is_starting(args.init) and Path(args.init) == out
+    ):
         raise CellfitError(
             f"{out} already exists: choose another --out or add --overwrite to replace it."
         )
@@ -217,18 +245,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         time_limit = 300.0
     cfg = TrainConfig(
         mode=args.mode,
-        encoder=args.encoder,
+        encoder=args.encoder or DEFAULT_ENCODER,
         loss=args.loss,
         class_weights=_parse_weights(args.class_weights),
         patch_size=args.patch_size,
         batch_size=args.batch_size,
         steps=args.steps,
         time_limit=time_limit,
-        lr=args.lr,
+        lr=args.lr or TrainConfig.lr,
+        finetune_lr=args.lr or TrainConfig.finetune_lr,
         val_every=args.val_every,
         seed=args.seed,
         device=args.device,
         init=args.init,
+        distill=args.distill,
         encoder_weights=args.encoder_weights,
     )
     trainer = Trainer(images, anns, cfg)
@@ -236,7 +266,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(
         f"Training on {s['planes']} annotated plane(s) of {len(pairs)} image(s): {s['cells']} "
         f"cell(s)/object(s), {s['background_pixels']} background pixels; device {trainer.device}"
-        + (f", fine-tuning {args.init}" if args.init else "")
+        + (
+            ", fine-tuning cellfit's starting model"
+            if is_starting(args.init) and trainer.init is not None
+            else (f", fine-tuning {trainer.init}" if trainer.init is not None else ", from scratch")
+        )
         + ("." if not trainer.split.on_training else
            "; fewer than 5 cells, so validation uses the training annotation."),
         file=sys.stderr,
@@ -282,6 +316,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         compression=args.compression,
         scheduler=args.scheduler,
         slices_per_task=args.slices_per_task,
+        diameter=args.diameter,
     )
     failed: list[tuple[Path, str]] = []
     done = skipped = 0
@@ -432,7 +467,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from cellfit.model import read_model_info
+    from cellfit.starting import is_starting, starting_model_path
 
+    if is_starting(args.model):
+        args.model = starting_model_path()
     info = read_model_info(args.model)
     if args.json:
         print(json.dumps(asdict(info), indent=2))
@@ -447,9 +485,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"network     U-Net++ / {info.encoder}, {info.in_channels} channel(s) in")
     print(f"mode        {info.mode}: {', '.join(info.class_names)}")
     print(f"normalise   {norm_text}")
-    if abs(info.scale - 1.0) > 1e-6:
+    if info.cell_diameter and not info.diameter:
+        print(f"cell size   any: images are resized so cells are {info.cell_diameter:g} px "
+              "across (give --diameter to predict, or fine-tune on painted cells)")
+    elif abs(info.scale - 1.0) > 1e-6 or info.diameter:
+        across = f"{info.diameter:g} px" if info.diameter else "large"
         print(f"scale       images are resized by {info.scale:g} before the network "
-              "(cells brought to ~30 px across)")
+              f"(cells {across} across brought to ~{info.cell_diameter or 30:g} px)")
     if info.postprocess.get("min_size"):
         print(f"min. size   objects under {info.postprocess['min_size']} pixels are dropped")
     for k, rec in enumerate(info.training, 1):
@@ -459,6 +501,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         ann = rec.get("annotation", {})
         print(f"training {k}  {rec.get('date')}: {rec.get('steps')} steps, {rec.get('seconds')} s on "
               f"{rec.get('device')}; {ann.get('cells')} cells annotated; validation: {figs or 'n/a'}")
+        if rec.get("purpose"):
+            print(f"            {rec['purpose']}")
+        for item in rec.get("data", []):
+            print(f"            data: {item.get('name')} (licence: {item.get('licence')})")
     return 0
 
 

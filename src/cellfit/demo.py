@@ -69,8 +69,10 @@ def run_demo(out: Path, time_limit: float = 60.0, device: str = "auto", seed: in
     say(f"Simulating a user's sparse annotation from the ground truth: {n_painted} of {n_true} "
         f"nuclei painted whole, a thin background ring around them and 6 background strokes; "
         f"{100 * (annotation == 0).mean():.0f}% of the pixels are left unannotated.")
-    say(f"Training a U-Net++ for {time_limit:.0f} s ...")
-    cfg = TrainConfig(time_limit=time_limit, device=device, seed=seed, val_every=25)
+    say(f"Fine-tuning cellfit's starting model (a U-Net++) for {time_limit:.0f} s ...")
+    cfg = TrainConfig(
+        time_limit=time_limit, device=device, seed=seed, val_every=25, init="starting"
+    )
     trainer = Trainer([image], [annotation], cfg)
     completed = _run_training(trainer)
     say("Predicting the whole image ...")

@@ -58,6 +58,13 @@ class ModelInfo:
     scale: float = 1.0
     # keyword arguments of the post-processing (e.g. min_size from the annotated cells)
     postprocess: dict = field(default_factory=dict)
+    # the cell diameter, in model pixels, the network was trained for; set for starting
+    # models meant for cells of any size (images are then resized so their cells are
+    # this big: from the annotation when fine-tuning, estimated or given otherwise)
+    cell_diameter: float | None = None
+    # the cell diameter, in image pixels, ``scale`` was set for (from the annotation or
+    # given); None for a starting model that has not been told (see cellfit.starting)
+    diameter: float | None = None
     architecture: str = "UnetPlusPlus"
     format_version: int = FORMAT_VERSION
     training: list[dict] = field(default_factory=list)

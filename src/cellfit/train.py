@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -47,6 +48,13 @@ from cellfit.normalize import (
 from cellfit.postprocess import instances_from_probs
 from cellfit.predict import iter_predict, resolve_device
 from cellfit.sampling import DEFAULT_FG_FRACTION, PatchSampler, split_annotations
+from cellfit.starting import (
+    is_scratch,
+    is_starting,
+    scale_for,
+    starting_model_path,
+    starting_model_problem,
+)
 from cellfit.targets import IGNORE, INSTANCE_CLASSES, class_counts, make_targets, n_classes_for
 
 __all__ = ["TrainConfig", "TrainEvent", "Trainer", "annotation_summary", "train"]
@@ -89,6 +97,14 @@ class TrainConfig:
     min_size_fraction : float
         Predicted objects smaller than this fraction of the median annotated cell
         area are dropped (stored in the model; at least 16 pixels).
+    lr, finetune_lr : float
+        Peak learning rate of a new model, and of fine-tuning an existing one (the
+        starting model or the user's own; None: ``lr``). Smaller steps keep what the
+        existing model knows.
+    distill : float
+        When fine-tuning, weight of a term that keeps the predictions on unannotated
+        pixels close to the starting model's (0: off). Costs one more forward pass
+        per step.
     """
 
     mode: str = "instances"
@@ -101,6 +117,7 @@ class TrainConfig:
     steps: int | None = None
     time_limit: float | None = None
     lr: float = 5e-3
+    finetune_lr: float | None = 1e-3
     weight_decay: float = 1e-4
     encoder_lr_scale: float = 1.0
     warmup_steps: int = 5
@@ -122,6 +139,7 @@ class TrainConfig:
     scale: str | float = "auto"
     cell_diameter: float = 30.0
     min_size_fraction: float = 0.1
+    distill: float = 0.0
 
 
 @dataclass
@@ -145,6 +163,8 @@ class TrainEvent:
     preview: np.ndarray | None = None
     done: bool = False
     stopped: bool = False
+    #: a message for the user, e.g. that the batch was halved after running out of memory
+    notice: str | None = None
 
 
 def _as_planes(image: ImageStack | np.ndarray) -> np.ndarray:
@@ -256,13 +276,39 @@ class Trainer:
                 "no class is annotated (only background): paint some pixels with class 2 or more."
             )
 
-        # model: fine-tune an existing one, or build a fresh one
-        if model is None and cfg.init is not None:
-            model, info = load_model(cfg.init)
+        # model: fine-tune an existing one (the shipped starting model by name), or
+        # build a fresh one
+        self._notices: list[str] = []
+        init = None if is_scratch(cfg.init) else cfg.init
+        if model is None and is_starting(init):
+            from cellfit.model import read_model_info
+
+            path = starting_model_path()
+            problem = starting_model_problem(
+                read_model_info(path), cfg.mode, planes_list[0].shape[1]
+            )
+            if problem:
+                self._notices.append(f"{problem}: training from scratch instead")
+                init = None
+            else:
+                init = path
+        self.init = init
+        if model is None and init is not None:
+            model, info = load_model(init)
         if model is not None and info is not None:
             self._check_compatible(info, anns)
             self.info = copy.deepcopy(info)
             self.model = model
+            if self.info.cell_diameter and self.summary["median_cell_diameter"] > 0:
+                # a model for cells of any size: resize so the painted cells are the
+                # size it was trained for
+                d = self.summary["median_cell_diameter"]
+                self.info.diameter = d
+                self.info.scale = (
+                    scale_for(self.info.cell_diameter, d)
+                    if cfg.scale == "auto"
+                    else self._choose_scale()
+                )
         else:
             n_channels = planes_list[0].shape[1]
             if any(p.shape[1] != n_channels for p in planes_list):
@@ -291,12 +337,25 @@ class Trainer:
             )
             torch.manual_seed(cfg.seed)
             self.model = build_model(self.info, cfg.encoder_weights)
+        self.fine_tuning = self.init is not None or model is not None
+        self.base_lr = (
+            cfg.finetune_lr if self.fine_tuning and cfg.finetune_lr is not None else cfg.lr
+        )
+        self.teacher: nn.Module | None = None
+        if self.fine_tuning and cfg.distill > 0:
+            self.teacher = copy.deepcopy(self.model).eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
         if cfg.mode == "instances" and self.summary["median_cell_area"] > 0:
             min_size = max(16, int(cfg.min_size_fraction * self.summary["median_cell_area"]))
             self.info.postprocess = {**self.info.postprocess, "min_size": min_size}
         self.model.to(self.device)
+        if self.teacher is not None:
+            self.teacher.to(self.device)
         if self.device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
+            if self.teacher is not None:
+                self.teacher.to(memory_format=torch.channels_last)
 
         # data: normalise each image once, derive targets, split off validation
         self.rng = np.random.default_rng(cfg.seed)
@@ -362,7 +421,7 @@ class Trainer:
                 {"params": enc_params, "lr_scale": cfg.encoder_lr_scale},
                 {"params": rest, "lr_scale": 1.0},
             ],
-            lr=cfg.lr,
+            lr=self.base_lr,
             weight_decay=cfg.weight_decay,
         )
         self.use_amp = cfg.amp and self.device.type == "cuda"
@@ -442,10 +501,89 @@ class Trainer:
             fr.append(elapsed / cfg.time_limit)
         return max(fr) if fr else 0.0
 
+    #: draw the next batch in a background thread while the current step computes
+    prefetch: bool = True
+
+    def _next_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch of ``n`` patches as CPU tensors (pinned on CUDA), and start
+        drawing the one after it in a background thread.
+
+        Batches are drawn one after another from the sampler's generator, in the same
+        order as without prefetching, so a seed gives the same batches. A batch drawn
+        before the batch size was halved is cut to the new size.
+        """
+        pending = getattr(self, "_pending", None)
+        self._pending = None
+        batch = None
+        if pending is not None:
+            thread, box = pending
+            thread.join()
+            if "error" in box:
+                raise box["error"]
+            if len(box["batch"][0]) >= n:
+                batch = (box["batch"][0][:n], box["batch"][1][:n])
+        if batch is None:
+            batch = self._draw(n)
+        if self.prefetch:
+            box: dict = {}
+
+            def work() -> None:
+                try:
+                    box["batch"] = self._draw(n)
+                except BaseException as exc:  # re-raised in the training thread
+                    box["error"] = exc
+
+            thread = threading.Thread(target=work, name="cellfit-prefetch", daemon=True)
+            thread.start()
+            self._pending = (thread, box)
+        return batch
+
+    def _draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.sampler.sample(n)
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+        if self.device.type == "cuda":
+            xt, yt = xt.pin_memory(), yt.pin_memory()
+        return xt, yt
+
     def _train_step(self) -> float:
-        x, y = self.sampler.sample(self.batch_size)
-        xt = torch.from_numpy(x).to(self.device, non_blocking=True)
-        yt = torch.from_numpy(y.astype(np.int64)).to(self.device, non_blocking=True)
+        """One optimizer step; on running out of device memory, halve the batch and
+        retry on the first half of the same patches (a notice says so)."""
+        from cellfit.predict import is_out_of_memory
+
+        xb, yb = self._next_batch(self.batch_size)
+        while True:
+            try:
+                return self._step_on(xb[: self.batch_size], yb[: self.batch_size])
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            n = self.batch_size
+            kind = self.device.type.upper()
+            if n <= 1:
+                p = self.config.patch_size
+                raise CellfitError(
+                    f"the {kind} device ran out of memory training on a single patch of "
+                    f"{p}x{p} pixels: use a smaller --patch-size (e.g. 128), close other "
+                    "programs that use the GPU, or train with --device cpu."
+                )
+            self.batch_size = n // 2
+            self._notices = [
+                *getattr(self, "_notices", []),
+                f"out of {kind} memory with batches of {n} patches: "
+                f"continuing with {self.batch_size}",
+            ]
+
+    def _pop_notice(self) -> str | None:
+        notices = getattr(self, "_notices", None)
+        self._notices = []
+        return "; ".join(notices) if notices else None
+
+    def _step_on(self, xb: torch.Tensor, yb: torch.Tensor) -> float:
+        xt = xb.to(self.device, non_blocking=True)
+        yt = yb.to(self.device, non_blocking=True).long()
         if self.device.type == "cuda":
             xt = xt.contiguous(memory_format=torch.channels_last)
         self.model.train()
@@ -453,10 +591,26 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
             logits = self.model(xt)
         loss = self.loss_fn(logits.float(), yt)
+        if self.teacher is not None:
+            loss = loss + self.config.distill * self._distill_loss(xt, logits, yt)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return float(loss.detach())
+
+    def _distill_loss(self, xt: torch.Tensor, logits: torch.Tensor, yt: torch.Tensor) -> torch.Tensor:
+        """KL divergence from the starting model's predictions on the pixels nobody
+        annotated: what the user did not paint stays as the starting model had it."""
+        free = yt == IGNORE
+        if not bool(free.any()):
+            return logits.sum() * 0.0
+        with torch.no_grad(), torch.autocast(
+            self.device.type, dtype=self.amp_dtype, enabled=self.use_amp
+        ):
+            ref = torch.softmax(self.teacher(xt).float(), dim=1)
+        logp = torch.log_softmax(logits.float(), dim=1)
+        kl = (ref * (torch.log(ref.clamp_min(1e-6)) - logp)).sum(dim=1)
+        return kl[free].mean()
 
     def _predict(self, plane: np.ndarray) -> np.ndarray:
         info = copy.copy(self.info)
@@ -544,7 +698,7 @@ class Trainer:
                     elapsed = time.perf_counter() - t0
                     fraction = self._fraction(elapsed)
                     for g in self.optimizer.param_groups:
-                        g["lr"] = cfg.lr * g["lr_scale"] * self._lr_factor(fraction)
+                        g["lr"] = self.base_lr * g["lr_scale"] * self._lr_factor(fraction)
                     loss = self._train_step()
                     if not math.isfinite(loss):
                         raise CellfitError(
@@ -592,6 +746,7 @@ class Trainer:
                     preview=preview,
                     done=last,
                     stopped=self._stop,
+                    notice=self._pop_notice(),
                 )
                 if last:
                     finished = True
@@ -632,7 +787,13 @@ class Trainer:
             "best_score": self.best_score,
             "annotation": self.summary,
             "scale": self.info.scale,
-            "init": str(self.config.init) if self.config.init else None,
+            "init": (
+                "cellfit starting model"
+                if is_starting(self.config.init) and self.init is not None
+                else (str(self.init) if self.init is not None else None)
+            ),
+            "distill": self.config.distill if self.teacher is not None else None,
+            "lr": self.base_lr,
             "encoder_weights": self.config.encoder_weights,
             "seed": self.config.seed,
             "versions": package_versions(),

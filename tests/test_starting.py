@@ -1,0 +1,223 @@
+"""The synthetic scene generator, the shipped starting model and fine-tuning from it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from cellfit.errors import CellfitError
+from cellfit.model import ModelInfo, build_model, load_model, read_model_info, save_model
+from cellfit.scenes import KINDS, layout, scene
+from cellfit.starting import (
+    apply_diameter,
+    estimate_diameter,
+    is_scratch,
+    is_starting,
+    needs_diameter,
+    scale_for,
+    starting_model_path,
+    starting_model_problem,
+)
+from cellfit.synthetic import sparse_annotation
+from cellfit.targets import IGNORE
+from cellfit.train import TrainConfig, Trainer
+
+TINY = {"patch_size": 64, "batch_size": 2, "device": "cpu", "preview_every": 1e9}
+
+
+# ------------------------------------------------------------------------- scenes
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_scene_kind_gives_an_image_with_exact_labels(kind):
+    img, labels, got = scene(kind, (96, 128), diameter=20, seed=1)
+    assert got == kind
+    assert img.shape[:2] == (96, 128) and labels.shape == (96, 128)
+    assert img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 3)
+    assert img.dtype in (np.uint8, np.uint16, np.float32)
+    ids = np.unique(labels)
+    assert ids[0] == 0 and len(ids) > 3
+    assert np.array_equal(ids, np.arange(len(ids)))  # 1..N without gaps
+    # cells differ from the background in the image (the labels describe the picture)
+    grey = img.astype(np.float64) if img.ndim == 2 else img.astype(np.float64).mean(-1)
+    inside, outside = grey[labels > 0].mean(), grey[labels == 0].mean()
+    assert abs(inside - outside) > 0.05 * grey.std()
+
+
+def test_scenes_are_reproducible_and_varied():
+    a = scene(None, (64, 64), 16, seed=5)
+    b = scene(None, (64, 64), 16, seed=5)
+    assert a[2] == b[2] and np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    kinds = {scene(None, (32, 32), 10, seed=s)[2] for s in range(40)}
+    assert kinds == set(KINDS)
+    with pytest.raises(ValueError, match="unknown scene kind"):
+        scene("confocal", (32, 32), 10, seed=0)
+
+
+def test_layout_cell_size_and_touching_cells():
+    rng = np.random.default_rng(0)
+    labels, _cells = layout(rng, (256, 256), diameter=24, density=0.6, touching=1.0)
+    sizes = np.bincount(labels.ravel())[1:]
+    inner = sizes[sizes > 0.5 * np.pi * 144]  # cells not cut by the image edge
+    d = 2 * np.sqrt(np.median(inner) / np.pi)
+    assert 18 < d < 32
+    # touching cells: some pairs of different ids are direct neighbours
+    h = (labels[:, 1:] != labels[:, :-1]) & (labels[:, 1:] > 0) & (labels[:, :-1] > 0)
+    assert h.sum() > 20
+    apart, _ = layout(np.random.default_rng(0), (256, 256), 24, density=0.3, touching=0.0)
+    h2 = (apart[:, 1:] != apart[:, :-1]) & (apart[:, 1:] > 0) & (apart[:, :-1] > 0)
+    assert h2.sum() < h.sum() / 4
+
+
+# --------------------------------------------------------------- cell size helpers
+def test_names_scale_and_diameter_helpers():
+    assert is_starting("starting") and is_starting(" Starting ") and not is_starting("m.cellfit")
+    assert is_scratch(None) and is_scratch("scratch") and not is_scratch("starting")
+    assert scale_for(30, 60) == 0.5 and scale_for(30, 15) == 2.0
+    with pytest.raises(CellfitError, match="positive"):
+        scale_for(30, 0)
+    info = ModelInfo(in_channels=3, cell_diameter=30.0)
+    assert needs_diameter(info)
+    set_ = apply_diameter(info, 120)
+    assert set_.scale == 0.25 and set_.diameter == 120 and not needs_diameter(set_)
+    assert set_.postprocess["min_size"] == int(0.1 * np.pi / 4 * 120**2)
+    assert info.scale == 1.0  # a copy: the original is untouched
+    with pytest.raises(CellfitError, match="fixed cell size"):
+        apply_diameter(ModelInfo(), 40)
+
+
+def test_what_the_starting_model_cannot_take():
+    info = ModelInfo(in_channels=3, cell_diameter=30.0)
+    assert starting_model_problem(info, "instances", 1) is None
+    assert starting_model_problem(info, "instances", 3) is None
+    assert "semantic" in starting_model_problem(info, "semantic", 1)
+    assert "2 channels" in starting_model_problem(info, "instances", 2)
+
+
+# ------------------------------------------------------------ the shipped model
+def test_the_shipped_starting_model():
+    path = starting_model_path()
+    assert path.stat().st_size <= 25e6
+    info = read_model_info(path)
+    assert info.mode == "instances" and info.in_channels == 3
+    assert info.cell_diameter == 30 and needs_diameter(info)
+    rec = info.training[-1]
+    names = " ".join(d["name"] for d in rec["data"])
+    assert "synthetic" in names and "DSB2018" in names
+    assert all(d.get("licence") for d in rec["data"])
+    assert "u2os" not in str(rec).lower()  # measuring data never trains it
+    assert rec["steps"] > 0 and rec["command"].startswith("python scripts/pretrain")
+    model, _ = load_model(path)
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def _image(seed=0, diameter=48, shape=(192, 192)):
+    img, labels, _ = scene("fluo_nuclei", shape, diameter, seed=seed)
+    return img, labels
+
+
+def test_fine_tuning_from_the_starting_model_resizes_to_its_cell_size():
+    img, labels = _image(diameter=60, shape=(240, 240))
+    ann = sparse_annotation(labels, fraction=0.5, seed=0)
+    t = Trainer([img], [ann], TrainConfig(init="starting", steps=1, val_every=100, **TINY))
+    d = t.summary["median_cell_diameter"]
+    assert t.init == starting_model_path()
+    assert t.info.diameter == d and t.info.scale == pytest.approx(30 / d, rel=1e-3)
+    assert t.info.in_channels == 3  # grayscale is repeated into the RGB model
+    list(t.run())
+    assert t.info.training[-1]["init"] == "cellfit starting model"
+    assert not needs_diameter(t.info)
+
+
+def test_the_starting_model_falls_back_to_scratch_where_it_cannot_serve():
+    img, labels = _image()
+    ann = sparse_annotation(labels, fraction=0.5, seed=0)
+    two = np.stack([img, img])[None]  # (P, C, Y, X): one plane of two channels
+    t = Trainer([two], [ann], TrainConfig(init="starting", steps=1, **TINY))
+    assert t.init is None and t.info.in_channels == 2
+    ev = next(iter(t.run()))
+    assert "2 channels" in ev.notice and "from scratch" in ev.notice
+    sem = np.where(labels > 0, 2, np.where(ann == 1, 1, 0)).astype(np.uint8)
+    t = Trainer([img], [sem], TrainConfig(init="starting", mode="semantic", steps=1, **TINY))
+    assert t.init is None and "semantic" in next(iter(t.run())).notice
+
+
+def test_distillation_acts_only_on_unannotated_pixels():
+    img, labels = _image()
+    ann = sparse_annotation(labels, fraction=0.3, seed=0)
+    t = Trainer([img], [ann], TrainConfig(init="starting", distill=1.0, steps=1, **TINY))
+    assert t.teacher is not None
+    assert not any(p.requires_grad for p in t.teacher.parameters())
+    x = torch.from_numpy(t.sampler.sample(2)[0])
+    with torch.no_grad():
+        logits = t.model(x)
+    y = torch.full(logits.shape[:1] + logits.shape[2:], IGNORE, dtype=torch.long)
+    y[:, :, :32] = 1  # left half annotated
+    assert float(t._distill_loss(x, logits, y)) == pytest.approx(0.0, abs=1e-5)
+    changed = logits.clone()
+    changed[:, :, :, :32] += torch.randn_like(changed[:, :, :, :32]) * 3  # annotated side
+    assert float(t._distill_loss(x, changed, y)) == pytest.approx(0.0, abs=1e-5)
+    changed[:, :, :, 32:] += torch.randn_like(changed[:, :, :, 32:]) * 3  # unannotated side
+    assert float(t._distill_loss(x, changed, y)) > 0.1
+    # without distillation there is no teacher (and no extra forward pass)
+    t2 = Trainer([img], [ann], TrainConfig(init="starting", steps=1, **TINY))
+    assert t2.teacher is None
+
+
+def test_the_diameter_is_estimated_within_a_factor_of_1_5():
+    model, info = load_model(starting_model_path())
+    for d in (16, 60):
+        img, _labels, _ = scene("fluo_nuclei", (int(8 * d), int(8 * d)), d, seed=3)
+        planes = img[None].astype(np.float32)
+        est = estimate_diameter(model, info, planes, device="cpu")
+        assert d / 1.5 < est < d * 1.5, (d, est)
+
+
+def test_no_cells_anywhere_asks_for_the_diameter():
+    model, info = load_model(starting_model_path())
+    flat = np.random.default_rng(0).normal(100, 1, (1, 128, 128)).astype(np.float32)
+    with pytest.raises(CellfitError, match="--diameter"):
+        estimate_diameter(model, info, flat, device="cpu")
+
+
+# -------------------------------------------------------------- batch and CLI
+def test_predicting_with_the_starting_model_estimates_or_takes_the_diameter(tmp_path):
+    from cellfit.batch import predict_files
+
+    img, _labels, _ = scene("fluo_nuclei", (256, 256), 40, seed=2)
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "a.tif", img)
+    path = starting_model_path()
+    out = tmp_path / "out"
+    events = [e for e in predict_files(path, [tmp_path / "in"], out, device="cpu")
+              if e.status != "plane"]
+    assert events[0].status == "done"
+    assert "cell diameter estimated at" in events[0].notice
+    lab = tifffile.imread(out / "a_labels.tif")
+    assert lab.shape == img.shape and lab.max() > 3
+    # a given diameter changes the result's fingerprint: the file is redone, not skipped
+    again = [e for e in predict_files(path, [tmp_path / "in"], out, device="cpu", diameter=40)
+             if e.status != "plane"]
+    assert again[0].status == "done" and again[0].notice is not None
+    same = [e for e in predict_files("starting", [tmp_path / "in"], out, device="cpu",
+                                     diameter=40) if e.status != "plane"]
+    assert same[0].status == "skipped"  # "starting" names the same model file
+
+
+def test_a_fixed_size_model_refuses_a_diameter(tmp_path):
+    from cellfit.batch import predict_files
+
+    info = ModelInfo()
+    path = save_model(tmp_path / "m.cellfit", build_model(info), info)
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((32, 32), np.uint8))
+    with pytest.raises(CellfitError, match="leave --diameter out"):
+        list(predict_files(path, [tmp_path / "a.tif"], tmp_path / "o", diameter=30))
+
+
+def test_cli_info_names_the_starting_model_and_its_data_licences(capsys):
+    from cellfit.cli import main
+
+    assert main(["info", "starting"]) == 0
+    out = capsys.readouterr().out
+    assert "cell size   any" in out and "generalist starting model" in out
+    assert "licence: BSD-3-Clause" in out
