@@ -33,3 +33,22 @@ def test_cuda_training_with_amp_and_prediction_match_cpu(tmp_path):
     assert p_gpu.shape == p_cpu.shape == (1, 3, 192, 192)
     # bf16/fp16 autocast against fp32: close, not identical
     assert np.abs(p_gpu - p_cpu).mean() < 0.02
+
+
+def test_speed_benchmark_training_part_on_cuda():
+    """benchmarks/speed.py's training figures on the GPU (AMP, channels_last); the
+    benchmark itself also measures torch.compile."""
+    import importlib.util
+    from argparse import Namespace
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+    spec = importlib.util.spec_from_file_location("speed_bench", path)
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    args = Namespace(batch_size=4, patch=128, rounds=1, block=2, compile="off", peak_tflops=100.0)
+    rows = dict(speed.part_training(args, torch.device("cuda")))
+    assert "AMP" in rows["training batch"] and "channels_last" in rows["training batch"]
+    assert rows["GPU utilisation: model FLOP/s ÷ dense bf16 peak"].startswith("**")
+    ratio = float(rows["**training ratio** cellfit ÷ bare (target ≤ 1.10)"].strip("*"))
+    assert ratio > 0

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import warnings
+
 import torch
 
-__all__ = ["describe_devices", "device_label"]
+__all__ = ["cuda_unavailable_reason", "describe_devices", "device_label"]
 
 
 def device_label(device: str | torch.device | None = "auto") -> str:
@@ -21,23 +26,78 @@ def device_label(device: str | torch.device | None = "auto") -> str:
     return f"CPU only ({torch.get_num_threads()} threads)"
 
 
+def cuda_unavailable_reason() -> str | None:
+    """Why PyTorch cannot use a CUDA GPU, in one sentence; None when it can.
+
+    Tells apart a CPU-only PyTorch, GPUs hidden by ``CUDA_VISIBLE_DEVICES``, a missing
+    or too old NVIDIA driver (PyTorch's own words), and a machine without an NVIDIA GPU.
+    """
+    if not torch.version.cuda:
+        if getattr(torch.version, "hip", None):
+            return (f"this PyTorch is built for AMD ROCm {torch.version.hip}, not CUDA, and "
+                    "sees no usable AMD GPU")
+        return ("this PyTorch is a CPU-only build: install a CUDA build of PyTorch "
+                "(see pytorch.org, 'Get started') to use an NVIDIA GPU")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about a missing driver as well
+        if torch.cuda.is_available():
+            return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles"):
+        return (f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU from this process: "
+                "unset it to use one")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.cuda.init()
+    except Exception as exc:  # PyTorch says what is missing (driver, GPU, version)
+        text = " ".join(str(exc).split())
+        low = text.lower()
+        if "no nvidia driver" in low:
+            return ("no NVIDIA driver was found: this machine has no NVIDIA GPU, or its "
+                    "driver is not installed")
+        if "too old" in low or "insufficient" in low:
+            return f"the NVIDIA driver is too old for this PyTorch (CUDA {torch.version.cuda}): update the driver"
+        return f"CUDA could not start: {text}"
+    return "PyTorch finds no CUDA GPU on this machine"
+
+
+def _driver_version() -> str | None:
+    """The NVIDIA driver version from ``nvidia-smi``, or None where it cannot be asked."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0].strip() if out.strip() else None
+
+
 def describe_devices() -> str:
     """A few lines on what PyTorch sees, and why a GPU is or is not used."""
     lines = [f"PyTorch {torch.__version__}"]
     cuda_build = torch.version.cuda
+    reason = cuda_unavailable_reason()
     if cuda_build:
         lines.append(f"CUDA build: yes (CUDA {cuda_build})")
-        if torch.cuda.is_available():
+        if reason is None:
+            lines.append(f"  NVIDIA driver: {_driver_version() or 'working'}")
             for i in range(torch.cuda.device_count()):
                 p = torch.cuda.get_device_properties(i)
                 lines.append(f"  GPU {i}: {p.name}, {p.total_memory / 1e9:.1f} GB, "
                              f"compute capability {p.major}.{p.minor}")
         else:
-            lines.append("  no CUDA GPU is usable: no NVIDIA driver or no GPU on this machine")
+            lines.append(f"  no CUDA GPU is used: {reason}")
     else:
-        lines.append("CUDA build: no (this PyTorch is CPU-only; install a CUDA build to use a GPU)")
+        lines.append("CUDA build: no")
+        lines.append(f"  no CUDA GPU is used: {reason}")
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         lines.append("Apple GPU (MPS): available")
+    elif mps is not None and mps.is_built():
+        lines.append("Apple GPU (MPS): not available (needs macOS 12.3 or later on a Mac "
+                     "with an Apple or AMD GPU)")
     lines.append(f"cellfit will use: {device_label('auto')}")
     return "\n".join(lines)

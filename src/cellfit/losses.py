@@ -9,7 +9,8 @@ and so receive exactly zero gradient.
   (smp's ``FocalLoss`` is one-vs-rest sigmoid without class weights, so the softmax
   form is written here from ``torch.nn.functional.cross_entropy``.)
 * ``dice`` / ``jaccard`` / ``tversky``: smp's soft scores (``soft_dice_score`` etc.)
-  computed per class over the whole batch. A class absent from the batch's annotated
+  computed per class over the whole batch (from three per-class sums, without a
+  one-hot tensor). A class absent from the batch's annotated
   pixels is left out of the mean, so a batch of background-only patches neither
   explodes nor dominates. They are already insensitive to class frequency, so class
   weights act on the pixel-wise terms.
@@ -23,11 +24,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from segmentation_models_pytorch.losses._functional import (
-    soft_dice_score,
-    soft_jaccard_score,
-    soft_tversky_score,
-)
 from torch import nn
 
 from cellfit.errors import CellfitError
@@ -137,28 +133,29 @@ class OverlapLoss(nn.Module):
         self.beta = beta
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # Per class k over the batch's annotated pixels: the intersection sum(p_k where
+        # target == k), sum(p_k) and the pixel count of k; smp's soft scores of the
+        # masked probabilities and one-hot target reduce to these three sums, which
+        # are taken here without building the one-hot tensor (fewer, cheaper ops).
         logits = logits.float()
         b, k = logits.shape[:2]
-        target = target.long()
-        valid = (target != self.ignore_index).view(b, 1, -1).to(logits.dtype)
-        safe = torch.where(target != self.ignore_index, target, torch.zeros_like(target))
-        probs = logits.softmax(dim=1).view(b, k, -1) * valid
-        onehot = F.one_hot(safe.view(b, -1), k).permute(0, 2, 1).to(logits.dtype) * valid
-        # (K, B*N): each class pooled over the whole batch
-        probs = probs.permute(1, 0, 2).reshape(k, -1)
-        onehot = onehot.permute(1, 0, 2).reshape(k, -1)
-        dims = (1,)
-        if self.kind == "dice":
-            score = soft_dice_score(probs, onehot, smooth=self.smooth, dims=dims)
-        elif self.kind == "jaccard":
-            score = soft_jaccard_score(probs, onehot, smooth=self.smooth, dims=dims)
-        else:
-            score = soft_tversky_score(
-                probs, onehot, self.alpha, self.beta, smooth=self.smooth, dims=dims
-            )
-        present = onehot.sum(dim=1) > 0
+        t = target.long().view(b, 1, -1)
+        probs = logits.softmax(dim=1).view(b, k, -1)
+        is_k = t == torch.arange(k, device=logits.device).view(1, k, 1)  # ignore matches none
+        inter = torch.where(is_k, probs, 0.0).sum(dim=(0, 2))
+        psum = torch.where(t != self.ignore_index, probs, 0.0).sum(dim=(0, 2))
+        tsum = is_k.sum(dim=(0, 2)).to(probs.dtype)
+        present = tsum > 0
         if not bool(present.any()):
             return logits.sum() * 0.0
+        # smp's soft_tversky_score; dice is alpha = beta = 0.5, jaccard alpha = beta = 1
+        alpha, beta = {"dice": (0.5, 0.5), "jaccard": (1.0, 1.0)}.get(
+            self.kind, (self.alpha, self.beta)
+        )
+        fp, fn = psum - inter, tsum - inter
+        score = (inter + self.smooth) / (
+            inter + alpha * fp + beta * fn + self.smooth
+        ).clamp_min(1e-7)
         return (1.0 - score)[present].mean()
 
 

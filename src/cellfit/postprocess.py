@@ -48,10 +48,38 @@ def instances_from_probs(
         return np.zeros(p_bg.shape, dtype=np.int32)
     if min_size > 1:
         markers = _drop_small(markers, max(1, min_size // 4))
-    labels = watershed(-p_in, markers, mask=fg)
+    labels = _seeded_watershed(p_in, markers, fg)
     if min_size > 1:
         labels = _drop_small(labels, min_size)
     return _relabel(labels)
+
+
+def _seeded_watershed(p_in: np.ndarray, markers: np.ndarray, fg: np.ndarray) -> np.ndarray:
+    """``watershed(-p_in, markers, mask=fg)``, flooding only where it can matter.
+
+    Flooding never leaves a connected region of ``fg`` (the watershed's connectivity,
+    1, is ``ndi.label``'s), so a region holding one seed becomes that seed's object
+    whole, and a region holding none stays 0: only regions with two or more seeds
+    (touching cells) go through the watershed, in one call.
+    """
+    regions, n_regions = ndi.label(fg)
+    if n_regions == 0:
+        return np.zeros(fg.shape, dtype=np.int32)
+    at = markers > 0
+    # the distinct (region, seed) pairs: a seed lies in one region (seeds are inside fg)
+    pairs = np.unique(regions[at].astype(np.int64) * (int(markers.max()) + 1) + markers[at])
+    region_of, seed_of = np.divmod(pairs, int(markers.max()) + 1)
+    n_seeds = np.bincount(region_of, minlength=n_regions + 1)
+    lut = np.zeros(n_regions + 1, dtype=np.int32)
+    one = n_seeds[region_of] == 1
+    lut[region_of[one]] = seed_of[one]
+    labels = lut[regions]
+    crowded = n_seeds >= 2
+    if crowded.any():
+        mask = crowded[regions]
+        flooded = watershed(-p_in, np.where(mask, markers, 0), mask=mask)
+        labels[mask] = flooded[mask]
+    return labels
 
 
 def _drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
@@ -67,10 +95,10 @@ def _drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
 
 
 def _relabel(labels: np.ndarray) -> np.ndarray:
-    ids = np.unique(labels)
-    ids = ids[ids != 0]
-    lut = np.zeros(int(labels.max()) + 1, dtype=np.int32)
-    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
+    present = np.bincount(labels.ravel()) > 0  # the ids in use, without sorting pixels
+    present[0] = False
+    lut = np.zeros(len(present), dtype=np.int32)
+    lut[present] = np.arange(1, int(present.sum()) + 1, dtype=np.int32)
     return lut[labels]
 
 
