@@ -61,6 +61,7 @@ from quality import (
 REPO = Path(__file__).resolve().parents[1]
 MARK_START = "<!-- finetune:start -->"
 MARK_END = "<!-- finetune:end -->"
+DEFAULT_RUN = "learning rate 1e-3 (the default)"
 STROKES = 5
 
 
@@ -141,12 +142,12 @@ def finetune(train, anns, test, init, steps_at, log, seed=0, **cfg_kw) -> dict:
     for ev in t.run():
         if ev.step in steps_at and ev.step != total:
             model = copy.deepcopy(t.model).eval()
-            res[ev.step] = _ap(predict_labels(model, t.info, test), test)
+            res[str(ev.step)] = _ap(predict_labels(model, t.info, test), test)
             t.model.train()
-    res[total] = _ap(predict_labels(t.model, t.info, test), test)
+    res[str(total)] = _ap(predict_labels(t.model, t.info, test), test)
     res["cpu_s_per_step"] = (time.process_time() - cpu0) / total
     log(f"  {init or 'scratch'} {cfg_kw or ''}: " + ", ".join(
-        f"{k} steps AP50 {v['ap50']:.3f}" for k, v in res.items() if isinstance(k, int)))
+        f"{k} steps AP50 {v['ap50']:.3f}" for k, v in res.items() if k != "cpu_s_per_step"))
     return res
 
 
@@ -158,9 +159,35 @@ def main(argv=None) -> int:
     p.add_argument("--steps-per-minute", type=float, default=70.0)
     p.add_argument("--n-test", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--parts", nargs="+", default=["zero", "target", "drift", "grid", "peers"])
+    p.add_argument("--parts", nargs="+", default=["zero", "drift", "grid", "peers"],
+                   help="zero drift grid peers, and grid-starting / grid-scratch for half "
+                   "the grid (to run the halves in two processes)")
+    p.add_argument("--json", type=Path, default=REPO / "docs" / "finetune.json",
+                   help="where the figures go (kept and updated)")
+    p.add_argument("--report", type=Path, nargs="+", metavar="JSON",
+                   help="only merge these result files and write the docs section")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
+    if args.report:
+        merged: dict = {}
+        for path in args.report:
+            part = json.loads(path.read_text())
+            for key, value in part.items():
+                if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                    merged[key].update(value)
+                else:
+                    merged[key] = value
+        merged["command"] = " and ".join(
+            json.loads(path.read_text()).get("command", "") for path in args.report
+        )
+        merged["minutes_total"] = max(
+            json.loads(path.read_text()).get("minutes_total", 0) for path in args.report
+        )
+        text = section(merged, args)
+        print(text)
+        (REPO / "docs" / "finetune.json").write_text(json.dumps(merged, indent=1))
+        write_section(REPO / "docs" / "benchmarks.md", text, MARK_START, MARK_END)
+        return 0
 
     import torch
 
@@ -178,7 +205,7 @@ def main(argv=None) -> int:
     test = [load(args.data, n) for n in test_names]
     log(f"painted images {pool}; test images {test_names}")
     steps = {m: int(round(m * args.steps_per_minute)) for m in args.minutes}
-    out_json = REPO / "docs" / "finetune.json"
+    out_json = args.json
     results: dict = json.loads(out_json.read_text()) if out_json.exists() else {}
     results.update({"pool": pool, "test": test_names, "steps": steps,
                     "threads": torch.get_num_threads()})
@@ -190,23 +217,20 @@ def main(argv=None) -> int:
     if "zero" in args.parts:
         results["zero_shot"] = zero_shot(test, log)
         save()
-    if "target" in args.parts:
-        anns = painted(train, 10, args.seed)
-        log("target: 10 cells, 2 minutes, starting model (own run)")
-        results["target"] = finetune(train, anns, test, "starting", [steps[2]], log, args.seed)
-        save()
     if "drift" in args.parts:
         anns = painted(train, 10, args.seed)
         drift = {}
         for name, kw in [
-            ("default learning rate", {}),
-            ("encoder at 0.1x learning rate", {"encoder_lr_scale": 0.1}),
-            ("distillation on unannotated pixels", {"distill": 1.0}),
+            (DEFAULT_RUN, {}),
+            ("learning rate 5e-3 (that of a new model)", {"finetune_lr": 5e-3}),
+            ("learning rate 1e-3, encoder at 0.1x", {"encoder_lr_scale": 0.1}),
+            ("learning rate 1e-3 + distillation (weight 1) on unannotated pixels",
+             {"distill": 1.0}),
         ]:
             log(f"drift: {name}")
             n = steps[2]
             if kw.get("distill"):
-                ratio = drift["default learning rate"]["cpu_s_per_step"]
+                ratio = drift[DEFAULT_RUN]["cpu_s_per_step"]
                 probe = finetune(train, anns, test, "starting", [5], lambda m: None,
                                  args.seed, **kw)
                 cost = probe["cpu_s_per_step"] / ratio
@@ -216,9 +240,11 @@ def main(argv=None) -> int:
                            "steps": n, "settings": kw}
         results["drift"] = drift
         save()
-    if "grid" in args.parts:
+    inits = [i for i in ("starting", "scratch") if "grid" in args.parts
+             or f"grid-{i}" in args.parts]
+    if inits:
         grid = results.get("grid", {})
-        for init in ("starting", "scratch"):
+        for init in inits:
             for n_cells in args.cells:
                 anns = painted(train, n_cells, args.seed)
                 log(f"grid: {init}, {n_cells} cells")
@@ -297,9 +323,9 @@ def section(r: dict, args) -> str:
                 f"| {_cell(peers.get('otsu'))} | {_cell(peers.get('rf'))} |"
             )
         lines.append("")
-    if "target" in r:
-        t = r["target"]
-        k = next(x for x in t if x != "cpu_s_per_step")
+    if DEFAULT_RUN in r.get("drift", {}):
+        t = r["drift"][DEFAULT_RUN]
+        k = str(t["steps"])
         ap = t[k]["ap50"]
         zs = r.get("zero_shot", {}).get("estimated", {}).get("ap50")
         lines.append(
@@ -320,7 +346,7 @@ def section(r: dict, args) -> str:
         lines += ["", "Keeping what was not painted (10 cells, 2 CPU-minutes, AP@0.5 on the "
                   "unseen test images):", "", "| fine-tuning | steps | AP@0.5 |", "|---|---|---|"]
         for name, d in r["drift"].items():
-            k = str(d["steps"]) if str(d["steps"]) in d else d["steps"]
+            k = str(d["steps"])
             lines.append(f"| {name} | {d['steps']} | {d[k]['ap50']:.3f} |")
         lines.append("")
     lines += [

@@ -410,7 +410,6 @@ def _painted_widget(make_napari_viewer, qtbot, seed: int = 4):
 
 def test_train_starts_from_the_starting_model_unless_scratch(make_napari_viewer, qtbot):
     from cellfit.model import read_model_info
-    from cellfit.plugin.widgets import FINE_TUNE_LR
     from cellfit.starting import needs_diameter, starting_model_path
     from cellfit.train import TrainConfig
 
@@ -427,6 +426,7 @@ def test_train_starts_from_the_starting_model_unless_scratch(make_napari_viewer,
     _wait_idle(qtbot, widget)
     res = widget.last_train_result
     assert res.error is None and res.record["init"] == "cellfit starting model"
+    assert res.record["lr"] == TrainConfig().finetune_lr < default_lr
     assert len(widget.info.training) == n_pretrain + 1
     assert widget.info.cell_diameter and not needs_diameter(widget.info)
     assert widget.model_path is None and not widget.model_saved  # a new model, not the file
@@ -438,7 +438,7 @@ def test_train_starts_from_the_starting_model_unless_scratch(make_napari_viewer,
     assert widget.train_button.text() == "Train more (fine-tune)"
     assert not widget.start_combo.isEnabled()
     cfg = widget._train_config(widget._train_plan())
-    assert cfg.init is None and cfg.lr == pytest.approx(default_lr * FINE_TUNE_LR)
+    assert cfg.init is None and cfg.finetune_lr < cfg.lr  # the model in memory is fine-tuned
 
     # a new model from scratch
     widget.fresh_check.setChecked(True)

@@ -162,10 +162,12 @@ def estimate_diameter(
         probs = predict_plane(model, probe, small, device=device)
         labels = instances_from_probs(probs, min_size=max(4, int(0.02 * target**2)))
         found, n = _median_diameter(labels)
-        if n < 2:
+        if n < 2 or (labels > 0).mean() > 0.85:  # nothing, or everything is "cell"
             continue
         miss = abs(math.log(found / target))
-        if best is None or miss < best[0]:
+        # at the right size the cells found are as big as the cells it was trained on
+        # (20-45 px); far from it (or on an image without cells) nothing is
+        if miss <= math.log(1.6) and (best is None or miss < best[0]):
             best = (miss, found / s)
     if best is None:
         raise CellfitError(

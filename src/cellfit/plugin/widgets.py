@@ -119,7 +119,6 @@ DEFAULT_PATCH_CPU = 128
 DEFAULT_PATCH_GPU = 256
 DEFAULT_SECONDS = 60
 PREVIEW_EVERY = 3.0
-FINE_TUNE_LR = 0.3  # learning rate when fine-tuning, relative to a fresh training
 VAL_EVERY = 25  # validation points on the live plot (and best-model checkpoints)
 ANN_DTYPE = np.uint16
 SMALL = "font-size: 11px; color: palette(mid);"
@@ -910,9 +909,9 @@ class CellfitWidget(QWidget):
             preview_every=PREVIEW_EVERY,
             val_every=VAL_EVERY,
         )
-        if plan == "fine-tune":  # start from what the model knows: smaller steps keep it
-            config.lr *= FINE_TUNE_LR
-        elif plan == "starting" or (plan == "adapt" and self._is_shipped_starting_model()):
+        # fine-tuning (the user's model or the starting model) runs at the engine's
+        # smaller fine-tuning learning rate, which keeps what the model knows
+        if plan == "starting" or (plan == "adapt" and self._is_shipped_starting_model()):
             # the engine's settings for fine-tuning the starting model; the engine loads
             # it (and trains from scratch instead, with a notice, where it cannot serve)
             config.init = "starting"
