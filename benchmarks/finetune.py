@@ -278,6 +278,23 @@ def main(argv=None) -> int:
     return 0
 
 
+def _pretraining_lines() -> list[str]:
+    """What the shipped starting model is, from its own training record."""
+    from cellfit.model import read_model_info
+    from cellfit.starting import starting_model_path
+
+    path = starting_model_path()
+    rec = read_model_info(path).training[-1]
+    return [
+        f"- starting model: `{path.name}`, {path.stat().st_size / 1e6:.1f} MB; pretrained "
+        f"{rec['steps']} steps of {rec['batch_size']} patches of {rec['patch_size']}² in "
+        f"{rec['seconds']:.0f} s on {rec['device']} ({rec.get('machine', '')}), plus "
+        f"{rec.get('data_seconds', 0):.0f} s to generate its data "
+        f"({', '.join(f'{v} {k}' for k, v in rec.get('data_counts', {}).items())}); "
+        f"`{rec['command']}`. GPU time: not measured (no GPU was available).",
+    ]
+
+
 def _cell(v) -> str:
     return f"{v['ap50']:.3f}" if v else "–"
 
@@ -349,6 +366,7 @@ def section(r: dict, args) -> str:
             k = str(d["steps"])
             lines.append(f"| {name} | {d['steps']} | {d[k]['ap50']:.3f} |")
         lines.append("")
+    lines += _pretraining_lines()
     lines += [
         f"- command: `{r['command']}` ({r['minutes_total']} min)",
         f"- machine: {r['machine']}; {r['load']}",
