@@ -97,7 +97,12 @@ def predict_labels(model, info, test) -> list[np.ndarray]:
 
 def zero_shot(test, log) -> dict:
     from cellfit.model import load_model
-    from cellfit.starting import apply_diameter, estimate_diameter, starting_model_path
+    from cellfit.starting import (
+        apply_diameter,
+        estimate_diameter,
+        median_diameter,
+        starting_model_path,
+    )
 
     model, info = load_model(starting_model_path())
     out = {}
@@ -108,17 +113,12 @@ def zero_shot(test, log) -> dict:
         est.append(d)
         labels += predict_labels(model, apply_diameter(info, d), [s])
     out["estimated"] = {**_ap(labels, test), "diameters": est}
-    true_d = float(np.median([_median_diameter(s.mask) for s in test]))
+    true_d = float(np.median([median_diameter(s.mask)[0] for s in test]))
     out["given"] = {**_ap(predict_labels(model, apply_diameter(info, true_d), test), test),
                     "diameter": round(true_d, 1)}
     log(f"zero-shot: estimated diameters {np.round(est, 0).tolist()} -> AP50 "
         f"{out['estimated']['ap50']:.3f}; true median {true_d:.0f} px -> {out['given']['ap50']:.3f}")
     return out
-
-
-def _median_diameter(mask: np.ndarray) -> float:
-    sizes = np.bincount(mask.ravel())[1:]
-    return float(2 * np.sqrt(np.median(sizes[sizes > 0]) / np.pi))
 
 
 def _ap(labels, test) -> dict:

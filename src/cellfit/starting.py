@@ -24,6 +24,7 @@ __all__ = [
     "apply_diameter",
     "estimate_diameter",
     "is_starting",
+    "median_diameter",
     "needs_diameter",
     "scale_for",
     "starting_model_path",
@@ -111,7 +112,8 @@ def apply_diameter(info, diameter: float):
     return out
 
 
-def _median_diameter(labels: np.ndarray) -> tuple[float, int]:
+def median_diameter(labels: np.ndarray) -> tuple[float, int]:
+    """Median equivalent diameter (pixels) of the objects of a label image, and their count."""
     sizes = np.bincount(labels.ravel())[1:]
     sizes = sizes[sizes > 0]
     if len(sizes) == 0:
@@ -161,7 +163,7 @@ def estimate_diameter(
         small = resize_plane(crop, shape) if abs(s - 1) > 1e-6 else crop
         probs = predict_plane(model, probe, small, device=device)
         labels = instances_from_probs(probs, min_size=max(4, int(0.02 * target**2)))
-        found, n = _median_diameter(labels)
+        found, n = median_diameter(labels)
         if n < 2 or (labels > 0).mean() > 0.85:  # nothing, or everything is "cell"
             continue
         miss = abs(math.log(found / target))

@@ -1083,6 +1083,16 @@ class CellfitWidget(QWidget):
         self._render_model()
 
     # ================================================================= predict
+    def _has_model(self) -> bool:
+        """True when there is a model to segment with; otherwise say how to get one."""
+        if self.model is None or self.info is None:
+            show_error(
+                "There is no model yet: train one (Train tab), load a model file (Model "
+                "tab) or press Use the starting model as is."
+            )
+            return False
+        return True
+
     def predict_image(self) -> None:
         """Segment the selected image (all slices or the current one) in the background."""
         if self.job is not None:
@@ -1092,11 +1102,7 @@ class CellfitWidget(QWidget):
         if image is None:
             show_error("Open an image first (File > Open, or File > Open Sample > cellfit).")
             return
-        if self.model is None or self.info is None:
-            show_error(
-                "There is no model yet: train one (Train tab), load a model file (Model "
-                "tab) or press Use the starting model as is."
-            )
+        if not self._has_model():
             return
         which = None
         if self._lead(image) and self.slices_combo.currentData() == "current":
@@ -1141,11 +1147,7 @@ class CellfitWidget(QWidget):
         if image is None:
             show_error("Open an image first (File > Open, or File > Open Sample > cellfit).")
             return
-        if self.model is None or self.info is None:
-            show_error(
-                "There is no model yet: press Use the starting model as is, train one "
-                "(Train tab) or load a model file (Model tab)."
-            )
+        if not self._has_model():
             return
         if not self.model_needs_diameter():
             show_info(
@@ -1299,11 +1301,7 @@ class CellfitWidget(QWidget):
             show_info("Wait for the running job to finish, or press Stop.")
             return
         src, dst = self.in_edit.text().strip(), self.out_edit.text().strip()
-        if self.model is None or self.info is None:
-            show_error(
-                "There is no model yet: train one (Train tab), load a model file (Model "
-                "tab) or press Use the starting model as is."
-            )
+        if not self._has_model():
             return
         if not src:
             show_error("Choose the folder of TIFF images to segment (Images: Browse…).")
