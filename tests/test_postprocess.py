@@ -134,3 +134,64 @@ def test_labels_from_probs_follows_the_mode():
         labels_from_probs(probs, "instances"), instances_from_probs(probs)
     )
     np.testing.assert_array_equal(labels_from_probs(probs, "semantic"), cls)
+
+
+def test_an_object_cut_by_the_image_edge_is_kept_down_to_a_quarter_of_min_size():
+    cls = np.zeros((40, 40), np.int64)
+    cls[0:4, 10:20] = 1  # 40 px on the edge: a cell the edge cut
+    cls[20:24, 10:20] = 1  # 40 px inside: debris
+    labels = instances_from_probs(_probs_from_classes(cls), min_size=100)
+    assert labels.max() == 1
+    assert (labels[0:4, 10:20] == 1).all() and (labels[20:24, 10:20] == 0).all()
+    # under a quarter of min_size the edge does not save it
+    assert instances_from_probs(_probs_from_classes(cls), min_size=200).max() == 0
+
+
+def _merged_discs(r: float = 12.0, gap: float = 22.0, h: int = 60, w: int = 80):
+    """Two overlapping discs predicted as one blob (interior, no boundary between)."""
+    yy, xx = np.mgrid[:h, :w]
+    d1 = np.hypot(yy - h / 2, xx - (w / 2 - gap / 2))
+    d2 = np.hypot(yy - h / 2, xx - (w / 2 + gap / 2))
+    return ((d1 <= r) | (d2 <= r)).astype(np.int64), d1 <= d2, np.pi * r * r
+
+
+def test_given_the_cell_area_a_blob_of_two_convex_cells_is_cut_at_its_waist():
+    cls, left, area = _merged_discs()
+    probs = _probs_from_classes(cls)
+    assert instances_from_probs(probs).max() == 1  # without the cell area: one object
+    labels = instances_from_probs(probs, split_area=area)
+    assert labels.max() == 2
+    for side in (left, ~left):
+        assert _best_iou(labels, side & (cls > 0)) > 0.9
+
+
+@pytest.mark.parametrize(
+    "shape",
+    ["one disc", "an ellipse", "a kidney", "two cells far smaller than the cell area"],
+)
+def test_a_single_cell_is_not_cut(shape):
+    yy, xx = np.mgrid[:60, :80]
+    area = np.pi * 12.0**2
+    if shape == "one disc":
+        cls = np.hypot(yy - 30, xx - 40) <= 12
+    elif shape == "an ellipse":  # convex, twice the cell area
+        cls = ((yy - 30) / 10.0) ** 2 + ((xx - 40) / 29.0) ** 2 <= 1
+    elif shape == "a kidney":  # a disc with a notch: not convex, one centre
+        cls = (np.hypot(yy - 30, xx - 40) <= 16) & ~(np.hypot(yy - 30, xx - 58) <= 7)
+    else:
+        cls, _, small = _merged_discs(r=6.0, gap=10.0)
+        area = 3 * small  # the blob is smaller than one cell: not two cells
+    labels = instances_from_probs(_probs_from_classes(cls.astype(np.int64)), split_area=area)
+    assert labels.max() == 1
+
+
+def test_split_merged_leaves_convex_objects_and_the_input_alone():
+    from cellfit.postprocess import split_merged
+
+    cls, _, area = _merged_discs()
+    labels = cls.astype(np.int32)
+    before = labels.copy()
+    out = split_merged(labels, area)
+    np.testing.assert_array_equal(labels, before)
+    assert out.max() == 2
+    assert split_merged(labels, area * 3) is labels  # one cell's worth: nothing to cut

@@ -120,7 +120,8 @@ def test_overlap_losses_equal_smps_one_hot_form(kind, k):
 # ----------------------------------------------------------- post-processing
 def _instances_reference(probs, fg_threshold=0.5, seed_threshold=0.5, min_size=16):
     """The seeded watershed as it was before it skipped regions with fewer than two
-    seeds: one ``watershed`` call over every foreground pixel."""
+    seeds: one ``watershed`` call over every foreground pixel (with today's rule for
+    objects on the image edge)."""
     from scipy import ndimage as ndi
     from skimage.segmentation import watershed
 
@@ -135,7 +136,7 @@ def _instances_reference(probs, fg_threshold=0.5, seed_threshold=0.5, min_size=1
         markers = _drop_small(markers, max(1, min_size // 4))
     labels = watershed(-p_in, markers, mask=fg)
     if min_size > 1:
-        labels = _drop_small(labels, min_size)
+        labels = _drop_small(labels, min_size, max(1, min_size // 4))
     ids = np.unique(labels)
     ids = ids[ids != 0]
     lut = np.zeros(int(labels.max()) + 1, dtype=np.int32)

@@ -80,7 +80,7 @@ def test_names_scale_and_diameter_helpers():
     assert needs_diameter(info)
     set_ = apply_diameter(info, 120)
     assert set_.scale == 0.25 and set_.diameter == 120 and not needs_diameter(set_)
-    assert set_.postprocess["min_size"] == int(0.1 * np.pi / 4 * 120**2)
+    assert set_.postprocess["min_size"] == int(0.25 * np.pi / 4 * 120**2)
     assert info.scale == 1.0  # a copy: the original is untouched
     with pytest.raises(CellfitError, match="fixed cell size"):
         apply_diameter(ModelInfo(), 40)

@@ -167,3 +167,27 @@ def test_large_cells_are_scaled_down_and_prediction_returns_full_size():
     assert t.info.postprocess["min_size"] > 16
     list(t.run())
     assert t.predict_raw(img[None]).shape == (3, 256, 256)
+
+
+@pytest.mark.parametrize("convex", [True, False])
+def test_convex_painted_cells_make_the_model_cut_merged_blobs(convex):
+    """Round cells (nuclei) store their area so that merged pairs are cut; cells with
+    notches (not convex) must not be cut at their notches."""
+    img, lab = synthetic_cells((128, 128), n_cells=6, radius=(10, 12), seed=3)
+    if not convex:  # bite a notch out of every cell
+        yy, xx = np.mgrid[:128, :128]
+        for i in range(1, int(lab.max()) + 1):
+            cy, cx = np.argwhere(lab == i).mean(0)
+            lab[(lab == i) & (np.hypot(yy - cy, xx - cx - 7) < 6)] = 0
+    ann = sparse_annotation(lab, 1.0, seed=0)
+    t = Trainer([img], [ann], TrainConfig(steps=1, val_every=100, **TINY))
+    solid = t.summary["median_cell_solidity"]
+    if convex:
+        assert solid >= 0.93
+        area = t.summary["median_cell_area"]
+        assert t.info.postprocess["split_area"] == int(area)
+        assert t.info.postprocess["min_size"] == max(16, int(0.25 * area))
+        assert t._val_postprocess()["split_area"] == max(4, int(area * t.info.scale**2))
+    else:
+        assert solid < 0.93
+        assert "split_area" not in t.info.postprocess

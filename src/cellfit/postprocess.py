@@ -3,7 +3,16 @@
 Instance mode: seeded watershed. Seeds are connected regions of confident cell
 interior; each grows over the cell area (interior + boundary, i.e. not background)
 along falling interior probability, so touching cells separated by a boundary ring
-become separate objects. Semantic mode: the most probable class per pixel.
+become separate objects. Two shape rules follow:
+
+- an object cut by the image edge is only a part of a cell, so it is kept down to a
+  quarter of ``min_size``;
+- given the typical area of one cell (``split_area``, set when the painted cells are
+  convex, like nuclei), a blob that is larger than one cell and not convex, with two
+  or more centres in its distance map, is cut along its waist: two touching nuclei
+  the network did not separate.
+
+Semantic mode: the most probable class per pixel.
 """
 
 from __future__ import annotations
@@ -12,9 +21,25 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
-__all__ = ["DEFAULT_MIN_SIZE", "classes_from_probs", "instances_from_probs", "labels_from_probs"]
+__all__ = [
+    "DEFAULT_MIN_SIZE",
+    "SPLIT_SOLIDITY",
+    "classes_from_probs",
+    "instances_from_probs",
+    "labels_from_probs",
+    "solidity",
+    "split_merged",
+]
 
 DEFAULT_MIN_SIZE = 16
+#: Objects less solid than this (area / convex hull area) may be two cells.
+SPLIT_SOLIDITY = 0.9
+#: ... when they are also this much larger than one cell.
+SPLIT_MIN_AREA = 1.1
+#: Centres closer than this fraction of a cell's diameter are one cell.
+SPLIT_MIN_DISTANCE = 0.4
+#: Centres this shallow (distance to the edge, fraction of a diameter) are no cell.
+SPLIT_MIN_DEPTH = 0.15
 
 
 def instances_from_probs(
@@ -22,6 +47,7 @@ def instances_from_probs(
     fg_threshold: float = 0.5,
     seed_threshold: float = 0.5,
     min_size: int = DEFAULT_MIN_SIZE,
+    split_area: float | None = None,
 ) -> np.ndarray:
     """Instance labels from a ``(3, Y, X)`` map of background / interior / boundary.
 
@@ -33,7 +59,11 @@ def instances_from_probs(
     seed_threshold : float
         Seeds are connected regions where ``p_interior`` exceeds this.
     min_size : int
-        Objects (and seeds) smaller than this many pixels are dropped.
+        Objects (and seeds) smaller than this many pixels are dropped; objects cut by
+        the image edge are kept down to a quarter of it.
+    split_area : float, optional
+        Typical area of one cell (pixels). When given, merged convex cells are split
+        (:func:`split_merged`).
 
     Returns
     -------
@@ -49,9 +79,64 @@ def instances_from_probs(
     if min_size > 1:
         markers = _drop_small(markers, max(1, min_size // 4))
     labels = _seeded_watershed(p_in, markers, fg)
+    if split_area:
+        labels = split_merged(labels, split_area)
     if min_size > 1:
-        labels = _drop_small(labels, min_size)
+        labels = _drop_small(labels, min_size, max(1, min_size // 4))
     return _relabel(labels)
+
+
+def solidity(labels: np.ndarray) -> np.ndarray:
+    """Area / convex hull area of each object of ``labels`` (index 0 unused)."""
+    from skimage.measure import regionprops
+
+    out = np.ones(int(labels.max()) + 1)
+    for r in regionprops(labels):
+        out[r.label] = r.solidity
+    return out
+
+
+def split_merged(labels: np.ndarray, cell_area: float) -> np.ndarray:
+    """Cut blobs that look like two or more touching convex cells along their waists.
+
+    A blob is cut when it is larger than ``SPLIT_MIN_AREA`` cells of ``cell_area``
+    pixels, less solid than ``SPLIT_SOLIDITY``, and its distance map (distance to the
+    blob's edge) has two or more peaks at least ``SPLIT_MIN_DISTANCE`` cell diameters
+    apart and ``SPLIT_MIN_DEPTH`` diameters deep; the pieces are the watershed of the
+    distance map from those peaks. Convex or single-peaked objects are kept as they are.
+    """
+    from skimage.feature import peak_local_max
+    from skimage.measure import regionprops
+
+    if cell_area <= 0 or labels.max() == 0:
+        return labels
+    diameter = 2.0 * np.sqrt(cell_area / np.pi)
+    out = None
+    next_id = int(labels.max()) + 1
+    for r in regionprops(labels):
+        if r.area < SPLIT_MIN_AREA * cell_area or r.solidity >= SPLIT_SOLIDITY:
+            continue
+        blob = np.pad(r.image, 1)
+        dist = ndi.distance_transform_edt(blob)
+        peaks = peak_local_max(
+            dist,
+            min_distance=max(1, int(SPLIT_MIN_DISTANCE * diameter)),
+            threshold_abs=SPLIT_MIN_DEPTH * diameter,
+            exclude_border=False,
+            labels=blob.astype(np.int32),
+        )
+        if len(peaks) < 2:
+            continue
+        markers = np.zeros(blob.shape, np.int32)
+        markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+        pieces = watershed(-dist, markers, mask=blob)[1:-1, 1:-1]
+        if out is None:
+            out = labels.copy()
+        view = out[r.slice]
+        for k in range(2, len(peaks) + 1):
+            view[(pieces == k) & r.image] = next_id
+            next_id += 1
+    return labels if out is None else out
 
 
 def _seeded_watershed(p_in: np.ndarray, markers: np.ndarray, fg: np.ndarray) -> np.ndarray:
@@ -82,11 +167,18 @@ def _seeded_watershed(p_in: np.ndarray, markers: np.ndarray, fg: np.ndarray) -> 
     return labels
 
 
-def _drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
+def _drop_small(labels: np.ndarray, min_size: int, at_edge: int | None = None) -> np.ndarray:
+    """Drop objects under ``min_size`` pixels; those touching the image edge are only
+    dropped under ``at_edge`` pixels (the edge cut them)."""
     if labels.max() == 0:
         return labels
     sizes = np.bincount(labels.ravel())
     small = sizes < min_size
+    if at_edge is not None:
+        edge = np.zeros(len(sizes), dtype=bool)
+        for side in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
+            edge[side] = True
+        small &= ~edge | (sizes < at_edge)
     small[0] = False
     if small.any():
         labels = labels.copy()

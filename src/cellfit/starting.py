@@ -36,7 +36,7 @@ STARTING = "starting"
 #: names that mean "random weights" (``--init scratch``)
 SCRATCH = ("scratch", "none", "")
 #: smallest object kept, as a share of a typical cell's area
-MIN_SIZE_FRACTION = 0.1
+MIN_SIZE_FRACTION = 0.25
 
 
 def starting_model_path() -> Path:

@@ -45,10 +45,11 @@ from cellfit.normalize import (
     resize_plane,
     scaled_shape,
 )
-from cellfit.postprocess import instances_from_probs
+from cellfit.postprocess import instances_from_probs, solidity
 from cellfit.predict import iter_predict, resolve_device
 from cellfit.sampling import DEFAULT_FG_FRACTION, PatchSampler, split_annotations
 from cellfit.starting import (
+    MIN_SIZE_FRACTION,
     is_scratch,
     is_starting,
     scale_for,
@@ -96,7 +97,14 @@ class TrainConfig:
         more context per patch and training and prediction run faster. Never enlarges.
     min_size_fraction : float
         Predicted objects smaller than this fraction of the median annotated cell
-        area are dropped (stored in the model; at least 16 pixels).
+        area are dropped (stored in the model; at least 16 pixels; objects cut by the
+        image edge are kept down to a quarter of it). A quarter of a cell: cells of one
+        kind seldom differ more than twofold in diameter, and smaller specks are debris.
+    split_solidity : float
+        When the annotated cells are this convex (median area / convex hull area), like
+        nuclei, predicted blobs that look like two touching cells are cut at their
+        waist (the model stores the median cell area for it, see
+        :func:`cellfit.postprocess.split_merged`). 1 or more never splits.
     lr, finetune_lr : float
         Peak learning rate of a new model, and of fine-tuning an existing one (the
         starting model or the user's own; None: ``lr``). Smaller steps keep what the
@@ -138,7 +146,8 @@ class TrainConfig:
     preview_every: float = 3.0
     scale: str | float = "auto"
     cell_diameter: float = 30.0
-    min_size_fraction: float = 0.1
+    min_size_fraction: float = MIN_SIZE_FRACTION
+    split_solidity: float = 0.93
     distill: float = 0.0
 
 
@@ -181,6 +190,7 @@ def annotation_summary(annotations: Sequence[np.ndarray], mode: str) -> dict:
     annotated = 0
     planes = 0
     areas: list[int] = []
+    solid: list[float] = []
     for ann in annotations:
         flat = ann.reshape(-1, *ann.shape[-2:])
         for a in flat:
@@ -197,10 +207,13 @@ def annotation_summary(annotations: Sequence[np.ndarray], mode: str) -> dict:
             sizes = sizes[sizes > 0]
             cells += len(sizes)
             areas.extend(int(v) for v in sizes)
+            if mode == "instances" and len(sizes):
+                solid.extend(float(v) for v in solidity(ids)[np.bincount(ids.ravel()) > 0][1:])
     diameter = float(2 * np.sqrt(np.median(areas) / np.pi)) if areas else 0.0
     return {
         "median_cell_area": float(np.median(areas)) if areas else 0.0,
         "median_cell_diameter": round(diameter, 1),
+        "median_cell_solidity": round(float(np.median(solid)), 3) if solid else 0.0,
         "images": len(annotations),
         "planes": planes,
         "cells": cells,
@@ -347,8 +360,13 @@ class Trainer:
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
         if cfg.mode == "instances" and self.summary["median_cell_area"] > 0:
-            min_size = max(16, int(cfg.min_size_fraction * self.summary["median_cell_area"]))
-            self.info.postprocess = {**self.info.postprocess, "min_size": min_size}
+            area = self.summary["median_cell_area"]
+            post = {**self.info.postprocess,
+                    "min_size": max(16, int(cfg.min_size_fraction * area))}
+            post.pop("split_area", None)
+            if self.summary["median_cell_solidity"] >= cfg.split_solidity:
+                post["split_area"] = int(area)  # convex cells: cut merged blobs
+            self.info.postprocess = post
         self.model.to(self.device)
         if self.teacher is not None:
             self.teacher.to(self.device)
@@ -478,8 +496,11 @@ class Trainer:
 
     def _val_postprocess(self) -> dict:
         kw = dict(self.info.postprocess)
-        if "min_size" in kw:  # validation runs on scaled planes
+        # validation runs on scaled planes
+        if "min_size" in kw:
             kw["min_size"] = max(4, int(kw["min_size"] * self.info.scale**2))
+        if kw.get("split_area"):
+            kw["split_area"] = max(4, int(kw["split_area"] * self.info.scale**2))
         return kw
 
     def stop(self) -> None:
