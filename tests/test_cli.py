@@ -154,6 +154,8 @@ def test_train_predict_evaluate_info_2d(data, capsys):
     code, out, err = run(capsys, "info", model)
     assert code == 0, err
     assert "mobilenet_v2" in out and "instances" in out and "3 steps" in out
+    # round painted cells: the model cuts merged pairs, and says so
+    assert info.postprocess["split_area"] > 0 and "cut in two" in out
     code, out, err = run(capsys, "info", model, "--json")
     assert code == 0
     assert json.loads(out)["training"][-1]["steps"] == 3

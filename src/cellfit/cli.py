@@ -493,7 +493,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"scale       images are resized by {info.scale:g} before the network "
               f"(cells {across} across brought to ~{info.cell_diameter or 30:g} px)")
     if info.postprocess.get("min_size"):
-        print(f"min. size   objects under {info.postprocess['min_size']} pixels are dropped")
+        print(f"min. size   objects under {info.postprocess['min_size']} pixels are dropped "
+              "(under a quarter of that on the image edge)")
+    if info.postprocess.get("split_area"):
+        print(f"touching    the painted cells are convex: a blob larger than one cell "
+              f"({info.postprocess['split_area']} pixels) with a waist is cut in two")
     for k, rec in enumerate(info.training, 1):
         val = rec.get("validation") or {}
         names = {"precision": "precision", "recall": "recall", "f1": "F1", "ap50": "AP@0.5"}

@@ -142,6 +142,9 @@ def model_record_html(info: ModelInfo | None, path: Path | None, saved: bool) ->
     min_size = (getattr(info, "postprocess", None) or {}).get("min_size")
     if min_size:
         notes.append(f"Objects smaller than {int(min_size)} pixels are dropped.")
+    if (getattr(info, "postprocess", None) or {}).get("split_area"):
+        notes.append("Your cells are round, so two touching cells found as one blob are "
+                     "cut apart at their waist.")
     if notes:
         out.append("<p>" + " ".join(notes) + "</p>")
     if not info.training:

@@ -486,7 +486,7 @@ class CellfitWidget(QWidget):
         self.min_size_spin.setSpecialValueText("automatic (from your cells)")
         self.min_size_spin.setSuffix(" pixels")
         self.min_size_spin.setToolTip(
-            "Objects smaller than this are dropped (debris, noise). Automatic: a tenth of "
+            "Objects smaller than this are dropped (debris, noise). Automatic: a quarter of "
             "the typical size of the cells you annotated, as learned with the model."
         )
         form.addRow("Smallest cell:", self.min_size_spin)
