@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cellfit.model import ModelInfo
-from cellfit.plugin._display import model_record_html
+from cellfit.plugin._display import STARTING_PURPOSE, model_record_html
 
 
 def test_the_record_says_when_touching_cells_are_cut_apart():
@@ -13,3 +13,19 @@ def test_the_record_says_when_touching_cells_are_cut_apart():
     assert "cut apart" not in html
     convex = ModelInfo(postprocess={"min_size": 120, "split_area": 480})
     assert "cut apart at their waist" in model_record_html(convex, None, saved=False)
+
+
+def test_the_starting_models_pretraining_is_not_counted_as_a_run_of_the_user():
+    from cellfit.model import read_model_info
+    from cellfit.starting import starting_model_path
+
+    info = read_model_info(starting_model_path())
+    assert info.training[-1]["purpose"] == STARTING_PURPOSE  # the shipped file says so
+    alone = model_record_html(info, None, saved=True)
+    assert "Pretraining" in alone and "not your images" in alone and "Run 1" not in alone
+    info.training.append({"steps": 40, "init": "cellfit starting model",
+                          "annotation": {"cells": 10}})
+    html = model_record_html(info, None, saved=False)
+    assert "Run 1</b>" in html and "Run 2" not in html
+    assert "fine-tuned from the cellfit starting model" in html
+    assert html.index("Run 1") < html.index("Pretraining")  # newest first

@@ -14,6 +14,7 @@ from cellfit.model import ModelInfo
 
 __all__ = [
     "ENCODERS",
+    "STARTING_PURPOSE",
     "annotation_colormap",
     "encoder_name",
     "model_record_html",
@@ -109,6 +110,10 @@ def encoder_name(encoder: str) -> str:
     return f"U-Net++ ({encoder})"
 
 
+#: the ``purpose`` of the starting model's own training record
+STARTING_PURPOSE = "cellfit generalist starting model"
+
+
 def model_record_html(info: ModelInfo | None, path: Path | None, saved: bool) -> str:
     """The Model tab's text: what the model is and how it was trained, in words."""
     if info is None:
@@ -149,9 +154,18 @@ def model_record_html(info: ModelInfo | None, path: Path | None, saved: bool) ->
         out.append("<p>" + " ".join(notes) + "</p>")
     if not info.training:
         out.append("<p>No training record in this file.</p>")
-    for k, rec in enumerate(reversed(info.training)):
-        n = len(info.training) - k
+    n = sum(rec.get("purpose") != STARTING_PURPOSE for rec in info.training) + 1
+    for rec in reversed(info.training):
+        n -= rec.get("purpose") != STARTING_PURPOSE  # the user's runs, counted from 1
         date = _local_date(rec.get("date"))
+        if rec.get("purpose") == STARTING_PURPOSE:
+            data = ", ".join(f"{number(int(v))} {esc(str(kind))}"
+                             for kind, v in (rec.get("data_counts") or {}).items())
+            out.append(
+                f"<p><b>Pretraining</b> (cellfit's starting model, not your images): "
+                f"{rec.get('steps', '?')} steps on {data or 'synthetic images'}</p>"
+            )
+            continue
         val = rec.get("validation") or {}
         ann = rec.get("annotation") or {}
         scores = ", ".join(

@@ -52,6 +52,7 @@ from cellfit.errors import CellfitError
 from cellfit.model import ModelInfo, load_model, save_model
 from cellfit.plugin._display import (
     ENCODERS,
+    STARTING_PURPOSE,
     annotation_colormap,
     encoder_name,
     model_record_html,
@@ -102,8 +103,8 @@ MODES = [
     ("semantic", "Classes: each value is a class (semantic)"),
 ]
 STARTS = [
-    ("starting", "cellfit starting model (recommended)"),
-    ("scratch", "scratch (random weights)"),
+    ("starting", "starting model"),
+    ("scratch", "scratch (random)"),
 ]
 START_TIP = (
     "What a new model starts from. The cellfit starting model has already seen many kinds "
@@ -1461,8 +1462,9 @@ class CellfitWidget(QWidget):
     def _model_line(self) -> str:
         if self.info is None:
             return "<i>No model yet:</i> paint a few cells, then Train (or load a model in the Model tab)."
-        runs = len(self.info.training)
-        last = self.info.training[-1] if runs else {}
+        last = self.info.training[-1] if self.info.training else {}
+        # the runs on the user's cells (not the starting model's pretraining)
+        runs = sum(r.get("purpose") != STARTING_PURPOSE for r in self.info.training)
         val = last.get("validation") or {}
         score = f", last validation F1 {val['f1']:.2f}" if "f1" in val else ""
         where = self.model_path.name if self.model_path else "not saved"
