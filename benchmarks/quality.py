@@ -180,9 +180,12 @@ class Result:
 Progress = Callable[[str], None]
 
 
-def annotated_min_size(anns: list[np.ndarray], fraction: float = 0.1) -> int:
+def annotated_min_size(anns: list[np.ndarray], fraction: float | None = None) -> int:
     """The size filter cellfit learns from an annotation, for the peers too:
-    ``fraction`` of the median annotated cell area (at least MIN_SIZE px)."""
+    ``fraction`` (cellfit's, by default) of the median annotated cell area (at least
+    MIN_SIZE px)."""
+    if fraction is None:
+        from cellfit.starting import MIN_SIZE_FRACTION as fraction
     areas = []
     for a in anns:
         sizes = np.bincount(np.where(a >= 2, a, 0).ravel().astype(np.int64))[2:]
