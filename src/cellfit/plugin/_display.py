@@ -22,6 +22,7 @@ __all__ = [
     "opengl_renderer",
     "probability_colormap",
     "software_opengl",
+    "user_runs",
 ]
 
 ENCODERS = [
@@ -114,6 +115,12 @@ def encoder_name(encoder: str) -> str:
 STARTING_PURPOSE = "cellfit generalist starting model"
 
 
+def user_runs(training: list[dict]) -> int:
+    """How many training runs were on the user's cells (not the starting model's
+    pretraining)."""
+    return sum(rec.get("purpose") != STARTING_PURPOSE for rec in training)
+
+
 def model_record_html(info: ModelInfo | None, path: Path | None, saved: bool) -> str:
     """The Model tab's text: what the model is and how it was trained, in words."""
     if info is None:
@@ -154,7 +161,7 @@ def model_record_html(info: ModelInfo | None, path: Path | None, saved: bool) ->
         out.append("<p>" + " ".join(notes) + "</p>")
     if not info.training:
         out.append("<p>No training record in this file.</p>")
-    n = sum(rec.get("purpose") != STARTING_PURPOSE for rec in info.training) + 1
+    n = user_runs(info.training) + 1
     for rec in reversed(info.training):
         n -= rec.get("purpose") != STARTING_PURPOSE  # the user's runs, counted from 1
         date = _local_date(rec.get("date"))

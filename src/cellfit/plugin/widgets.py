@@ -52,13 +52,13 @@ from cellfit.errors import CellfitError
 from cellfit.model import ModelInfo, load_model, save_model
 from cellfit.plugin._display import (
     ENCODERS,
-    STARTING_PURPOSE,
     annotation_colormap,
     encoder_name,
     model_record_html,
     number,
     probability_colormap,
     software_opengl,
+    user_runs,
 )
 from cellfit.plugin._plot import TrainingPlot
 from cellfit.plugin.workers import (
@@ -1463,8 +1463,7 @@ class CellfitWidget(QWidget):
         if self.info is None:
             return "<i>No model yet:</i> paint a few cells, then Train (or load a model in the Model tab)."
         last = self.info.training[-1] if self.info.training else {}
-        # the runs on the user's cells (not the starting model's pretraining)
-        runs = sum(r.get("purpose") != STARTING_PURPOSE for r in self.info.training)
+        runs = user_runs(self.info.training)
         val = last.get("validation") or {}
         score = f", last validation F1 {val['f1']:.2f}" if "f1" in val else ""
         where = self.model_path.name if self.model_path else "not saved"
