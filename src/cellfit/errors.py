@@ -1,6 +1,42 @@
-"""The one exception type a user sees: a sentence saying what is wrong and what to do."""
+"""The one exception type a user sees: a sentence saying what is wrong and what to do.
 
-__all__ = ["CellfitError"]
+A message that tells the user to change a setting names it by a placeholder,
+``{setting}``, and the error carries the setting's key. Each front end words the
+setting its own way: the command line as its flag (``--diameter PIXELS``), the
+plugin as its control's label ("Cell diameter"); ``str(error)`` uses plain words
+("the cell diameter").
+
+>>> err = CellfitError("no cells were found: set {setting}.", setting="diameter")
+>>> str(err)
+'no cells were found: set the cell diameter.'
+>>> err.worded({"diameter": "--diameter PIXELS"})
+'no cells were found: set --diameter PIXELS.'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+__all__ = ["SETTING_WORDS", "CellfitError", "worded"]
+
+#: plain words for each setting an error can name; front ends map the same keys to
+#: their own names (``cellfit.cli.FLAGS``, ``cellfit.plugin._tooltips.LABELS``)
+SETTING_WORDS: dict[str, str] = {
+    "batch_size": "the tile batch size",
+    "device": "the device",
+    "diameter": "the cell diameter",
+    "encoder": "the encoder",
+    "encoder_weights": "the encoder weights",
+    "init": "the model to start from",
+    "labels": "the annotations",
+    "mode": "the training mode",
+    "out": "the output",
+    "patch_size": "the patch size",
+    "scheduler": "the cluster scheduler",
+    "steps": "the number of training steps",
+    "tile": "the tile size",
+    "time_limit": "the training time",
+}
 
 
 class CellfitError(Exception):
@@ -8,4 +44,43 @@ class CellfitError(Exception):
 
     The message is a complete sentence (what is wrong, what to do). The CLI prints it
     without a traceback and exits with status 2; the plugin shows it as a notification.
+
+    Parameters
+    ----------
+    message : str
+        The sentence; ``{setting}`` where the setting's name goes (any other braces
+        are kept as they are).
+    setting : str, optional
+        The key of the setting the message asks to change (see :data:`SETTING_WORDS`).
     """
+
+    def __init__(self, message: str, *, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.setting = setting
+
+    def worded(self, names: Mapping[str, str] | None = None) -> str:
+        """The message with the setting named from ``names`` (a front end's names of
+        the settings), falling back to :data:`SETTING_WORDS`."""
+        if self.setting is None or "{setting}" not in self.message:
+            return self.message
+        name = (names or {}).get(self.setting) or SETTING_WORDS.get(self.setting, self.setting)
+        return self.message.replace("{setting}", name)
+
+    def __str__(self) -> str:
+        return self.worded()
+
+    def __reduce__(self):  # keeps ``setting`` when sent to a cluster worker and back
+        return (_rebuild, (self.message, self.setting))
+
+
+def _rebuild(message: str, setting: str | None) -> CellfitError:
+    return CellfitError(message, setting=setting)
+
+
+def worded(exc: BaseException, names: Mapping[str, str] | None = None) -> str:
+    """The message of ``exc`` in a front end's words: a :class:`CellfitError` worded
+    with ``names``, any other exception as ``str(exc)``."""
+    if isinstance(exc, CellfitError):
+        return exc.worded(names)
+    return str(exc)
