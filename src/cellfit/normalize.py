@@ -13,6 +13,7 @@ from cellfit.errors import CellfitError
 
 __all__ = [
     "DEFAULT_NORMALIZATION",
+    "MAX_SAMPLES",
     "match_channels",
     "normalize",
     "percentiles",
@@ -21,7 +22,8 @@ __all__ = [
 ]
 
 DEFAULT_NORMALIZATION: dict = {"method": "percentile", "low": 1.0, "high": 99.8}
-_MAX_SAMPLES = 4_000_000
+#: most pixels a channel that percentile sampling reads (see :func:`percentiles`)
+MAX_SAMPLES = 4_000_000
 
 
 def percentiles(planes: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -30,9 +32,9 @@ def percentiles(planes: np.ndarray, low: float, high: float) -> np.ndarray:
     Large stacks are subsampled on a regular grid (at most ~4 million pixels a channel).
     """
     p, c, h, w = planes.shape
-    step = max(1, int(np.ceil(np.sqrt(p * h * w / _MAX_SAMPLES))))
+    step = max(1, int(np.ceil(np.sqrt(p * h * w / MAX_SAMPLES))))
     out = np.empty((c, 2), dtype=np.float64)
-    pstep = max(1, int(np.ceil(p * h * w / (step * step) / _MAX_SAMPLES)))
+    pstep = max(1, int(np.ceil(p * h * w / (step * step) / MAX_SAMPLES)))
     for ch in range(c):
         sample = np.asarray(planes[::pstep, ch, ::step, ::step], dtype=np.float64)
         out[ch] = np.percentile(sample, [low, high])
