@@ -10,12 +10,12 @@ from torch import nn
 from cellfit.errors import CellfitError
 from cellfit.model import ModelInfo, build_model
 from cellfit.normalize import normalize, percentiles
+from cellfit.devices import resolve_device
 from cellfit.predict import (
     blend_window,
     iter_predict,
     predict_plane,
     predict_stack,
-    resolve_device,
     tile_starts,
 )
 

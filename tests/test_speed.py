@@ -284,7 +284,7 @@ def no_gpu(monkeypatch):
     [(True, True, "cuda"), (True, False, "cuda"), (False, True, "mps"), (False, False, "cpu")],
 )
 def test_auto_prefers_cuda_then_mps_then_cpu(no_gpu, cuda, mps, expected):
-    from cellfit.predict import resolve_device
+    from cellfit.devices import resolve_device
 
     no_gpu.setattr(torch.cuda, "is_available", lambda: cuda)
     no_gpu.setattr(torch.backends.mps, "is_available", lambda: mps)

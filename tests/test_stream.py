@@ -15,13 +15,14 @@ from torch import nn
 
 import cellfit.io as cio
 import cellfit.normalize as cnorm
+import cellfit.stream as cstream
 from cellfit.batch import Engine, Settings, run_file
 from cellfit.io import ImageStack, InMemoryImage, LazyImage, open_image, read_image
 from cellfit.model import ModelInfo
 from cellfit.normalize import resize_plane
 from cellfit.postprocess import instances_from_probs
-from cellfit.predict import TileRunner, iter_predict, prepare_planes
-from cellfit.stream import BlockLabeller, PlanePredictor, ResizeRows, stack_stats
+from cellfit.predict import PlanePredictor, TileRunner, iter_predict, prepare_planes
+from cellfit.stream import BlockLabeller, ResizeRows, stack_stats
 from cellfit.synthetic import synthetic_cells
 
 
@@ -90,10 +91,11 @@ def drain(gen):
 def test_lazy_reading_is_lazy(tmp_path, compression, monkeypatch):
     """A stack of 16 MB is read and its statistics computed within a 3 MB bound.
 
-    (The statistics sample at most ``_MAX_SAMPLES`` pixels, 4 million by default, a
+    (The statistics sample at most ``MAX_SAMPLES`` pixels, 4 million by default, a
     fixed cost whatever the stack's size; lowered here so the bound shows the reading.)
     """
-    monkeypatch.setattr(cnorm, "_MAX_SAMPLES", 100_000)
+    monkeypatch.setattr(cnorm, "MAX_SAMPLES", 100_000)
+    monkeypatch.setattr(cstream, "MAX_SAMPLES", 100_000)
     rng = np.random.default_rng(0)
     stack = rng.integers(0, 4000, (64, 256, 512), dtype=np.uint16)  # 16 MB
     path = tmp_path / "big.tif"
@@ -123,7 +125,8 @@ def test_streamed_prediction_of_a_stack_stays_within_a_memory_bound(tmp_path, mo
     """Predicting and writing an 8 MB stack (24 MB of probabilities, written too) holds
     a few planes at a time: peak memory under 6 MB (it stays flat from 16 to 128 planes)."""
     monkeypatch.setattr(cio, "LAZY_BYTES", 2**20)
-    monkeypatch.setattr(cnorm, "_MAX_SAMPLES", 100_000)
+    monkeypatch.setattr(cnorm, "MAX_SAMPLES", 100_000)
+    monkeypatch.setattr(cstream, "MAX_SAMPLES", 100_000)
     cells = synthetic_cells((128, 256), n_cells=12, seed=1)[0].astype(np.float32)
     stack = np.stack([np.roll(cells, 3 * i, axis=1) for i in range(64)])  # 8 MB
     path = tmp_path / "in" / "s.tif"
@@ -191,7 +194,8 @@ def test_streamed_planes_and_rows_equal_iter_predict(scale):
     runner = TileRunner(model, "cpu", batch_size=5)  # batches span planes
     pred = PlanePredictor(model, info, runner, tile=96, overlap=32)
     img = InMemoryImage(stack)
-    got = [r.probs for r in pred.predict(((p, img.plane(p)) for p in range(3)), stats) if r.probs is not None]
+    got = [r.probabilities for r in pred.predict(((p, img.plane(p)) for p in range(3)), stats)
+           if r.probabilities is not None]
     for a, b in zip(ref, got):
         np.testing.assert_allclose(a, b, atol=1e-6)
 

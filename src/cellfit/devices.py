@@ -9,13 +9,58 @@ import warnings
 
 import torch
 
-__all__ = ["cuda_unavailable_reason", "describe_devices", "device_label"]
+from cellfit.errors import CellfitError
+
+__all__ = [
+    "cuda_unavailable_reason",
+    "describe_devices",
+    "device_label",
+    "is_out_of_memory",
+    "resolve_device",
+]
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` → cuda if available, else mps, else cpu; otherwise the named device."""
+    if isinstance(device, torch.device):
+        return device
+    name = (device or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CellfitError(
+            "{setting} cuda was asked for but PyTorch sees no CUDA GPU: choose auto or cpu "
+            "(run `cellfit devices` to see what PyTorch finds).",
+            setting="device",
+        )
+    if name == "mps" and not _mps_available():
+        raise CellfitError(
+            "{setting} mps was asked for but this machine has no Apple GPU available: "
+            "choose auto or cpu.",
+            setting="device",
+        )
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        raise CellfitError(f"unknown device {device!r}: use auto, cpu, cuda or mps.")
+    return torch.device(name)
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for a device out-of-memory error (CUDA, and MPS's RuntimeError)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
 def device_label(device: str | torch.device | None = "auto") -> str:
     """One short phrase for a device, e.g. ``"CUDA: NVIDIA H100 (79 GB)"`` or ``"CPU only"``."""
-    from cellfit.predict import resolve_device
-
     dev = resolve_device(device)
     if dev.type == "cuda":
         idx = dev.index or 0

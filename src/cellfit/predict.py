@@ -1,25 +1,36 @@
-"""Tiled prediction over 2D images, 3D stacks and time series.
+"""The one tiled-inference core: every prediction in cellfit passes through here.
 
-Each plane is cut into tiles of ``tile`` pixels (a multiple of the encoder stride, 32)
-that overlap by ``overlap`` pixels; tiles run through the network in batches and
-their softmax outputs are blended with a Gaussian window, so seams do not show and
-any image size works. Planes smaller than a tile are padded (reflect) to the stride.
-Memory is bounded by one plane's probabilities plus one batch of tiles.
+Training validation, the plugin's live preview and Segment, ``cellfit predict`` (one
+file, folders, huge planes) and the dask cluster path all run
+:class:`PlanePredictor`, so they cut the same tiles and blend them alike.
 
-:func:`iter_predict` is a generator that yields :class:`PredictEvent` after each batch
-of tiles, so callers can show progress and stop between batches.
+Each plane is normalised, resized to the model's cell scale, given a mirrored margin
+(so border pixels see the same context whatever the tiling) and padded to the encoder
+stride; it is cut into tiles of ``tile`` pixels (a multiple of 32) that overlap by
+``overlap`` pixels; tiles run through the network in batches (:class:`TileRunner`:
+AMP and channels-last on CUDA, out-of-memory halving) and their softmax outputs are
+blended with a Gaussian window on the model's device. Tiles are batched across
+consecutive planes, so a stack of small slices still fills a batch; memory holds the
+planes in flight, never the stack. Huge 2D planes stream row band by row band
+(:meth:`PlanePredictor.predict_rows`).
+
+:func:`iter_predict`, :func:`predict_plane` and :func:`predict_stack` are the short
+forms for planes in memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
+from cellfit.devices import is_out_of_memory, resolve_device
 from cellfit.errors import CellfitError
+from cellfit.events import Progress
 from cellfit.io import ImageStack, to_planes
 from cellfit.model import STRIDE, ModelInfo
 from cellfit.normalize import (
@@ -33,47 +44,32 @@ from cellfit.normalize import (
 __all__ = [
     "DEFAULT_OVERLAP",
     "DEFAULT_TILE",
-    "PredictEvent",
+    "Geometry",
+    "PlaneEvent",
+    "PlanePredictor",
     "TileRunner",
     "blend_window",
     "iter_predict",
+    "plane_geometry",
     "predict_plane",
+    "predict_planes",
     "predict_stack",
     "prepare_planes",
-    "resolve_device",
+    "round_up",
+    "stack_percentiles",
     "tile_starts",
 ]
 
 DEFAULT_TILE = 512
 DEFAULT_OVERLAP = 64
+#: planes in flight (padded pixels) when batching tiles across planes
+FLIGHT_PIXELS = 2**26
 
 
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` → cuda if available, else mps, else cpu; otherwise the named device."""
-    if isinstance(device, torch.device):
-        return device
-    name = (device or "auto").lower()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CellfitError(
-            "--device cuda was asked for but PyTorch sees no CUDA GPU: use --device auto or cpu "
-            "(run `cellfit devices` to see what PyTorch finds)."
-        )
-    if name == "mps" and not (
-        getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    ):
-        raise CellfitError(
-            "--device mps was asked for but this machine has no Apple GPU available: "
-            "use --device auto or cpu."
-        )
-    if name not in ("cpu", "mps") and not name.startswith("cuda"):
-        raise CellfitError(f"unknown device {device!r}: use auto, cpu, cuda or mps.")
-    return torch.device(name)
+# ------------------------------------------------------------------------ geometry
+def round_up(n: int, m: int = STRIDE) -> int:
+    """``n`` rounded up to a multiple of ``m`` (the encoder stride by default)."""
+    return int(-(-n // m) * m)
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -117,38 +113,81 @@ def blend_window(
     return np.maximum(np.outer(gy, gx), 1e-3).astype(np.float32)
 
 
-def _round_up(n: int, m: int = STRIDE) -> int:
-    return int(-(-n // m) * m)
-
-
 @dataclass
-class PredictEvent:
-    """Progress of a prediction.
+class Geometry:
+    """The tiling of one (model-space) plane of ``h`` x ``w``.
 
-    ``probabilities`` is set (shape (K, Y, X), float32) on the event that completes a
-    plane, and None otherwise.
+    A mirrored margin ``m`` on every side, then padding up to the stride where the
+    plane is smaller than a tile, give the padded plane of ``H`` x ``W``; tiles of
+    ``th`` x ``tw`` start at rows ``ys`` and columns ``xs`` of it. ``idx_y`` /
+    ``idx_x`` give the plane row / column of each padded row / column.
     """
 
-    plane: int
-    n_planes: int
-    tiles_done: int
-    tiles_total: int
-    probabilities: np.ndarray | None = None
-    #: a message for the user, e.g. that the tile batch was halved after running out of memory
-    notice: str | None = None
+    h: int
+    w: int
+    m: int
+    th: int
+    tw: int
+    H: int
+    W: int
+    ys: list[int]
+    xs: list[int]
+    idx_y: np.ndarray
+    idx_x: np.ndarray
+    mode: str
 
     @property
-    def fraction(self) -> float:
-        return (self.plane + self.tiles_done / max(1, self.tiles_total)) / max(1, self.n_planes)
+    def n_tiles(self) -> int:
+        return len(self.ys) * len(self.xs)
+
+    @property
+    def coords(self) -> list[tuple[int, int]]:
+        """``(y, x)`` of every tile, row by row."""
+        return [(y, x) for y in self.ys for x in self.xs]
+
+    def on_border(self, y: int, x: int) -> tuple[bool, bool, bool, bool]:
+        """Which sides (top, bottom, left, right) of the tile at ``(y, x)`` lie on the
+        padded plane's border (see :func:`blend_window`)."""
+        return (y == 0, y + self.th >= self.H, x == 0, x + self.tw >= self.W)
+
+    @property
+    def key(self) -> tuple:
+        return (self.H, self.W, self.th, self.tw, tuple(self.ys), tuple(self.xs))
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for a device out-of-memory error (CUDA, and MPS's RuntimeError)."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+def plane_geometry(h: int, w: int, tile: int, overlap: int) -> Geometry:
+    """The :class:`Geometry` of a ``h`` x ``w`` plane cut into ``tile`` px tiles that
+    overlap by ``overlap`` px (tile rounded up to the stride, overlap at most half)."""
+    tile = round_up(max(tile, STRIDE))
+    overlap = int(min(max(overlap, 0), tile // 2))
+    m = max(overlap // 2, 8)
+    mode = "reflect" if min(h, w) > 1 else "edge"
+    th, tw = min(tile, round_up(h + 2 * m)), min(tile, round_up(w + 2 * m))
+    ph, pw = max(th - h - 2 * m, 0), max(tw - w - 2 * m, 0)
+    # np.pad works axis by axis, so padding index vectors reproduces the padded plane
+    idx_y = np.pad(np.pad(np.arange(h), (m, m), mode=mode), (0, ph), mode=mode)
+    idx_x = np.pad(np.pad(np.arange(w), (m, m), mode=mode), (0, pw), mode=mode)
+    H, W = len(idx_y), len(idx_x)
+    return Geometry(
+        h, w, m, th, tw, H, W,
+        tile_starts(H, th, overlap), tile_starts(W, tw, overlap), idx_y, idx_x, mode,
+    )
 
 
+# --------------------------------------------------------------------------- events
+@dataclass
+class PlaneEvent(Progress):
+    """Progress of a prediction: ``tiles_done`` of ``tiles_total`` tiles of ``plane``
+    (the plane's key: its index in :func:`iter_predict`). ``probabilities``
+    (``(K, Y, X)`` float32) is set on the event that completes the plane."""
+
+    plane: object = None
+    tiles_done: int = 0
+    tiles_total: int = 0
+    probabilities: np.ndarray | None = None
+
+
+# --------------------------------------------------------------------------- network
 class TileRunner:
     """Runs batches of tiles through the network and returns their softmax.
 
@@ -238,8 +277,9 @@ class TileRunner:
                 if n <= 1:
                     raise CellfitError(
                         f"the {self.device.type.upper()} device ran out of memory on a single "
-                        f"tile of {xt.shape[-2]}x{xt.shape[-1]} pixels: use a smaller --tile "
-                        "(e.g. 256) or --device cpu."
+                        f"tile of {xt.shape[-2]}x{xt.shape[-1]} pixels: use a smaller {{setting}} "
+                        "(e.g. 256) or run on the CPU.",
+                        setting="tile",
                     ) from None
                 self.batch_size = max(1, n // 2)
                 self.notices.append(
@@ -252,6 +292,255 @@ class TileRunner:
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
+
+# ------------------------------------------------------------------------- predictor
+@dataclass
+class _Plane:
+    key: object
+    plane: torch.Tensor  # padded, normalised (C, H, W), on the model's device
+    geo: Geometry
+    full_shape: tuple[int, int]
+    coords: list[tuple[int, int]]
+    acc: torch.Tensor
+    next: int = 0
+    done: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class PlanePredictor:
+    """The tiled-inference core: probabilities of planes in memory, of streams of
+    planes, and of huge planes read row band by row band.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network (put in eval mode here).
+    info : ModelInfo
+        Its settings: channels, classes, normalisation, cell scale.
+    runner : TileRunner, optional
+        Runs the batches of tiles; made from ``model`` (on its device, 4 tiles a
+        batch off CUDA) when None.
+    tile, overlap : int
+        Tile side (rounded up to a multiple of 32) and overlap in pixels.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        info: ModelInfo,
+        runner: TileRunner | None = None,
+        *,
+        tile: int = DEFAULT_TILE,
+        overlap: int = DEFAULT_OVERLAP,
+    ) -> None:
+        self.model, self.info = model, info
+        self.runner = runner if runner is not None else TileRunner(model)
+        self.tile, self.overlap = tile, overlap
+        self.device = self.runner.device
+        self._windows: dict = {}
+        self._inverse: tuple[tuple, torch.Tensor] | None = None
+        model.eval()
+
+    @property
+    def scale(self) -> float:
+        return float(getattr(self.info, "scale", 1.0) or 1.0)
+
+    def model_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """Plane shape the network sees for an image plane of ``shape``."""
+        if abs(self.scale - 1.0) > 1e-6:
+            return scaled_shape(shape, self.scale)
+        return tuple(shape)
+
+    def _window(self, th: int, tw: int, key: tuple) -> torch.Tensor:
+        k = (th, tw, key)
+        win = self._windows.get(k)
+        if win is None:
+            win = self._windows[k] = torch.from_numpy(blend_window(th, tw, flat=key)).to(
+                self.device
+            )
+        return win
+
+    def _inverse_weights(self, geo: Geometry) -> torch.Tensor:
+        """1 / (sum of the tiles' windows) over the padded plane, kept for the last
+        geometry (the planes of a stack share it)."""
+        if self._inverse is not None and self._inverse[0] == geo.key:
+            return self._inverse[1]
+        wsum = torch.zeros((geo.H, geo.W), dtype=torch.float32, device=self.device)
+        for y, x in geo.coords:
+            wsum[y : y + geo.th, x : x + geo.tw] += self._window(geo.th, geo.tw, geo.on_border(y, x))
+        inv = wsum.reciprocal_()
+        self._inverse = (geo.key, inv)
+        return inv
+
+    def _batch_size(self, tile_shape: tuple[int, int, int]) -> int:
+        if self.runner.batch_size is None:
+            self.runner.batch_size = self.runner.auto_batch_size(tile_shape)
+        return self.runner.batch_size
+
+    def _blend(self, acc: torch.Tensor, geo: Geometry, y: int, y_acc: int, x: int,
+               probs: torch.Tensor) -> None:
+        """Add one tile's probabilities, weighted by its window, into ``acc`` (whose
+        row ``y_acc`` is padded row ``y``)."""
+        win = self._window(geo.th, geo.tw, geo.on_border(y, x))
+        acc[:, y_acc : y_acc + geo.th, x : x + geo.tw].addcmul_(probs, win)
+
+    # ---------------------------------------------------------------- ordinary planes
+    def _start(self, key, raw: np.ndarray, stats) -> _Plane:
+        info = self.info
+        plane = normalize(
+            match_channels(raw[None], info.in_channels), info.normalization, stats
+        )[0]
+        full_shape = tuple(plane.shape[1:])
+        mshape = self.model_shape(full_shape)
+        if mshape != full_shape:
+            plane = resize_plane(plane, mshape)
+        geo = plane_geometry(*mshape, self.tile, self.overlap)
+        # mirrored margin and stride padding on the model's device: tiles are cut there
+        dev = self.device
+        plane = torch.from_numpy(np.ascontiguousarray(plane, dtype=np.float32)).to(dev)
+        plane = plane.index_select(1, torch.from_numpy(geo.idx_y).to(dev))
+        plane = plane.index_select(2, torch.from_numpy(geo.idx_x).to(dev))
+        acc = torch.zeros((info.n_classes, geo.H, geo.W), dtype=torch.float32, device=dev)
+        return _Plane(key, plane, geo, full_shape, geo.coords, acc)
+
+    def _finish(self, rec: _Plane) -> np.ndarray:
+        g = rec.geo
+        inv = self._inverse_weights(g)[g.m : g.m + g.h, g.m : g.m + g.w]
+        crop = rec.acc[:, g.m : g.m + g.h, g.m : g.m + g.w]
+        if self.device.type == "cpu":  # one pass, straight into the array handed out
+            probs = np.empty(crop.shape, dtype=np.float32)
+            torch.mul(crop, inv, out=torch.from_numpy(probs))
+        else:
+            probs = (crop * inv).cpu().numpy()
+        rec.acc = rec.plane = None  # free them before a resize allocates
+        if probs.shape[1:] != rec.full_shape:
+            probs = resize_plane(probs, rec.full_shape)
+        return probs
+
+    def predict(
+        self, planes: Iterable[tuple[object, np.ndarray]], stats: np.ndarray | None
+    ) -> Iterator[PlaneEvent]:
+        """Probabilities of each ``(key, raw plane (C, Y, X))``, in order.
+
+        Yields a :class:`PlaneEvent` with ``probabilities`` for each finished plane,
+        and progress events (``probabilities`` None) after batches inside large planes.
+        ``stats`` are the normalisation percentiles ``(C, 2)`` (of the whole stack).
+        """
+        pending: deque[_Plane] = deque()
+        it = iter(planes)
+        exhausted = False
+        queued = 0
+        in_flight = 0
+        while True:
+            while not exhausted and (
+                not pending
+                or (queued < (self.runner.batch_size or 1) and in_flight < FLIGHT_PIXELS)
+            ):
+                try:
+                    key, raw = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                rec = self._start(key, raw, stats)
+                pending.append(rec)
+                queued += len(rec.coords)
+                in_flight += rec.geo.H * rec.geo.W
+                self._batch_size((rec.plane.shape[0], rec.geo.th, rec.geo.tw))
+            if not pending:
+                return
+            batch = self._next_batch(pending)
+            th, tw = batch[0][0].geo.th, batch[0][0].geo.tw
+            x = torch.stack([r.plane[:, y : y + th, x0 : x0 + tw] for r, (y, x0) in batch])
+            out = self.runner(x)
+            notice = self.runner.pop_notice()
+            for (r, (y, x0)), pr in zip(batch, out):
+                self._blend(r.acc, r.geo, y, y, x0, pr)
+                r.done += 1
+            del out, x
+            queued -= len(batch)
+            while pending and pending[0].done == len(pending[0].coords):
+                rec = pending.popleft()
+                in_flight -= rec.geo.H * rec.geo.W
+                n = len(rec.coords)
+                probs = self._finish(rec)
+                yield PlaneEvent(plane=rec.key, tiles_done=n, tiles_total=n,
+                                 probabilities=probs, notice=notice)
+                notice = None
+            if pending and (notice or pending[0].done):
+                head = pending[0]
+                yield PlaneEvent(plane=head.key, tiles_done=head.done,
+                                 tiles_total=len(head.coords), notice=notice)
+
+    def _next_batch(self, pending: deque[_Plane]) -> list[tuple[_Plane, tuple[int, int]]]:
+        """Up to a batch of the next tiles, across planes while their tiles match."""
+        bs = self.runner.batch_size or 1
+        batch: list[tuple[_Plane, tuple[int, int]]] = []
+        shape = None
+        for rec in pending:
+            if rec.next >= len(rec.coords):
+                continue
+            tshape = (rec.geo.th, rec.geo.tw)
+            if shape is None:
+                shape = tshape
+            elif tshape != shape:
+                break
+            take = min(bs - len(batch), len(rec.coords) - rec.next)
+            batch.extend((rec, c) for c in rec.coords[rec.next : rec.next + take])
+            rec.next += take
+            if len(batch) >= bs:
+                break
+        return batch
+
+    # ---------------------------------------------------------------------- huge planes
+    def predict_rows(self, source, key: object = None) -> Iterator:
+        """Model-space probability rows of one plane read band by band from ``source``
+        (``.shape == (C, h, w)``, ``.rows(a, b)`` normalised rows in model space).
+
+        Yields ``(r0, r1, probs (K, r1 - r0, w))`` in order, and a :class:`PlaneEvent`
+        (progress) after each tile row. Memory: one tile row of the padded plane.
+        """
+        _c, h, w = source.shape
+        g = plane_geometry(h, w, self.tile, self.overlap)
+        k = self.info.n_classes
+        th, tw = g.th, g.tw
+        bs = self._batch_size((source.shape[0], th, tw))
+        acc = torch.zeros((k, th, g.W), dtype=torch.float32, device=self.device)
+        wsum = torch.zeros((th, g.W), dtype=torch.float32, device=self.device)
+        done, total = 0, g.n_tiles
+        for i, y in enumerate(g.ys):
+            need = g.idx_y[y : y + th]
+            lo, hi = int(need.min()), int(need.max()) + 1
+            band = np.asarray(source.rows(lo, hi), dtype=np.float32)
+            band = np.ascontiguousarray(band[:, need - lo][:, :, g.idx_x])
+            notices = []
+            for b0 in range(0, len(g.xs), bs):
+                xs = g.xs[b0 : b0 + bs]
+                x = np.stack([band[:, :, x0 : x0 + tw] for x0 in xs])
+                out = self.runner(torch.from_numpy(x))
+                bs = self.runner.batch_size or bs
+                n = self.runner.pop_notice()
+                if n:
+                    notices.append(n)
+                for x0, pr in zip(xs, out):
+                    self._blend(acc, g, y, 0, x0, pr)
+                    wsum[:, x0 : x0 + tw] += self._window(th, tw, g.on_border(y, x0))
+                done += len(xs)
+            nxt = g.ys[i + 1] if i + 1 < len(g.ys) else g.H
+            n_fin = nxt - y
+            # padded rows y .. nxt are final: crop the margin, hand them out
+            r0, r1 = max(y, g.m), min(nxt, g.m + h)
+            if r1 > r0:
+                fin = acc[:, r0 - y : r1 - y, g.m : g.m + w] / wsum[r0 - y : r1 - y, g.m : g.m + w]
+                yield (r0 - g.m, r1 - g.m, fin.cpu().numpy())
+            acc = torch.roll(acc, -n_fin, dims=1)
+            wsum = torch.roll(wsum, -n_fin, dims=0)
+            acc[:, th - n_fin :] = 0
+            wsum[th - n_fin :] = 0
+            yield PlaneEvent(plane=key, tiles_done=done, tiles_total=total,
+                             fraction=done / max(1, total), notice="; ".join(notices) or None)
+
+
+# ------------------------------------------------------------------- short forms
 def prepare_planes(
     image: ImageStack | np.ndarray, info: ModelInfo, axes: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -261,12 +550,16 @@ def prepare_planes(
     """
     planes = image.data if isinstance(image, ImageStack) else to_planes(np.asarray(image), axes)[0]
     planes = match_channels(planes, info.in_channels)
+    return planes, stack_percentiles(planes, info)
+
+
+def stack_percentiles(planes: np.ndarray, info: ModelInfo) -> np.ndarray:
+    """The model's normalisation percentiles ``(C, 2)`` of planes ``(P, C, Y, X)``
+    (zeros when the model does not normalise by percentiles)."""
     norm = info.normalization
     if norm.get("method", "percentile") == "percentile":
-        stats = percentiles(planes, float(norm["low"]), float(norm["high"]))
-    else:
-        stats = np.zeros((planes.shape[1], 2))
-    return planes, stats
+        return percentiles(planes, float(norm["low"]), float(norm["high"]))
+    return np.zeros((planes.shape[1], 2))
 
 
 def iter_predict(
@@ -281,7 +574,7 @@ def iter_predict(
     device: str | torch.device | None = None,
     amp: bool = True,
     runner: TileRunner | None = None,
-) -> Iterator[PredictEvent]:
+) -> Iterator[PlaneEvent]:
     """Predict probabilities plane by plane, yielding progress after each batch of tiles.
 
     Parameters
@@ -297,78 +590,50 @@ def iter_predict(
     runner : TileRunner, optional
         Runs the batches (and keeps a batch size halved after running out of memory
         across calls); made from ``model``, ``device``, ``batch_size``, ``amp`` when None.
+
+    Yields
+    ------
+    PlaneEvent
+        ``plane`` is the plane's index; ``probabilities`` ``(K, Y, X)`` is set on the
+        event that completes it; ``fraction`` is the share of the planes done.
     """
     if runner is None:
         runner = TileRunner(model, device, batch_size=batch_size, amp=amp)
-    if stats is None and info.normalization.get("method", "percentile") == "percentile":
-        stats = percentiles(
-            planes, float(info.normalization["low"]), float(info.normalization["high"])
-        )
-    tile = _round_up(max(tile, STRIDE))
-    overlap = int(min(max(overlap, 0), tile // 2))
-    margin = max(overlap // 2, 8)
-    model.eval()
-    n_planes = planes.shape[0]
-    for p in range(n_planes):
-        plane = normalize(planes[p : p + 1], info.normalization, stats)[0]
-        full_shape = plane.shape[1:]
-        scale = float(getattr(info, "scale", 1.0) or 1.0)
-        if abs(scale - 1.0) > 1e-6:
-            plane = resize_plane(plane, scaled_shape(full_shape, scale))
-        _c, h, w = plane.shape
-        # a mirrored margin gives pixels at the image border the same context whatever
-        # the tiling; then pad up to the stride where the plane is smaller than a tile
-        m = margin
-        mode = "reflect" if min(h, w) > 1 else "edge"
-        plane = np.pad(plane, ((0, 0), (m, m), (m, m)), mode=mode)
-        th, tw = min(tile, _round_up(h + 2 * m)), min(tile, _round_up(w + 2 * m))
-        ph, pw = max(th - h - 2 * m, 0), max(tw - w - 2 * m, 0)
-        if ph or pw:
-            plane = np.pad(plane, ((0, 0), (0, ph), (0, pw)), mode=mode)
-        H, W = plane.shape[1:]
-        ys, xs = tile_starts(H, th, overlap), tile_starts(W, tw, overlap)
-        coords = [(y, x) for y in ys for x in xs]
-        windows: dict[tuple[bool, bool, bool, bool], np.ndarray] = {}
-        acc = np.zeros((info.n_classes, H, W), dtype=np.float32)
-        wsum = np.zeros((H, W), dtype=np.float32)
-        done = 0
-        b0 = 0
-        while b0 < len(coords):
-            step = runner.batch_size or runner.auto_batch_size((plane.shape[0], th, tw))
-            runner.batch_size = step
-            batch = coords[b0 : b0 + step]
-            b0 += len(batch)
-            x = np.stack([plane[:, y : y + th, x0 : x0 + tw] for y, x0 in batch])
-            prob_np = runner(torch.from_numpy(x)).cpu().numpy()
-            for (y, x0), pr in zip(batch, prob_np):
-                key = (y == 0, y + th >= H, x0 == 0, x0 + tw >= W)
-                window = windows.get(key)
-                if window is None:
-                    window = windows[key] = blend_window(th, tw, flat=key)
-                acc[:, y : y + th, x0 : x0 + tw] += pr * window
-                wsum[y : y + th, x0 : x0 + tw] += window
-            done += len(batch)
-            if done < len(coords):
-                yield PredictEvent(p, n_planes, done, len(coords), notice=runner.pop_notice())
-        acc /= wsum[None]
-        probs = acc[:, m : m + h, m : m + w]
-        if probs.shape[1:] != full_shape:
-            probs = resize_plane(probs, full_shape)
-        yield PredictEvent(p, n_planes, done, len(coords), probs, notice=runner.pop_notice())
+    if stats is None:
+        stats = stack_percentiles(planes, info)
+    n = planes.shape[0]
+    core = PlanePredictor(model, info, runner, tile=tile, overlap=overlap)
+    for ev in core.predict(((p, planes[p]) for p in range(n)), stats):
+        ev.fraction = (ev.plane + ev.tiles_done / max(1, ev.tiles_total)) / max(1, n)
+        yield ev
+
+
+def predict_planes(
+    model: nn.Module,
+    info: ModelInfo,
+    planes: np.ndarray,
+    stats: np.ndarray | None = None,
+    **kwargs,
+) -> np.ndarray:
+    """Probabilities ``(P, K, Y, X)`` of raw planes ``(P, C, Y, X)`` with the model's
+    channels (keyword arguments as :func:`iter_predict`)."""
+    if planes.shape[0] == 0:
+        raise CellfitError("the image has no planes to predict: give a non-empty image.")
+    out = np.empty((planes.shape[0], info.n_classes, *planes.shape[2:]), dtype=np.float32)
+    for ev in iter_predict(model, info, planes, stats, **kwargs):
+        if ev.probabilities is not None:
+            out[ev.plane] = ev.probabilities
+    return out
 
 
 def predict_plane(
     model: nn.Module, info: ModelInfo, image: np.ndarray, **kwargs
 ) -> np.ndarray:
-    """Probabilities ``(K, Y, X)`` of one normalised-or-raw plane ``(C, Y, X)``."""
+    """Probabilities ``(K, Y, X)`` of one raw plane ``(C, Y, X)`` with the model's
+    channels (keyword arguments as :func:`iter_predict`)."""
     if image.ndim != 3:
         raise ValueError(f"predict_plane takes (C, Y, X), got {image.shape}")
-    out = None
-    for ev in iter_predict(model, info, image[None], **kwargs):
-        if ev.probabilities is not None:
-            out = ev.probabilities
-    assert out is not None
-    return out
+    return predict_planes(model, info, image[None], **kwargs)[0]
 
 
 def predict_stack(
@@ -378,12 +643,8 @@ def predict_stack(
     axes: str | None = None,
     **kwargs,
 ) -> np.ndarray:
-    """Probabilities ``(P, K, Y, X)`` for every plane of an image or stack."""
+    """Probabilities ``(P, K, Y, X)`` for every plane of an image or stack, in any
+    layout (``axes`` as :func:`cellfit.io.to_planes`; keyword arguments as
+    :func:`iter_predict`)."""
     planes, stats = prepare_planes(image, info, axes)
-    if planes.shape[0] == 0:
-        raise CellfitError("the image has no planes to predict: give a non-empty image.")
-    out = np.empty((planes.shape[0], info.n_classes, *planes.shape[2:]), dtype=np.float32)
-    for ev in iter_predict(model, info, planes, stats, **kwargs):
-        if ev.probabilities is not None:
-            out[ev.plane] = ev.probabilities
-    return out
+    return predict_planes(model, info, planes, stats, **kwargs)
