@@ -83,19 +83,18 @@ def run_once(
     import napari
     from qtpy.QtCore import QEventLoop, Qt, QTimer
 
-    import cellfit.plugin.widgets as widgets_module
     from cellfit.data import nuclei_dsb2018
     from cellfit.plugin._display import opengl_renderer
-    from cellfit.plugin.workers import gui_friendly_threads
+    from cellfit.plugin.jobs import gui_friendly_threads
     from cellfit.synthetic import sparse_annotation
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    widgets_module.gui_friendly_threads = gui_friendly_threads  # the plugin's own choice
+    thread_choice = gui_friendly_threads  # the plugin's own choice
     if threads == "all":
-        widgets_module.gui_friendly_threads = lambda device: cores
+        thread_choice = lambda device: cores  # noqa: E731
     elif threads != "auto":
         n = int(threads)
-        widgets_module.gui_friendly_threads = lambda device: n
+        thread_choice = lambda device: n  # noqa: E731
 
     viewer = napari.Viewer(show=show)
     viewer.window._qt_window.resize(1500, 950)
@@ -104,15 +103,17 @@ def run_once(
     _dock, widget = viewer.window.add_plugin_dock_widget(
         "napari-cellfit", "Annotate, train & segment"
     )
-    ann = widget.create_annotation_layer()
+    widget.state.threads = thread_choice
+    train = widget.train_panel
+    ann = widget.annotate_panel.create_annotation_layer()
     ann.data = sparse_annotation(mask, fraction=0.15, seed=0).astype(ann.data.dtype)
-    widget.device_combo.setCurrentIndex(widget.device_combo.findData("cpu"))
-    widget.budget_unit.setCurrentIndex(widget.budget_unit.findData("seconds"))
-    widget.budget_spin.setValue(int(seconds))
+    train.device_combo.setCurrentIndex(train.device_combo.findData("cpu"))
+    train.budget_unit.setCurrentIndex(train.budget_unit.findData("seconds"))
+    train.budget_spin.setValue(int(seconds))
     widget.tabs.setCurrentIndex(1)
-    widget.preview_check.setChecked(preview)
+    train.preview_check.setChecked(preview)
     if napari_progress is not None:
-        widget.napari_progress = napari_progress
+        widget.runner.napari_progress = napari_progress
     viewer.reset_view()
 
     ticks: list[float] = []
@@ -149,20 +150,20 @@ def run_once(
     load_before = os.getloadavg()
 
     t_click = time.perf_counter()
-    widget.train_button.click()
+    train.train_button.click()
     click_ms = (time.perf_counter() - t_click) * 1000
-    job = widget.job
+    job = widget.runner.job
     state = {"first_preview": None, "stop_pressed": None}
     loop = QEventLoop()
 
     def monitor() -> None:  # every 20 ms, from the event loop
         now = time.perf_counter()
-        if state["first_preview"] is None and widget.first_preview_seconds is not None:
+        if state["first_preview"] is None and train.first_preview_seconds is not None:
             state["first_preview"] = now - t_click
         if stop_after is not None and state["stop_pressed"] is None and now - t_click > stop_after:
-            widget.stop_button.click()
+            train.stop_button.click()
             state["stop_pressed"] = now
-        if widget.job_kind != "train" or now - t_click > seconds + 120:
+        if widget.runner.kind != "train" or now - t_click > seconds + 120:
             loop.quit()
 
     watch = QTimer()
@@ -176,19 +177,19 @@ def run_once(
     timer.stop()
     wiggle.stop()
     widget.wait(60)
-    res = widget.last_train_result
+    res = train.last_result
     rec = res.record if res is not None else {}
     load_after = os.getloadavg()
     out = {
         "threads_setting": threads,
         "torch_threads": int(
-            widgets_module.gui_friendly_threads(torch.device("cpu")) or torch.get_num_threads()
+            thread_choice(torch.device("cpu")) or torch.get_num_threads()
         ),
         "cores": cores,
         "budget_s": seconds,
-        "patch_size": int(widget.patch_combo.currentData()),
+        "patch_size": int(train.patch_combo.currentData()),
         "pan": pan,
-        "napari_progress_bar": widget.napari_progress,
+        "napari_progress_bar": widget.runner.napari_progress,
         "opengl": opengl_renderer(),
         "preview": preview,
         "shown": show,
@@ -197,7 +198,9 @@ def run_once(
         "longest_pauses": _longest(train_ticks, t_click),
         "train_click_ms": round(click_ms, 1),
         "first_preview_s": round(first_preview, 2) if first_preview is not None else None,
-        "stop_to_end_s": round(widget.stop_seconds, 2) if widget.stop_seconds is not None else None,
+        "stop_to_end_s": (
+            round(train.stop_seconds, 2) if train.stop_seconds is not None else None
+        ),
         "steps": rec.get("steps"),
         "step_s_median": round(float(np.median(job.step_seconds)), 2) if job.step_seconds else None,
         "preview_s_median": round(float(np.median(job.preview_seconds)), 2) if job.preview_seconds else None,

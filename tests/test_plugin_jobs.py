@@ -11,10 +11,11 @@ import pytest
 import tifffile
 
 from cellfit.synthetic import sparse_annotation, synthetic_cells
-from cellfit.train import TrainConfig
+from cellfit.train import TrainConfig, TrainEvent
 
-TINY = {"patch_size": 64, "val_every": 2, "warmup_steps": 1, "device": "cpu", "preview_every": 0.0}
+TINY = {"patch_size": 64, "val_every": 2, "warmup_steps": 1, "device": "cpu"}
 ONE = {"threads": 1}  # one torch thread: fast and steady on a small, shared CPU
+EVERY_STEP = {"preview_every": 0.0}  # a live preview at every step
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
@@ -33,9 +34,9 @@ def test_plugin_package_imports_no_qt_napari_or_torch():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-def test_workers_and_engine_import_without_qt():
+def test_jobs_and_engine_import_without_qt():
     code = (
-        "import sys, cellfit.train, cellfit.plugin.workers\n"
+        "import sys, cellfit.train, cellfit.plugin.jobs\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in "
         "('qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'napari')]\n"
         "assert not bad, bad\n"
@@ -110,46 +111,6 @@ def test_writer_keeps_labels_small(tmp_path):
     assert write_labels_tiff(str(tmp_path / "f.tif"), np.zeros((4, 4), np.float32), {}) == []
 
 
-def test_layer_layout_helpers():
-    from cellfit.plugin.workers import lead_shape, plane_index, plane_of, planes_of
-
-    assert lead_shape((5, 3, 64, 80)) == (5, 3)
-    assert lead_shape((64, 80, 3), rgb=True) == ()
-    assert plane_index((2, 1), (5, 3)) == 7
-    assert plane_index((), ()) == 0
-    assert plane_index((9, 9), (5, 3)) == 14  # clipped to the last plane
-    stack = np.arange(4 * 6 * 7).reshape(4, 6, 7)
-    assert planes_of(stack).shape == (4, 1, 6, 7)
-    np.testing.assert_array_equal(plane_of(stack, 2)[0], stack[2])
-    rgb = np.zeros((6, 7, 3), np.uint8)
-    rgb[..., 1] = 5
-    assert planes_of(rgb, rgb=True).shape == (1, 3, 6, 7)
-    assert plane_of(rgb, 0, rgb=True)[1].max() == 5
-
-
-def test_prediction_to_annotation_copies_only_new_cells():
-    from cellfit.plugin.workers import prediction_to_annotation
-
-    ann = np.zeros((12, 12), np.uint16)
-    ann[1:4, 1:4] = 2  # a painted cell
-    ann[8:12, 0:3] = 1  # painted background
-    pred = np.zeros((12, 12), np.int32)
-    pred[1:4, 1:5] = 1  # overlaps the painted cell: skipped
-    pred[6:9, 6:9] = 5  # new
-    pred[9:12, 1:5] = 9  # new, partly over painted background: only free pixels written
-    new, n = prediction_to_annotation(ann, pred, ring=1)
-    assert n == 2
-    assert set(np.unique(new[6:9, 6:9])) == {3}
-    assert new[1, 4] == 0  # the skipped cell is not copied
-    np.testing.assert_array_equal(new[8:12, 0:3], ann[8:12, 0:3])  # painted pixels kept
-    assert new[11, 4] == 4  # free pixels of the second new cell
-    assert new[5, 7] == 1 and new[9, 7] == 1  # the ring
-    assert new.dtype == ann.dtype
-    same, none = prediction_to_annotation(new, pred, ring=1)
-    assert none == 0
-    np.testing.assert_array_equal(same, new)
-
-
 @pytest.fixture
 def tiny_data():
     img, lab = synthetic_cells((96, 96), n_cells=8, seed=1)
@@ -158,11 +119,13 @@ def tiny_data():
 
 
 def test_train_job_yields_previews_and_returns_model(tiny_data):
-    from cellfit.plugin.workers import TrainJob, planes_of
+    from cellfit.plugin._layers import planes_of
+    from cellfit.plugin.jobs import TrainJob
 
     img, ann = tiny_data
-    job = TrainJob([planes_of(img)], [ann[None]], TrainConfig(steps=3, **TINY),
-                   preview=(0, planes_of(img)[0]), **ONE)
+    config = TrainConfig(steps=3, **TINY)
+    job = TrainJob([planes_of(img)], [ann[None]], config,
+                   preview=(0, planes_of(img)[0]), **EVERY_STEP, **ONE)
     gen = job.run()
     updates = []
     while True:
@@ -171,12 +134,17 @@ def test_train_job_yields_previews_and_returns_model(tiny_data):
         except StopIteration as stop:
             result = stop.value
             break
-    assert [u.step for u in updates] == [1, 2, 3]
+    assert [u.event.step for u in updates] == [1, 2, 3]
+    # each update carries the engine's own event, not a copy of its fields
+    assert all(isinstance(u.event, TrainEvent) for u in updates)
+    assert updates[-1].event.done and updates[-1].event.fraction == pytest.approx(1.0)
+    assert all(u.time_limit == config.time_limit for u in updates)
+    assert updates[-1].probability is None  # the last step is previewed by the dock
     first = updates[0]
     assert first.preview_plane == 0
     assert first.probability.shape == (96, 96) and first.labels.shape == (96, 96)
     assert first.probability.min() >= 0.0 and first.probability.max() <= 1.0
-    assert any(u.validation for u in updates)
+    assert any(u.event.validation for u in updates)
     assert result.error is None and result.model is not None
     assert result.record["steps"] == 3
     assert result.summary["cells"] >= 2
@@ -198,7 +166,8 @@ def _drain(gen):
 
 
 def test_train_job_stop_and_errors(tiny_data):
-    from cellfit.plugin.workers import TrainJob, planes_of
+    from cellfit.plugin._layers import planes_of
+    from cellfit.plugin.jobs import TrainJob
 
     img, ann = tiny_data
     job = TrainJob([planes_of(img)], [ann[None]], TrainConfig(steps=50, **TINY), **ONE)
@@ -230,7 +199,8 @@ def test_train_job_stop_and_errors(tiny_data):
 
 def test_predict_job_stack_and_cancel(tiny_data):
     from cellfit.model import ModelInfo, build_model
-    from cellfit.plugin.workers import PredictJob, planes_of
+    from cellfit.plugin._layers import planes_of
+    from cellfit.plugin.jobs import PredictJob
 
     img, _ = tiny_data
     stack = np.stack([img, img[::-1], img[:, ::-1]])
@@ -248,7 +218,7 @@ def test_predict_job_stack_and_cancel(tiny_data):
 
 def test_batch_job(tmp_path, tiny_data):
     from cellfit.model import ModelInfo, build_model, save_model
-    from cellfit.plugin.workers import BatchJob
+    from cellfit.plugin.jobs import BatchJob
 
     img, _ = tiny_data
     src = tmp_path / "in"
@@ -281,16 +251,21 @@ def test_batch_job(tmp_path, tiny_data):
 
 def test_user_message():
     from cellfit.errors import CellfitError
-    from cellfit.plugin.workers import user_message
+    from cellfit.plugin.jobs import user_message
 
     assert user_message(CellfitError("give a file."), "x") == "give a file."
+    # an engine error that names a setting is worded as the dock labels its control
+    err = CellfitError("no cells were found: set {setting}.", setting="diameter")
+    assert user_message(err, "x") == "no cells were found: set Cell diameter (Segment tab)."
+    err = CellfitError("use a smaller {setting}.", setting="tile")  # no control: plain words
+    assert user_message(err, "x") == "use a smaller the tile size."
     assert "ran out of memory" in user_message(MemoryError(), "training")
     msg = user_message(RuntimeError("boom"), "training")
     assert msg.startswith("training stopped on an unexpected error (RuntimeError: boom)")
 
 
 def test_fast_tile_covers_small_planes_in_one_tile():
-    from cellfit.plugin.workers import fast_tile
+    from cellfit.plugin.jobs import fast_tile
 
     assert fast_tile((512, 512)) == 640  # the plane and the engine's mirrored margin
     assert fast_tile((100, 60)) == 256
@@ -299,12 +274,14 @@ def test_fast_tile_covers_small_planes_in_one_tile():
 
 
 def test_train_job_preview_follows_the_slice_on_screen():
-    from cellfit.plugin.workers import TrainJob, planes_of
+    from cellfit.plugin._layers import planes_of
+    from cellfit.plugin.jobs import TrainJob
 
     frames = [synthetic_cells((96, 96), n_cells=8, seed=s) for s in (1, 2)]
     stack = planes_of(np.stack([f[0] for f in frames]))
     ann = np.stack([sparse_annotation(frames[0][1], fraction=0.6, seed=1), np.zeros((96, 96), np.uint16)])
-    job = TrainJob([stack], [ann], TrainConfig(steps=4, **TINY), preview=(0, stack[0]), **ONE)
+    job = TrainJob([stack], [ann], TrainConfig(steps=4, **TINY), preview=(0, stack[0]),
+                   **EVERY_STEP, **ONE)
     gen = job.run()
     first = next(gen)
     assert first.preview_plane == 0
@@ -335,7 +312,8 @@ def nuclei_30px():
 
 
 def test_train_job_from_the_starting_model_says_why_it_falls_back(tiny_data):
-    from cellfit.plugin.workers import TrainJob, planes_of
+    from cellfit.plugin._layers import planes_of
+    from cellfit.plugin.jobs import TrainJob
 
     img, ann = tiny_data
     two = planes_of(np.stack([img, img[::-1]], axis=-1), rgb=True)  # (1, 2, Y, X)
@@ -343,14 +321,15 @@ def test_train_job_from_the_starting_model_says_why_it_falls_back(tiny_data):
     job = TrainJob([two], [ann[None]], TrainConfig(init="starting", steps=2, **TINY), **ONE)
     gen = job.run()
     first = next(gen)
-    assert "2 channels" in first.notice and "training from scratch instead" in first.notice
+    assert "2 channels" in first.event.notice
+    assert "training from scratch instead" in first.event.notice
     res = _drain(gen)
     assert res.error is None and res.info.in_channels == 2 and res.record["init"] is None
     # from the starting model where it can serve: the record says so, no notice
     job = TrainJob([planes_of(img)], [ann[None]], TrainConfig(init="starting", steps=1, **TINY),
                    **ONE)
     gen = job.run()
-    assert next(gen).notice is None
+    assert next(gen).event.notice is None
     res = _drain(gen)
     assert res.error is None and res.record["init"] == "cellfit starting model"
     assert res.info.diameter == res.summary["median_cell_diameter"]
@@ -358,7 +337,8 @@ def test_train_job_from_the_starting_model_says_why_it_falls_back(tiny_data):
 
 def test_starting_model_diameter_estimate_predict_and_batch(tmp_path, nuclei_30px):
     from cellfit.model import load_model
-    from cellfit.plugin.workers import DiameterJob, PredictJob, planes_of
+    from cellfit.plugin._layers import planes_of
+    from cellfit.plugin.jobs import DiameterJob, PredictJob
     from cellfit.starting import needs_diameter, starting_model_path
 
     img, _labels = nuclei_30px
@@ -391,13 +371,13 @@ def test_starting_model_diameter_estimate_predict_and_batch(tmp_path, nuclei_30p
     # no cells anywhere: one sentence in the plugin's words (no command-line option)
     flat = np.random.default_rng(0).normal(100, 1, (1, 1, 128, 128)).astype(np.float32)
     bad = _drain(DiameterJob(model, info, flat[0], **ONE).run())
-    assert bad.error.startswith("No cells were found") and "--" not in bad.error
+    assert bad.error.lower().startswith("no cells were found") and "--" not in bad.error
     bad = _drain(PredictJob(model, info, flat, **ONE).run())
-    assert bad.error.startswith("No cells were found") and bad.labels is None
+    assert bad.error.lower().startswith("no cells were found") and bad.labels is None
 
 
 def test_batch_job_with_the_starting_model_estimates_the_diameter(tmp_path, nuclei_30px):
-    from cellfit.plugin.workers import BatchJob
+    from cellfit.plugin.jobs import BatchJob
     from cellfit.starting import starting_model_path
 
     img, _labels = nuclei_30px
@@ -418,3 +398,46 @@ def test_batch_job_with_the_starting_model_estimates_the_diameter(tmp_path, nucl
     assert res.notices[0].startswith("Cell diameter estimated at") and "--" not in res.notices[0]
     assert [p.notice for p in progress if p.notice] == res.notices
     assert tifffile.imread(tmp_path / "out" / "a_labels.tif").shape == img.shape
+
+
+def test_every_setting_label_is_a_setting_the_engine_names():
+    from cellfit.errors import SETTING_WORDS
+    from cellfit.plugin._tooltips import LABELS, ROWS
+
+    assert set(LABELS) <= set(SETTING_WORDS)
+    assert "diameter" in LABELS and LABELS["diameter"] == "Cell diameter (Segment tab)"
+    # a label names a row of the dock, or a layer
+    for label in LABELS.values():
+        row = label.split(" (")[0]
+        assert row in ROWS.values() or "layer" in row, label
+
+
+def test_jobs_word_engine_errors_with_the_dock_labels(monkeypatch, tiny_data, tmp_path):
+    from cellfit.errors import CellfitError
+    from cellfit.model import ModelInfo, build_model, save_model
+    from cellfit.plugin import jobs
+    from cellfit.plugin._layers import planes_of
+
+    def no_cells(*_args, **_kwargs):
+        raise CellfitError("no cells were found at 15-480 pixels: set {setting}.",
+                           setting="diameter")
+
+    monkeypatch.setattr(jobs, "estimate_diameter", no_cells)
+    img, _ = tiny_data
+    info = ModelInfo()
+    model = build_model(info)
+    res = _drain(jobs.DiameterJob(model, info, planes_of(img)[0], **ONE).run())
+    assert res.error == "no cells were found at 15-480 pixels: set Cell diameter (Segment tab)."
+    monkeypatch.setattr(jobs, "needs_diameter", lambda info: True)
+    res = _drain(jobs.PredictJob(model, info, planes_of(img), **ONE).run())
+    assert res.error.endswith("set Cell diameter (Segment tab).") and res.labels is None
+
+    def bad_out(*_args, **_kwargs):
+        raise CellfitError("{setting} is the input folder: choose another.", setting="out")
+        yield  # a generator, as the engine's
+
+    monkeypatch.setattr(jobs, "predict_files", bad_out)
+    path = save_model(tmp_path / "m.cellfit", model, info)
+    res = _drain(jobs.BatchJob(path, [tmp_path], tmp_path).run())
+    assert res.error == "Results to (Segment tab) is the input folder: choose another."
+

@@ -52,14 +52,14 @@ def _paint(layer, annotation: np.ndarray, lead: tuple = ()) -> None:
 
 
 def _tiny_training(widget, steps: int = 4) -> None:
-    widget.budget_unit.setCurrentIndex(widget.budget_unit.findData("steps"))
-    widget.budget_spin.setValue(steps)
-    widget.patch_combo.setCurrentIndex(widget.patch_combo.findData("128"))
-    widget.device_combo.setCurrentIndex(widget.device_combo.findData("cpu"))
+    widget.train_panel.budget_unit.setCurrentIndex(widget.train_panel.budget_unit.findData("steps"))
+    widget.train_panel.budget_spin.setValue(steps)
+    widget.train_panel.patch_combo.setCurrentIndex(widget.train_panel.patch_combo.findData("128"))
+    widget.train_panel.device_combo.setCurrentIndex(widget.train_panel.device_combo.findData("cpu"))
 
 
 def _wait_idle(qtbot, widget, timeout: float = 60.0) -> None:
-    qtbot.waitUntil(lambda: widget.job is None, timeout=int(timeout * 1000))
+    qtbot.waitUntil(lambda: widget.runner.job is None, timeout=int(timeout * 1000))
 
 
 class Shots:
@@ -105,36 +105,36 @@ def test_the_whole_loop(make_napari_viewer, qtbot, tmp_path, nuclei_crop):
     viewer.add_image(img, name="nuclei")
     widget = _open_widget(viewer)
     assert widget.image_combo.currentText() == "nuclei"
-    assert not widget.train_button.isEnabled() or widget.annotation_layer() is None
+    assert not widget.train_panel.train_button.isEnabled() or widget.annotate_panel.annotation_layer() is None
 
     # annotate: one click makes the layer with painting defaults
-    widget.create_button.click()
+    widget.annotate_panel.create_button.click()
     ann = viewer.layers["nuclei annotation"]
     assert isinstance(ann, Labels) and ann.data.shape == img.shape
     assert ann.mode == "paint" and ann.selected_label == 2 and ann.n_edit_dimensions == 2
     assert viewer.layers.selection.active is ann
-    widget.bg_button.click()
+    widget.annotate_panel.bg_button.click()
     assert ann.selected_label == 1
     _paint(ann, truth_ann)
-    widget.cell_button.click()
+    widget.annotate_panel.cell_button.click()
     assert ann.selected_label == int(truth_ann.max()) + 1
     n_cells = len(np.setdiff1d(np.unique(truth_ann), [0, 1]))
-    qtbot.waitUntil(lambda: f"{n_cells} cells" in widget.count_label.text(), timeout=5000)
+    qtbot.waitUntil(lambda: f"{n_cells} cells" in widget.annotate_panel.count_label.text(), timeout=5000)
     viewer.reset_view()
     shots("1_annotate", qtbot)
 
     # train: a live preview appears while it runs; Stop ends it early
     widget.tabs.setCurrentIndex(1)
     if DOCS_MODE:  # a step budget: the same model whatever the machine's load
-        widget.budget_unit.setCurrentIndex(widget.budget_unit.findData("steps"))
-        widget.budget_spin.setValue(int(os.environ.get("CELLFIT_SCREENSHOT_STEPS", "60")))
+        widget.train_panel.budget_unit.setCurrentIndex(widget.train_panel.budget_unit.findData("steps"))
+        widget.train_panel.budget_spin.setValue(int(os.environ.get("CELLFIT_SCREENSHOT_STEPS", "60")))
     else:
         _tiny_training(widget, steps=200)
-    assert widget.fresh_check.isEnabled() is False
-    widget.train_button.click()
-    assert widget.job_kind == "train" and widget.stop_button.isEnabled()
+    assert widget.train_panel.fresh_check.isEnabled() is False
+    widget.train_panel.train_button.click()
+    assert widget.runner.kind == "train" and widget.train_panel.stop_button.isEnabled()
     assert "nuclei labels" in viewer.layers  # added at once, filled by the first preview
-    qtbot.waitUntil(lambda: widget.first_preview_seconds is not None, timeout=60_000)
+    qtbot.waitUntil(lambda: widget.train_panel.first_preview_seconds is not None, timeout=60_000)
     prob, lab = viewer.layers["nuclei probability"], viewer.layers["nuclei labels"]
     assert prob.data.any()
     assert isinstance(prob, Image) and isinstance(lab, Labels)
@@ -142,35 +142,35 @@ def test_the_whole_loop(make_napari_viewer, qtbot, tmp_path, nuclei_crop):
     assert prob.data.dtype == np.float32 and prob.contrast_limits == [0.0, 1.0]
     assert viewer.layers.selection.active is ann  # painting goes on undisturbed
     if DOCS_MODE:
-        qtbot.waitUntil(lambda: widget.job is None or len(widget.plot.val_steps) >= 2,
+        qtbot.waitUntil(lambda: widget.runner.job is None or len(widget.train_panel.plot.val_steps) >= 2,
                         timeout=200_000)
     else:
-        qtbot.waitUntil(lambda: len(widget.plot.steps) >= 2, timeout=60_000)
+        qtbot.waitUntil(lambda: len(widget.train_panel.plot.steps) >= 2, timeout=60_000)
     shots("2_training", qtbot)
     if not DOCS_MODE:
-        widget.stop_button.click()
+        widget.train_panel.stop_button.click()
     _wait_idle(qtbot, widget, 200)
-    res = widget.last_train_result
-    assert res.error is None and widget.model is not None
+    res = widget.train_panel.last_result
+    assert res.error is None and widget.state.model is not None
     assert res.stopped is (not DOCS_MODE)
-    assert widget.stop_seconds is None or widget.stop_seconds < 30
-    assert widget.train_button.text() == "Train more (fine-tune)"
+    assert widget.train_panel.stop_seconds is None or widget.train_panel.stop_seconds < 30
+    assert widget.train_panel.train_button.text() == "Train more (fine-tune)"
     # by default a new model starts from the shipped starting model (its record first)
     assert res.record["init"] == "cellfit starting model"
-    n_pretrain = len(widget.info.training) - 1
+    n_pretrain = len(widget.state.info.training) - 1
     assert n_pretrain >= 1
     assert prob.data.min() >= 0.0 and prob.data.max() <= 1.0
 
     # correct: copy the predicted cells the user keeps into the annotation
     widget.tabs.setCurrentIndex(0)
-    assert widget.copy_button.isEnabled()  # there is a prediction to copy now
+    assert widget.annotate_panel.copy_button.isEnabled()  # there is a prediction to copy now
     keep = lab.data.copy()
     ids = np.setdiff1d(np.unique(keep), [0, *np.unique(keep[truth_ann >= 2])])
     if ids.size == 0:  # a few steps may predict no unpainted cell: stand in for a prediction
         keep = np.where(truth_ann == 0, synthetic_cells(img.shape, seed=5)[1], 0)
         lab.data = keep.astype(lab.data.dtype)
     before = int(ann.data.max())
-    copied = widget.use_prediction_as_annotation()
+    copied = widget.annotate_panel.use_prediction_as_annotation()
     assert copied >= 1 and int(ann.data.max()) == max(before, 1) + copied
     assert np.all(ann.data[truth_ann > 0] == truth_ann[truth_ann > 0])  # painting kept
     ann.undo()
@@ -180,24 +180,24 @@ def test_the_whole_loop(make_napari_viewer, qtbot, tmp_path, nuclei_crop):
 
     # fine-tune: Train again continues the same model
     widget.tabs.setCurrentIndex(1)
-    model_before = widget.model
+    model_before = widget.state.model
     if DOCS_MODE:
-        widget.budget_spin.setValue(60)  # steps: a short fine-tune can set a model back
+        widget.train_panel.budget_spin.setValue(60)  # steps: a short fine-tune can set a model back
     else:
         _tiny_training(widget, steps=3)
-    widget.train_button.click()
+    widget.train_panel.train_button.click()
     _wait_idle(qtbot, widget, 200)
-    assert widget.last_train_result.error is None
-    assert widget.model is model_before and len(widget.info.training) == n_pretrain + 2
+    assert widget.train_panel.last_result.error is None
+    assert widget.state.model is model_before and len(widget.state.info.training) == n_pretrain + 2
 
     # predict the image
     widget.tabs.setCurrentIndex(2)
-    widget.predict_button.click()
+    widget.segment_panel.predict_button.click()
     _wait_idle(qtbot, widget)
-    pres = widget.last_predict_result
+    pres = widget.segment_panel.last_predict_result
     assert pres.error is None and pres.planes == [0]
     assert viewer.layers["nuclei labels"].data.shape == img.shape
-    assert "Segmented 'nuclei'" in widget.seg_status.text()
+    assert "Segmented 'nuclei'" in widget.segment_panel.seg_status.text()
     ann.visible = False  # look at the segmentation itself
     shots("4_segment", qtbot)
     ann.visible = True
@@ -207,33 +207,33 @@ def test_the_whole_loop(make_napari_viewer, qtbot, tmp_path, nuclei_crop):
     src.mkdir()
     tifffile.imwrite(src / "one.tif", img[:96, :96])
     tifffile.imwrite(src / "two.tif", np.stack([img[:96, :96], img[96:192, 96:192]]))
-    widget.in_edit.setText(str(src))
-    widget.out_edit.setText(str(out))
-    widget.prob_check.setChecked(True)
-    widget.batch_button.click()
+    widget.segment_panel.in_edit.setText(str(src))
+    widget.segment_panel.out_edit.setText(str(out))
+    widget.segment_panel.prob_check.setChecked(True)
+    widget.segment_panel.batch_button.click()
     _wait_idle(qtbot, widget)
-    bres = widget.last_batch_result
+    bres = widget.segment_panel.last_batch_result
     assert bres.error is None and bres.done == 2 and not bres.failed
     assert tifffile.imread(out / "two_labels.tif").shape == (2, 96, 96)
     assert (out / "one_prob.tif").exists()
-    assert "Folder done: 2 files segmented" in widget.seg_status.text()
-    first = widget.last_batch_result
-    widget.batch_button.click()  # again: finished files are kept, not redone
-    qtbot.waitUntil(lambda: widget.last_batch_result is not first, timeout=120_000)
+    assert "Folder done: 2 files segmented" in widget.segment_panel.seg_status.text()
+    first = widget.segment_panel.last_batch_result
+    widget.segment_panel.batch_button.click()  # again: finished files are kept, not redone
+    qtbot.waitUntil(lambda: widget.segment_panel.last_batch_result is not first, timeout=120_000)
     _wait_idle(qtbot, widget)
-    assert widget.last_batch_result.skipped == 2 and widget.last_batch_result.done == 0
-    assert "tick Replace existing results" in widget.seg_status.text()
+    assert widget.segment_panel.last_batch_result.skipped == 2 and widget.segment_panel.last_batch_result.done == 0
+    assert "tick Replace existing results" in widget.segment_panel.seg_status.text()
 
     # models: save, show the record, load it back
-    path = widget.save_model_file(tmp_path / "cells")
+    path = widget.model_panel.save_model_file(tmp_path / "cells")
     assert path == tmp_path / "cells.cellfit" and path.exists()
     widget.tabs.setCurrentIndex(3)
-    text = widget.record_view.toPlainText()
+    text = widget.model_panel.record_view.toPlainText()
     assert "Run 2" in text and "Run 1" in text and "fine-tuned" in text
     assert "Validation" in text and "cells" in text
     shots("5_model", qtbot)
-    assert widget.load_model_file(path)
-    assert len(widget.info.training) == n_pretrain + 2
+    assert widget.model_panel.load_model_file(path)
+    assert len(widget.state.info.training) == n_pretrain + 2
 
     # the labels writer of the manifest
     written = viewer.layers["nuclei annotation"].save(str(tmp_path / "ann.tif"), plugin=PLUGIN)
@@ -252,20 +252,20 @@ def test_stack_annotate_one_slice_and_preview_it(make_napari_viewer, qtbot):
     viewer.add_image(stack, name="movie")
     widget = _open_widget(viewer)
     viewer.dims.set_current_step(0, 1)
-    assert widget.current_plane() == 1
-    ann = widget.create_annotation_layer()
+    assert widget.state.current_plane() == 1
+    ann = widget.annotate_panel.create_annotation_layer()
     assert ann.data.shape == (3, 96, 96) and ann.n_edit_dimensions == 2
     _paint(ann, sparse_annotation(frames[1][1], fraction=0.6, seed=0), lead=(1,))
-    qtbot.waitUntil(lambda: "in 1 slice" in widget.count_label.text(), timeout=5000)
-    assert "this slice:" in widget.count_label.text()
+    qtbot.waitUntil(lambda: "in 1 slice" in widget.annotate_panel.count_label.text(), timeout=5000)
+    assert "this slice:" in widget.annotate_panel.count_label.text()
 
     _tiny_training(widget, steps=3)
-    widget.napari_progress = True  # as with a GPU-drawn window: napari's bar in the activity dock
-    widget.train_button.click()
-    assert widget._pbar is not None and widget._pbar.total == 1000
+    widget.runner.napari_progress = True  # as with a GPU-drawn window: napari's bar in the activity dock
+    widget.train_panel.train_button.click()
+    assert widget.runner.pbar is not None and widget.runner.pbar.total == 1000
     _wait_idle(qtbot, widget)
-    assert widget._pbar is None
-    assert widget.last_train_result.error is None
+    assert widget.runner.pbar is None
+    assert widget.train_panel.last_result.error is None
     prob = viewer.layers["movie probability"]
     lab = viewer.layers["movie labels"]
     assert isinstance(lab, Labels) and prob.data.shape == lab.data.shape == (3, 96, 96)
@@ -273,15 +273,15 @@ def test_stack_annotate_one_slice_and_preview_it(make_napari_viewer, qtbot):
 
     # segment the current slice only, then all slices
     viewer.dims.set_current_step(0, 2)
-    widget.slices_combo.setCurrentIndex(widget.slices_combo.findData("current"))
-    widget.predict_button.click()
+    widget.segment_panel.slices_combo.setCurrentIndex(widget.segment_panel.slices_combo.findData("current"))
+    widget.segment_panel.predict_button.click()
     _wait_idle(qtbot, widget)
-    assert widget.last_predict_result.planes == [2]
+    assert widget.segment_panel.last_predict_result.planes == [2]
     assert prob.data[2].any() and not prob.data[0].any()
-    widget.slices_combo.setCurrentIndex(widget.slices_combo.findData("all"))
-    widget.predict_button.click()
+    widget.segment_panel.slices_combo.setCurrentIndex(widget.segment_panel.slices_combo.findData("all"))
+    widget.segment_panel.predict_button.click()
     _wait_idle(qtbot, widget)
-    assert widget.last_predict_result.planes == [0, 1, 2] and prob.data[0].any()
+    assert widget.segment_panel.last_predict_result.planes == [0, 1, 2] and prob.data[0].any()
 
 
 def test_error_paths_notify_one_sentence(make_napari_viewer, qtbot, tmp_path):
@@ -297,41 +297,41 @@ def test_error_paths_notify_one_sentence(make_napari_viewer, qtbot, tmp_path):
         assert words in errors[-1], errors
         assert errors[-1].count(". ") <= 1  # one sentence (a second short clause at most)
 
-    expect(widget.start_training, "Open an image first")
-    expect(widget.create_annotation_layer, "Open an image first")
+    expect(widget.train_panel.start_training, "Open an image first")
+    expect(widget.annotate_panel.create_annotation_layer, "Open an image first")
     img, lab = synthetic_cells((96, 96), n_cells=6, seed=4)
     viewer.add_image(img, name="cells")
-    expect(widget.start_training, "There is no annotation yet")
-    expect(widget.predict_image, "There is no model yet")
-    expect(widget.predict_folder, "There is no model yet")
-    expect(widget.use_prediction_as_annotation, "no 'cells labels' layer yet")
-    ann = widget.create_annotation_layer()
-    expect(widget.start_training, "Nothing is annotated yet")
+    expect(widget.train_panel.start_training, "There is no annotation yet")
+    expect(widget.segment_panel.predict_image, "There is no model yet")
+    expect(widget.segment_panel.predict_folder, "There is no model yet")
+    expect(widget.annotate_panel.use_prediction_as_annotation, "no 'cells labels' layer yet")
+    ann = widget.annotate_panel.create_annotation_layer()
+    expect(widget.train_panel.start_training, "Nothing is annotated yet")
     _paint(ann, np.where(sparse_annotation(lab, seed=0) > 0, 1, 0))  # background only
     _tiny_training(widget, steps=2)
-    expect(widget.start_training, "no cell is annotated (only background)")  # from the engine
+    expect(widget.train_panel.start_training, "no cell is annotated (only background)")  # from the engine
     _paint(ann, sparse_annotation(lab, fraction=0.7, seed=0))
-    expect(lambda: widget.load_model_file(tmp_path / "missing.cellfit"), "does not exist")
+    expect(lambda: widget.model_panel.load_model_file(tmp_path / "missing.cellfit"), "does not exist")
     bad = tmp_path / "bad.cellfit"
     bad.write_bytes(b"\x80\x04 pickled")
-    expect(lambda: widget.load_model_file(bad), "pickled PyTorch file")
-    expect(lambda: widget.save_model_file(tmp_path / "m.cellfit"), "no model to save yet")
+    expect(lambda: widget.model_panel.load_model_file(bad), "pickled PyTorch file")
+    expect(lambda: widget.model_panel.save_model_file(tmp_path / "m.cellfit"), "no model to save yet")
 
-    widget.train_button.click()
+    widget.train_panel.train_button.click()
     _wait_idle(qtbot, widget)
-    assert widget.last_train_result.error is None
-    expect(widget.predict_folder, "Choose the folder of TIFF images")
-    widget.in_edit.setText(str(tmp_path / "nowhere"))
-    expect(widget.predict_folder, "Choose a folder for the results")
-    widget.out_edit.setText(str(tmp_path / "out"))
-    expect(widget.predict_folder, "does not exist")  # from the engine, through the worker
+    assert widget.train_panel.last_result.error is None
+    expect(widget.segment_panel.predict_folder, "Choose the folder of TIFF images")
+    widget.segment_panel.in_edit.setText(str(tmp_path / "nowhere"))
+    expect(widget.segment_panel.predict_folder, "Choose a folder for the results")
+    widget.segment_panel.out_edit.setText(str(tmp_path / "out"))
+    expect(widget.segment_panel.predict_folder, "does not exist")  # from the engine, through the worker
     src = tmp_path / "in"
     src.mkdir()
     tifffile.imwrite(src / "ok.tif", img)
     (src / "broken.tif").write_bytes(b"nope")
-    widget.in_edit.setText(str(src))
-    expect(widget.predict_folder, "broken.tif was not segmented")
-    assert widget.last_batch_result.done == 1
+    widget.segment_panel.in_edit.setText(str(src))
+    expect(widget.segment_panel.predict_folder, "broken.tif was not segmented")
+    assert widget.segment_panel.last_batch_result.done == 1
 
 
 @pytest.mark.slow
@@ -351,16 +351,16 @@ def test_opening_the_widget_in_a_running_napari_does_not_crash(tmp_path):
             dock, widget = viewer.window.add_plugin_dock_widget(
                 "napari-cellfit", "Annotate, train & segment")
             assert sys.modules.get("triton", 0) is None, "triton must be blocked"
-            ann = widget.create_annotation_layer()
+            ann = widget.annotate_panel.create_annotation_layer()
             ann.data[5:15, 5:15] = 2
             ann.data[30:40, 30:40] = 3
             ann.data[50:60, :] = 1
-            widget.budget_unit.setCurrentIndex(widget.budget_unit.findData("steps"))
-            widget.budget_spin.setValue(2)
-            widget.patch_combo.setCurrentIndex(0)
-            widget.start_training()
+            widget.train_panel.budget_unit.setCurrentIndex(widget.train_panel.budget_unit.findData("steps"))
+            widget.train_panel.budget_spin.setValue(2)
+            widget.train_panel.patch_combo.setCurrentIndex(0)
+            widget.train_panel.start_training()
             assert widget.wait(120), "training did not finish"
-            assert widget.last_train_result.error is None, widget.last_train_result.error
+            assert widget.train_panel.last_result.error is None, widget.train_panel.last_result.error
             viewer.close()
             print("OPENED-AND-TRAINED")
             """
@@ -383,14 +383,14 @@ def test_rgb_and_several_annotated_images(make_napari_viewer, qtbot):
     viewer.add_image(rgb, name="colour", rgb=True)
     viewer.add_image(img, name="gray")
     widget.image_combo.setCurrentText("colour")
-    ann_rgb = widget.create_annotation_layer()
+    ann_rgb = widget.annotate_panel.create_annotation_layer()
     assert ann_rgb.data.shape == (80, 90)  # no colour axis in the annotation
     _paint(ann_rgb, sparse_annotation(lab, fraction=0.5, seed=1))
     widget.image_combo.setCurrentText("gray")
-    ann_gray = widget.create_annotation_layer()
+    ann_gray = widget.annotate_panel.create_annotation_layer()
     assert ann_gray.name == "gray annotation"
     _paint(ann_gray, sparse_annotation(lab, fraction=0.5, seed=2))
-    images, anns, used = widget._training_data(widget.image_layer(), ann_gray)
+    images, anns, used = widget.train_panel.training_data(widget.state.image_layer(), ann_gray)
     assert used == ["gray", "colour"]
     assert images[0].shape == (1, 1, 80, 90) and images[1].shape == (1, 3, 80, 90)
     assert anns[1].shape == (1, 80, 90)
@@ -402,7 +402,7 @@ def _painted_widget(make_napari_viewer, qtbot, seed: int = 4):
     widget = _open_widget(viewer)
     img, lab = synthetic_cells((96, 96), n_cells=8, seed=seed)
     viewer.add_image(img, name="cells")
-    ann = widget.create_annotation_layer()
+    ann = widget.annotate_panel.create_annotation_layer()
     _paint(ann, sparse_annotation(lab, fraction=0.6, seed=seed))
     _tiny_training(widget, steps=2)
     return viewer, widget, ann, lab
@@ -417,39 +417,39 @@ def test_train_starts_from_the_starting_model_unless_scratch(make_napari_viewer,
     n_pretrain = len(read_model_info(starting_model_path()).training)
     default_lr = TrainConfig().lr
     # the default: a new model from the starting model, with the engine's settings
-    assert widget.start_combo.currentData() == "starting"
-    assert widget._train_plan() == "starting" and widget.train_button.text() == "Train"
-    assert not widget.encoder_combo.isEnabled()  # the starting model has its own size
-    cfg = widget._train_config(widget._train_plan())
+    assert widget.train_panel.start_combo.currentData() == "starting"
+    assert widget.train_panel.train_plan() == "starting" and widget.train_panel.train_button.text() == "Train"
+    assert not widget.train_panel.encoder_combo.isEnabled()  # the starting model has its own size
+    cfg = widget.train_panel.train_config(widget.train_panel.train_plan())
     assert cfg.init == "starting" and cfg.lr == default_lr
-    widget.train_button.click()
+    widget.train_panel.train_button.click()
     _wait_idle(qtbot, widget)
-    res = widget.last_train_result
+    res = widget.train_panel.last_result
     assert res.error is None and res.record["init"] == "cellfit starting model"
     assert res.record["lr"] == TrainConfig().finetune_lr < default_lr
-    assert len(widget.info.training) == n_pretrain + 1
-    assert widget.info.cell_diameter and not needs_diameter(widget.info)
-    assert widget.model_path is None and not widget.model_saved  # a new model, not the file
-    assert widget.diameter_box.isHidden()  # it learnt the size of the painted cells
-    assert "fine-tuned from the cellfit starting model" in widget.record_view.toPlainText()
+    assert len(widget.state.info.training) == n_pretrain + 1
+    assert widget.state.info.cell_diameter and not needs_diameter(widget.state.info)
+    assert widget.state.model_path is None and not widget.state.model_saved  # a new model, not the file
+    assert widget.segment_panel.diameter_box.isHidden()  # it learnt the size of the painted cells
+    assert "fine-tuned from the cellfit starting model" in widget.model_panel.record_view.toPlainText()
 
     # Train again fine-tunes the user's model, with the smaller learning rate
-    assert widget._train_plan() == "fine-tune"
-    assert widget.train_button.text() == "Train more (fine-tune)"
-    assert not widget.start_combo.isEnabled()
-    cfg = widget._train_config(widget._train_plan())
+    assert widget.train_panel.train_plan() == "fine-tune"
+    assert widget.train_panel.train_button.text() == "Train more (fine-tune)"
+    assert not widget.train_panel.start_combo.isEnabled()
+    cfg = widget.train_panel.train_config(widget.train_panel.train_plan())
     assert cfg.init is None and cfg.finetune_lr < cfg.lr  # the model in memory is fine-tuned
 
     # a new model from scratch
-    widget.fresh_check.setChecked(True)
-    widget.start_combo.setCurrentIndex(widget.start_combo.findData("scratch"))
-    assert widget._train_plan() == "scratch" and widget.encoder_combo.isEnabled()
-    widget.train_button.click()
+    widget.train_panel.fresh_check.setChecked(True)
+    widget.train_panel.start_combo.setCurrentIndex(widget.train_panel.start_combo.findData("scratch"))
+    assert widget.train_panel.train_plan() == "scratch" and widget.train_panel.encoder_combo.isEnabled()
+    widget.train_panel.train_button.click()
     _wait_idle(qtbot, widget)
-    res = widget.last_train_result
+    res = widget.train_panel.last_result
     assert res.error is None and res.record["init"] is None
-    assert len(widget.info.training) == 1 and widget.info.cell_diameter is None
-    assert "trained from scratch" in widget.record_view.toPlainText()
+    assert len(widget.state.info.training) == 1 and widget.state.info.cell_diameter is None
+    assert "trained from scratch" in widget.model_panel.record_view.toPlainText()
 
 
 def test_the_dock_says_when_the_starting_model_cannot_serve(make_napari_viewer, qtbot):
@@ -458,17 +458,17 @@ def test_the_dock_says_when_the_starting_model_cannot_serve(make_napari_viewer, 
     # from scratch and the dock says why
     classes = np.where(np.asarray(ann.data) >= 2, 2, ann.data).astype(ann.data.dtype)
     ann.data = classes
-    widget.mode_combo.setCurrentIndex(widget.mode_combo.findData("semantic"))
-    assert widget._train_plan() == "starting"
+    widget.train_panel.mode_combo.setCurrentIndex(widget.train_panel.mode_combo.findData("semantic"))
+    assert widget.train_panel.train_plan() == "starting"
     n = _n_notes()
-    widget.train_button.click()
+    widget.train_panel.train_button.click()
     _wait_idle(qtbot, widget)
-    assert widget.last_train_result.error is None
+    assert widget.train_panel.last_result.error is None
     warnings = [m for sev, m in _notes(n) if sev == "warning"]
     assert any("semantic mode" in m and "training from scratch instead" in m for m in warnings), (
         warnings
     )
-    assert widget.info.mode == "semantic" and widget.last_train_result.record["init"] is None
+    assert widget.state.info.mode == "semantic" and widget.train_panel.last_result.record["init"] is None
 
 
 def test_segment_with_the_starting_model_as_is(make_napari_viewer, qtbot, tmp_path):
@@ -479,55 +479,55 @@ def test_segment_with_the_starting_model_as_is(make_napari_viewer, qtbot, tmp_pa
     widget = _open_widget(viewer)
     img, _labels, _ = scene("fluo_nuclei", (192, 192), 30, seed=3)
     viewer.add_image(img, name="nuclei")
-    assert not widget.starting_button.isHidden() and widget.diameter_box.isHidden()
-    assert not widget.predict_button.isEnabled()
-    assert widget.use_starting_model()
-    assert needs_diameter(widget.info) and widget.model_saved
-    assert widget.starting_button.isHidden() and not widget.diameter_box.isHidden()
+    assert not widget.segment_panel.starting_button.isHidden() and widget.segment_panel.diameter_box.isHidden()
+    assert not widget.segment_panel.predict_button.isEnabled()
+    assert widget.model_panel.use_starting_model()
+    assert needs_diameter(widget.state.info) and widget.state.model_saved
+    assert widget.segment_panel.starting_button.isHidden() and not widget.segment_panel.diameter_box.isHidden()
     assert "starting model" in widget.model_label.text()
-    assert widget._train_plan() == "adapt"  # Train would adapt it, with the engine's settings
-    assert widget._train_config("adapt").init == "starting"
+    assert widget.train_panel.train_plan() == "adapt"  # Train would adapt it, with the engine's settings
+    assert widget.train_panel.train_config("adapt").init == "starting"
 
     # Estimate runs in the background and fills the field
     widget.tabs.setCurrentIndex(2)
-    widget.estimate_button.click()
-    assert widget.job_kind == "estimate"
+    widget.segment_panel.estimate_button.click()
+    assert widget.runner.kind == "estimate"
     _wait_idle(qtbot, widget)
-    est = widget.last_diameter_result
+    est = widget.segment_panel.last_diameter_result
     assert est.error is None and est.diameter > 0
-    assert widget.diameter_spin.value() == pytest.approx(est.diameter)
-    assert "Cell diameter estimated at" in widget.seg_status.text()
+    assert widget.segment_panel.diameter_spin.value() == pytest.approx(est.diameter)
+    assert "Cell diameter estimated at" in widget.segment_panel.seg_status.text()
 
     # segmenting uses the diameter in the field
-    widget.predict_button.click()
+    widget.segment_panel.predict_button.click()
     _wait_idle(qtbot, widget)
-    pres = widget.last_predict_result
+    pres = widget.segment_panel.last_predict_result
     assert pres.error is None and pres.diameter is None  # given, not estimated again
     assert viewer.layers["nuclei labels"].data.shape == img.shape
-    assert f"cell diameter {est.diameter:g} pixels" in widget.seg_status.text()
+    assert f"cell diameter {est.diameter:g} pixels" in widget.segment_panel.seg_status.text()
 
     # left at "estimate", segmenting estimates it first and says so
-    widget.diameter_spin.setValue(0)
+    widget.segment_panel.diameter_spin.setValue(0)
     n = _n_notes()
-    widget.predict_button.click()
+    widget.segment_panel.predict_button.click()
     _wait_idle(qtbot, widget)
-    assert widget.last_predict_result.diameter == pytest.approx(est.diameter)
-    assert widget.diameter_spin.value() == pytest.approx(est.diameter)
+    assert widget.segment_panel.last_predict_result.diameter == pytest.approx(est.diameter)
+    assert widget.segment_panel.diameter_spin.value() == pytest.approx(est.diameter)
     assert any("Cell diameter estimated at" in m for _, m in _notes(n))
 
     # the folder batch takes it too (the shipped file itself, nothing written beside it)
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
     tifffile.imwrite(src / "a.tif", img)
-    widget.in_edit.setText(str(src))
-    widget.out_edit.setText(str(out))
-    widget.batch_button.click()
+    widget.segment_panel.in_edit.setText(str(src))
+    widget.segment_panel.out_edit.setText(str(out))
+    widget.segment_panel.batch_button.click()
     _wait_idle(qtbot, widget)
-    assert widget.last_batch_result.error is None and widget.last_batch_result.done == 1
-    assert widget.last_batch_result.notices == []  # the diameter was given
+    assert widget.segment_panel.last_batch_result.error is None and widget.segment_panel.last_batch_result.done == 1
+    assert widget.segment_panel.last_batch_result.notices == []  # the diameter was given
     assert tifffile.imread(out / "a_labels.tif").shape == img.shape
 
     # the shipped file is never overwritten
     n = _n_notes()
-    assert widget.save_model_file(starting_model_path()) is None
+    assert widget.model_panel.save_model_file(starting_model_path()) is None
     assert any("starting model" in m for sev, m in _notes(n) if sev == "error")

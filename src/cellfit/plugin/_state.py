@@ -1,0 +1,153 @@
+"""What the tabs of the dock share: the viewer, the chosen image and annotation, the
+model in memory and the segmentation settings that training's preview uses too.
+No Qt here (napari's layer types only).
+
+One :class:`CellfitState` is made by :class:`~cellfit.plugin.widgets.CellfitWidget`
+and handed to every panel. Panels read it freely; they change the model only through
+:meth:`CellfitState.set_model` (then tell the dock, which refreshes the other panels).
+Whether a job runs is the job runner's (:mod:`cellfit.plugin._runner`).
+"""
+
+from __future__ import annotations
+
+# isort: off
+from cellfit.plugin import _safety  # noqa: F401  (first: imports the torch stack safely)
+
+# isort: on
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from napari.layers import Image, Labels
+
+from cellfit.errors import CellfitError
+from cellfit.model import ModelInfo
+from cellfit.plugin._layers import find_layer, layer_data, plane_under_cursor, planes_of
+from cellfit.plugin.jobs import PredictJob, gui_friendly_threads
+from cellfit.starting import needs_diameter, starting_model_path
+
+__all__ = ["CellfitState", "TrainPlan"]
+
+
+class TrainPlan(str, Enum):
+    """What Train does now (see :meth:`cellfit.plugin.panels.train.TrainPanel.train_plan`)."""
+
+    #: go on training the model in memory (a smaller learning rate keeps what it learnt)
+    FINE_TUNE = "fine-tune"
+    #: first training of the model in memory, which works on cells of any size (the
+    #: starting model as loaded): the engine's settings for the starting model
+    ADAPT = "adapt"
+    #: a new model from the shipped starting model
+    STARTING = "starting"
+    #: a new model from random weights
+    SCRATCH = "scratch"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class CellfitState:
+    """The dock's shared state.
+
+    Attributes
+    ----------
+    viewer : napari.viewer.Viewer
+    image_name, annotation_name : str
+        The layers chosen at the top of the dock and in the Annotate tab ("" for none).
+    model, info
+        The model in memory and its record (None before the first training or load);
+        Train fine-tunes it, Segment uses it.
+    model_path : Path or None
+        The file the model came from or was saved to.
+    model_saved : bool
+        False once the model in memory differs from ``model_path``.
+    min_size : int
+        Smallest cell (pixels) typed in the Segment tab; 0: the model's own setting.
+    diameter : float or None
+        Cell diameter (pixels) typed in the Segment tab; None: estimate it.
+    threads : callable
+        Torch CPU threads for a job on a device (None: leave torch's setting); the
+        benchmark ``benchmarks/gui_latency.py`` swaps it to compare settings.
+    """
+
+    viewer: Any
+    image_name: str = ""
+    annotation_name: str = ""
+    model: torch.nn.Module | None = None
+    info: ModelInfo | None = None
+    model_path: Path | None = None
+    model_saved: bool = True
+    min_size: int = 0
+    diameter: float | None = None
+    threads: Callable[[torch.device], int | None] = field(default=gui_friendly_threads)
+
+    # ----------------------------------------------------------------- layers
+    def image_layer(self) -> Image | None:
+        """The image layer chosen at the top of the dock (None: none)."""
+        return find_layer(self.viewer, self.image_name, Image)
+
+    def annotation_layer(self) -> Labels | None:
+        """The annotation layer chosen in the Annotate tab (None: none)."""
+        return find_layer(self.viewer, self.annotation_name, Labels)
+
+    def current_plane(self, image: Image | None = None) -> int:
+        """The flat number of the slice on screen for ``image`` (default: the chosen
+        image; 0 for a 2D image or none)."""
+        image = image or self.image_layer()
+        return 0 if image is None else plane_under_cursor(self.viewer, image)
+
+    # ------------------------------------------------------------------ model
+    @property
+    def has_model(self) -> bool:
+        return self.model is not None and self.info is not None
+
+    def set_model(
+        self, model: torch.nn.Module, info: ModelInfo, path: Path | None, saved: bool
+    ) -> None:
+        """Make ``model`` the model in memory."""
+        self.model, self.info = model, info
+        self.model_path, self.model_saved = path, saved
+
+    def model_device(self) -> torch.device:
+        """The device the model in memory is on (call only with a model)."""
+        assert self.model is not None
+        return next(self.model.parameters()).device
+
+    def model_needs_diameter(self) -> bool:
+        """True when the model in memory works on cells of any size and must be told
+        the cell diameter (the starting model before it is trained on painted cells)."""
+        return self.info is not None and needs_diameter(self.info)
+
+    def is_shipped_starting_model(self) -> bool:
+        """True when the model in memory is the starting model as shipped."""
+        if self.model_path is None or not self.model_saved:
+            return False
+        try:
+            return self.model_path.resolve() == starting_model_path().resolve()
+        except CellfitError:
+            return False
+
+    def postprocess_overrides(self) -> dict:
+        """Overrides of the model's own post-processing (none when automatic)."""
+        return {"min_size": self.min_size} if self.min_size > 0 else {}
+
+    def segment_diameter(self) -> float | None:
+        """The cell diameter to segment with: the one typed for a model that needs one,
+        None to estimate it (or for a model that needs none)."""
+        return self.diameter if self.model_needs_diameter() else None
+
+    def predict_job(self, image: Image, which: list[int] | None) -> PredictJob:
+        """A job segmenting planes ``which`` (all when None) of ``image`` with the model
+        in memory and the Segment tab's settings (call only with a model)."""
+        assert self.model is not None and self.info is not None
+        planes = planes_of(layer_data(image), image.rgb)
+        return PredictJob(
+            self.model, self.info, planes, which,
+            postprocess=self.postprocess_overrides(),
+            threads=self.threads(self.model_device()),
+            diameter=self.segment_diameter(),
+        )

@@ -1,0 +1,631 @@
+"""The background jobs behind the dock: plain generators over engine calls, no Qt, no napari.
+
+Each job wraps an engine generator (:meth:`cellfit.train.Trainer.run`,
+:func:`cellfit.predict.iter_predict`, :func:`cellfit.batch.predict_files`), yields
+progress the dock can show as it comes (:class:`cellfit.events.Progress`, or a
+:class:`TrainUpdate` carrying the engine's :class:`~cellfit.train.TrainEvent`), and
+ends by *returning* a result whose ``error`` is one sentence for the user instead of
+raising. The dock runs ``job.run()`` through its job runner
+(:mod:`cellfit.plugin._runner`, a napari ``thread_worker``); the tests drain the same
+generators synchronously.
+
+Engine errors name the setting they are about; the sentences here word it as the
+dock's control is labelled (:data:`cellfit.plugin._tooltips.LABELS`).
+"""
+
+from __future__ import annotations
+
+# isort: off
+from cellfit.plugin import _safety  # noqa: F401  (first: imports the torch stack safely)
+
+# isort: on
+import logging
+import os
+import threading
+import time
+from collections.abc import Generator, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cellfit.batch import FileEvent, predict_files
+from cellfit.errors import CellfitError, worded
+from cellfit.events import Progress
+from cellfit.io import ImageStack
+from cellfit.model import ModelInfo
+from cellfit.normalize import match_channels
+from cellfit.plugin._tooltips import LABELS
+from cellfit.postprocess import labels_from_probs
+from cellfit.predict import (
+    DEFAULT_OVERLAP,
+    DEFAULT_TILE,
+    iter_predict,
+    predict_plane,
+    prepare_planes,
+)
+from cellfit.starting import apply_diameter, estimate_diameter, needs_diameter
+from cellfit.train import TrainConfig, Trainer, TrainEvent
+
+__all__ = [
+    "PREVIEW_EVERY",
+    "BatchJob",
+    "BatchResult",
+    "DiameterJob",
+    "DiameterResult",
+    "PredictJob",
+    "PredictResult",
+    "TrainJob",
+    "TrainResult",
+    "TrainUpdate",
+    "cell_probability",
+    "fast_tile",
+    "gui_friendly_threads",
+    "torch_threads",
+    "user_message",
+]
+
+log = logging.getLogger(__name__)
+
+#: the shortest time (s) between two live previews while training
+PREVIEW_EVERY = 3.0
+
+
+# -------------------------------------------------------------------- helpers
+def cell_probability(probs: np.ndarray) -> np.ndarray:
+    """What the probability layer shows: the chance that a pixel is not background,
+    ``1 - p_background``, from probabilities ``(K, ..., Y, X)`` (float32, 0–1)."""
+    return np.clip(1.0 - probs[0], 0.0, 1.0).astype(np.float32)
+
+
+def user_message(exc: BaseException, what: str) -> str:
+    """One sentence for the user about an exception raised while doing ``what``
+    (an engine error names its setting as the dock labels it)."""
+    if isinstance(exc, CellfitError):
+        return worded(exc, LABELS)
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return (
+            f"{what} ran out of GPU memory: choose a smaller patch size or model size, "
+            "or use the CPU."
+        )
+    if isinstance(exc, MemoryError):
+        return (
+            f"{what} ran out of memory: choose a smaller patch size, a smaller model, or "
+            "segment fewer slices at once."
+        )
+    return (
+        f"{what} stopped on an unexpected error ({type(exc).__name__}: {exc}); "
+        "the details are in the napari log: please report it."
+    )
+
+
+def fast_tile(shape: Sequence[int], scale: float = 1.0) -> int:
+    """A tile side that covers a plane of ``shape`` (Y, X) in one tile up to ~960 pixels.
+
+    The engine's default 512-pixel tiles plus its mirrored border margin run a
+    512 x 512 plane as four overlapping tiles; one tile does the same work once. Larger
+    planes get 1024-pixel tiles (run one at a time to bound memory).
+    """
+    side = max(int(s) for s in shape) * float(scale or 1.0) + 2 * DEFAULT_OVERLAP
+    return int(min(1024, max(DEFAULT_TILE // 2, -(-side // 32) * 32)))
+
+
+def _tile_batch(tile: int, batch_size: int) -> int:
+    """Tiles run at once: one for the large tiles of :func:`fast_tile` (bounded memory)."""
+    return 1 if tile > DEFAULT_TILE else batch_size
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` torch CPU threads (unchanged when None), restored afterwards."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        if n:
+            torch.set_num_threads(old)
+
+
+def gui_friendly_threads(device: torch.device) -> int | None:
+    """Torch threads for CPU training next to a live viewer (None: leave as is).
+
+    One core is left to napari's event loop, so the viewer stays responsive while the
+    model trains (see docs/plugin.md for the measurement behind this).
+    """
+    if device.type != "cpu":
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 2) - 1)
+
+
+def _log(exc: BaseException, what: str) -> None:
+    """A user error is logged in one line; anything else with its traceback."""
+    if isinstance(exc, CellfitError):
+        log.info("cellfit %s: %s", what, exc)
+    else:
+        log.exception("cellfit %s failed", what)
+
+
+def _cell_diameter(model: torch.nn.Module, info: ModelInfo, plane: np.ndarray) -> float:
+    """The engine's estimate of the cell diameter of a raw plane ``(C, Y, X)``, on the
+    model's own device."""
+    device = next(model.parameters()).device
+    return float(estimate_diameter(model, info, plane, device=device))
+
+
+# ---------------------------------------------------------------------- train
+@dataclass
+class TrainUpdate:
+    """What the dock shows after one training step.
+
+    Attributes
+    ----------
+    event : TrainEvent
+        The engine's event of the step (step, loss, elapsed, fraction, total steps,
+        validation, best score, done / stopped, notice).
+    time_limit : float or None
+        The training time asked for (s), None when training for a number of steps.
+    preview_plane : int or None
+        The plane number of the live preview computed at this step (None: none was).
+    probability, labels : ndarray, shape (Y, X), or None
+        The preview: cell probability (0–1) and labels of ``preview_plane``.
+    """
+
+    event: TrainEvent
+    time_limit: float | None = None
+    preview_plane: int | None = None
+    probability: np.ndarray | None = None
+    labels: np.ndarray | None = None
+
+
+@dataclass
+class TrainResult:
+    """The end of a training job: the trained model, or ``error`` (one sentence)."""
+
+    model: torch.nn.Module | None = None
+    info: ModelInfo | None = None
+    record: dict = field(default_factory=dict)
+    stopped: bool = False
+    error: str | None = None
+    summary: dict = field(default_factory=dict)
+
+
+class TrainJob:
+    """Train or fine-tune, with a live preview of one plane that can change while it runs.
+
+    Parameters
+    ----------
+    images : list of ndarray, each (P, C, Y, X)
+        The annotated planes of each image (already copied, so painting can go on).
+    annotations : list of ndarray, each (P, Y, X)
+    config : TrainConfig
+    model, info : optional
+        The current model, to fine-tune it instead of starting fresh.
+    preview : (plane number, raw plane (C, Y, X)), optional
+        The plane to preview; change it with :meth:`show_plane`.
+    threads : int, optional
+        Torch CPU threads while training (restored afterwards).
+    postprocess : dict, optional
+        Overrides of the model's post-processing settings for the preview labels.
+    preview_every : float
+        The shortest time (s) between two previews.
+
+    The preview is computed here between two training steps with the engine's
+    :func:`~cellfit.predict.predict_plane` and the current weights, on one tile where the
+    plane allows (see :func:`fast_tile`), and paced so it takes at most about a quarter
+    of the time. No preview is computed for the last step: the dock then previews the
+    model that training keeps (its best validated weights).
+    """
+
+    def __init__(
+        self,
+        images: Sequence[np.ndarray],
+        annotations: Sequence[np.ndarray],
+        config: TrainConfig,
+        *,
+        model: torch.nn.Module | None = None,
+        info: ModelInfo | None = None,
+        preview: tuple[int, np.ndarray] | None = None,
+        threads: int | None = None,
+        postprocess: dict | None = None,
+        preview_every: float = PREVIEW_EVERY,
+    ) -> None:
+        self.images = list(images)
+        self.annotations = list(annotations)
+        self.config = config
+        self.model = model
+        self.info = info
+        self.threads = threads
+        self.postprocess = dict(postprocess or {})
+        self.trainer: Trainer | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._preview = preview
+        self.min_preview_every = float(preview_every)
+        self.preview_every = float(preview_every)  # grows when previews are slow
+        self.preview_seconds: list[float] = []  # time of each preview
+        self.step_seconds: list[float] = []  # time of each engine step (validation included)
+        self.stop_requested_at: float | None = None
+
+    def stop(self) -> None:
+        """Stop after the current step (safe to call from any thread, any time)."""
+        if not self._stop.is_set():
+            self.stop_requested_at = time.perf_counter()
+        self._stop.set()
+        if self.trainer is not None:
+            self.trainer.stop()
+
+    cancel = stop  # the runner stops any job with cancel()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def show_plane(self, index: int, plane: np.ndarray | None) -> None:
+        """Preview plane ``index`` (raw ``(C, Y, X)``) from now on; None: no preview."""
+        with self._lock:
+            self._preview = None if plane is None else (index, plane)
+
+    def _compute_preview(self, trainer: Trainer) -> tuple[int, np.ndarray] | None:
+        with self._lock:
+            request = self._preview
+        if request is None:
+            return None
+        index, raw = request
+        t0 = time.perf_counter()
+        plane = match_channels(raw[None], trainer.info.in_channels)[0]
+        tile = fast_tile(plane.shape[-2:], trainer.info.scale)
+        probs = predict_plane(
+            trainer.model, trainer.info, plane, device=trainer.device, tile=tile,
+            batch_size=_tile_batch(tile, 4),
+        )
+        trainer.model.train()
+        self.preview_seconds.append(time.perf_counter() - t0)
+        return index, probs
+
+    def _add_preview(self, update: TrainUpdate, trainer: Trainer) -> bool:
+        """Compute the preview of the chosen plane into ``update``; False: no plane."""
+        shown = self._compute_preview(trainer)
+        if shown is None:
+            return False
+        update.preview_plane, probs = shown
+        update.probability = cell_probability(probs)
+        update.labels = labels_from_probs(
+            probs, trainer.info.mode, **{**trainer.info.postprocess, **self.postprocess}
+        )
+        return True
+
+    def run(self) -> Generator[TrainUpdate, None, TrainResult]:
+        """Build the trainer and train, yielding a :class:`TrainUpdate` per step."""
+        with torch_threads(self.threads):
+            return (yield from self._run())
+
+    def _run(self) -> Generator[TrainUpdate, None, TrainResult]:
+        result = TrainResult()
+        try:
+            trainer = Trainer(
+                self.images, self.annotations, self.config, model=self.model, info=self.info
+            )
+            self.trainer = trainer
+            result.summary = dict(trainer.summary)
+            n_before = len(self.info.training) if self.info is not None else 0
+            yield from self._steps(trainer)
+            result.model = trainer.model
+            result.info = trainer.info
+            result.stopped = self._stop.is_set()
+            if len(trainer.info.training) > n_before:
+                result.record = trainer.info.training[-1]
+        except Exception as exc:  # reported to the user as one sentence
+            _log(exc, "training")
+            result.error = user_message(exc, "training")
+            if self.trainer is not None:  # keep what was learnt so far
+                result.model, result.info = self.trainer.model, self.trainer.info
+        return result
+
+    def _steps(self, trainer: Trainer) -> Iterator[TrainUpdate]:
+        """The trainer's steps, each with a preview when one is due."""
+        gen = trainer.run()
+        first = True
+        last_preview = -1e9
+        try:
+            while True:
+                if self._stop.is_set():
+                    if first:  # stopped before the first step: train nothing
+                        break
+                    trainer.stop()
+                t_step = time.perf_counter()
+                try:
+                    event = next(gen)
+                except StopIteration:
+                    break
+                self.step_seconds.append(time.perf_counter() - t_step)
+                first = False
+                update = TrainUpdate(event, time_limit=self.config.time_limit)
+                now = time.perf_counter()
+                due = now - last_preview >= self.preview_every
+                wanted = due and not event.done and not self._stop.is_set()
+                if wanted and self._add_preview(update, trainer):
+                    cost = time.perf_counter() - now
+                    self.preview_every = max(self.min_preview_every, 3.0 * cost)
+                    last_preview = time.perf_counter()
+                yield update
+        finally:
+            gen.close()
+
+
+# ------------------------------------------------------------ diameter, predict
+@dataclass
+class DiameterResult:
+    """The estimated cell diameter in pixels, or ``error`` (one sentence)."""
+
+    diameter: float | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+class DiameterJob:
+    """Estimate the cell diameter of one raw plane ``(C, Y, X)`` with a model that works
+    on cells of any size (a few small predictions at several sizes)."""
+
+    def __init__(
+        self, model: torch.nn.Module, info: ModelInfo, plane: np.ndarray, *,
+        threads: int | None = None,
+    ) -> None:
+        self.model = model
+        self.info = info
+        self.plane = plane
+        self.threads = threads
+
+    def cancel(self) -> None:  # a few seconds at most: it runs to its end
+        pass
+
+    def run(self) -> Generator[Progress, None, DiameterResult]:
+        with torch_threads(self.threads):
+            return (yield from self._run())
+
+    def _run(self) -> Generator[Progress, None, DiameterResult]:
+        t0 = time.perf_counter()
+        result = DiameterResult()
+        try:
+            yield Progress(text="Estimating the cell diameter…")
+            result.diameter = _cell_diameter(self.model, self.info, self.plane)
+        except Exception as exc:
+            _log(exc, "diameter estimate")
+            result.error = user_message(exc, "estimating the cell diameter")
+        finally:
+            result.seconds = time.perf_counter() - t0
+        return result
+
+
+@dataclass
+class PredictResult:
+    """Probabilities and labels of the predicted planes (``error``: one sentence)."""
+
+    planes: list[int] = field(default_factory=list)
+    probability: np.ndarray | None = None  # (n, Y, X) float32, cell probability
+    labels: np.ndarray | None = None  # (n, Y, X) int32
+    cancelled: bool = False
+    error: str | None = None
+    seconds: float = 0.0
+    #: the cell diameter (pixels) estimated for a model that needs one and got none
+    diameter: float | None = None
+
+
+class PredictJob:
+    """Segment some or all planes of one image with an in-memory model.
+
+    Parameters
+    ----------
+    model, info
+        The model (on its device) and its :class:`ModelInfo`.
+    planes : ndarray, shape (P, C, Y, X)
+        All planes of the image (normalisation statistics use the whole stack).
+    which : list of int, optional
+        The planes to predict (all when None).
+    diameter : float, optional
+        Cell diameter in pixels, for a model that works on cells of any size (the
+        starting model before fine-tuning). Left out for such a model, it is estimated
+        from the first plane to predict (``result.diameter``, and a progress notice).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        info: ModelInfo,
+        planes: np.ndarray,
+        which: Sequence[int] | None = None,
+        *,
+        postprocess: dict | None = None,
+        batch_size: int = 4,
+        threads: int | None = None,
+        diameter: float | None = None,
+    ) -> None:
+        self.model = model
+        self.info = info
+        self.diameter = diameter
+        self.planes = planes
+        self.which = list(range(planes.shape[0])) if which is None else [int(i) for i in which]
+        self.postprocess = dict(postprocess or {})
+        self.batch_size = batch_size
+        self.threads = threads
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def run(self) -> Generator[Progress, None, PredictResult]:
+        """Segment the planes, yielding progress after each batch of tiles."""
+        with torch_threads(self.threads):
+            return (yield from self._run())
+
+    def _run(self) -> Generator[Progress, None, PredictResult]:
+        t0 = time.perf_counter()
+        result = PredictResult(planes=list(self.which))
+        try:
+            info = self.info
+            if needs_diameter(info):
+                info = yield from self._with_diameter(info, result)
+            yield from self._segment(info, result)
+        except Exception as exc:
+            _log(exc, "prediction")
+            result.error = user_message(exc, "segmentation")
+        finally:
+            result.seconds = time.perf_counter() - t0
+        return result
+
+    def _with_diameter(self, info: ModelInfo, result: PredictResult) -> Iterator[Progress]:
+        """``info`` set to the cell diameter given, or estimated (and said so)."""
+        d = self.diameter
+        if d is None:
+            yield Progress(text="Estimating the cell diameter…")
+            d = _cell_diameter(self.model, info, np.asarray(self.planes[self.which[0]]))
+            result.diameter = d
+            yield Progress(
+                text=f"Cell diameter estimated at {d:g} pixels.",
+                notice=f"Cell diameter estimated at {d:g} pixels; type another value "
+                "under Cell diameter to change it.",
+            )
+        return apply_diameter(info, d)
+
+    def _segment(self, info: ModelInfo, result: PredictResult) -> Iterator[Progress]:
+        planes, stats = prepare_planes(ImageStack(self.planes), info)
+        sel = planes[self.which]
+        n, _, h, w = sel.shape
+        prob = np.zeros((n, h, w), np.float32)
+        labels = np.zeros((n, h, w), np.int32)
+        yield Progress(text=f"Segmenting {_planes_text(n)}…")
+        tile = fast_tile(sel.shape[-2:], info.scale)
+        post = {**info.postprocess, **self.postprocess}
+        for ev in iter_predict(
+            self.model, info, sel, stats, tile=tile,
+            batch_size=_tile_batch(tile, self.batch_size),
+        ):
+            if self._cancel.is_set():
+                result.cancelled = True
+                return
+            if ev.probabilities is not None:
+                prob[ev.plane] = cell_probability(ev.probabilities)
+                labels[ev.plane] = labels_from_probs(ev.probabilities, info.mode, **post)
+            text = f"Segmenting slice {ev.plane + 1} of {n}…" if n > 1 else "Segmenting…"
+            yield Progress(fraction=ev.fraction, text=text)
+        result.probability, result.labels = prob, labels
+
+
+def _planes_text(n: int) -> str:
+    return "1 slice" if n == 1 else f"{n} slices"
+
+
+# ---------------------------------------------------------------------- batch
+@dataclass
+class BatchResult:
+    """Counts of a folder batch; ``failed`` holds ``(file name, reason)`` pairs."""
+
+    done: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    n_files: int = 0
+    out_dir: str = ""
+    cancelled: bool = False
+    error: str | None = None
+    seconds: float = 0.0
+    notices: list[str] = field(default_factory=list)
+
+
+class BatchJob:
+    """Segment every TIFF of a folder into an output folder: the CLI's engine function,
+    :func:`cellfit.batch.predict_files`, with progress and cancel.
+
+    ``diameter`` (pixels) is for a model that works on cells of any size; left out for
+    such a model, the engine estimates it from the first file (a progress notice says so).
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        inputs: Sequence[str | os.PathLike],
+        out_dir: str | os.PathLike,
+        *,
+        probabilities: bool = False,
+        overwrite: bool = False,
+        device: str = "auto",
+        threads: int | None = None,
+        diameter: float | None = None,
+    ) -> None:
+        self.diameter = diameter
+        self.model_path = Path(model_path)
+        self.inputs = [Path(p) for p in inputs]
+        self.out_dir = Path(out_dir)
+        self.probabilities = probabilities
+        self.overwrite = overwrite
+        self.device = device
+        self.threads = threads
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def run(self) -> Generator[Progress, None, BatchResult]:
+        """Segment the files, yielding progress after each slice and file."""
+        with torch_threads(self.threads):
+            return (yield from self._run())
+
+    def _run(self) -> Generator[Progress, None, BatchResult]:
+        t0 = time.perf_counter()
+        result = BatchResult(out_dir=str(self.out_dir))
+        gen = None
+        try:
+            gen = predict_files(
+                self.model_path,
+                self.inputs,
+                self.out_dir,
+                probabilities=self.probabilities,
+                overwrite=self.overwrite,
+                device=self.device,
+                diameter=self.diameter,
+            )
+            yield Progress(text="Loading the model…")
+            for ev in gen:
+                notice = None
+                if ev.notice:
+                    notice = ev.notice[:1].upper() + ev.notice[1:] + "."
+                    result.notices.append(notice)
+                _count(result, ev)
+                yield Progress(fraction=_batch_fraction(ev), text=_batch_text(ev), notice=notice)
+                if self._cancel.is_set():
+                    result.cancelled = True
+                    break
+        except Exception as exc:
+            _log(exc, "batch")
+            result.error = user_message(exc, "the folder segmentation")
+        finally:
+            if gen is not None:
+                gen.close()  # outputs are written atomically: no half-written file stays
+            result.seconds = time.perf_counter() - t0
+        return result
+
+
+def _count(result: BatchResult, ev: FileEvent) -> None:
+    result.n_files = ev.n_files
+    if ev.status == "done":
+        result.done += 1
+    elif ev.status == "skipped":
+        result.skipped += 1
+    elif ev.status == "failed":
+        result.failed.append((ev.path.name, ev.error or "unknown error"))
+
+
+def _batch_fraction(ev: FileEvent) -> float:
+    inner = ev.plane / max(1, ev.n_planes) if ev.status == "plane" else 1.0
+    return min(1.0, (ev.index + inner) / max(1, ev.n_files))
+
+
+def _batch_text(ev: FileEvent) -> str:
+    head = f"File {ev.index + 1} of {ev.n_files}: {ev.path.name}"
+    if ev.status == "plane":
+        return head + (f", slice {ev.plane} of {ev.n_planes}" if ev.n_planes > 1 else "")
+    return head + {"done": ", done", "skipped": ", skipped (results exist)",
+                   "failed": ", failed"}.get(ev.status, "")

@@ -1,0 +1,20 @@
+"""The tabs of the dock, one module each: each panel is a QWidget that builds its own
+controls, handles them, and enables or disables them when the job runner starts or
+ends a job (:class:`~cellfit.plugin.panels._base.Panel`).
+
+``annotate``  1 Annotate: the annotation layer, brushes, counts, copying a prediction
+``train``     2 Train: training settings, Train / Stop, the live preview and plot
+``segment``   3 Segment: the selected image, a folder of TIFFs, the cell diameter
+``model``     Model: save, load, the starting model, the model's record
+"""
+
+# isort: off
+from cellfit.plugin import _safety  # noqa: F401  (first: imports the torch stack safely)
+
+# isort: on
+from cellfit.plugin.panels.annotate import AnnotatePanel
+from cellfit.plugin.panels.model import ModelPanel
+from cellfit.plugin.panels.segment import SegmentPanel
+from cellfit.plugin.panels.train import TrainPanel
+
+__all__ = ["AnnotatePanel", "ModelPanel", "SegmentPanel", "TrainPanel"]

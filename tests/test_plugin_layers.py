@@ -1,0 +1,67 @@
+"""The dock's layer helpers: the plane arithmetic of stacks and copying a prediction
+into an annotation (plain arrays, no viewer needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def test_layer_layout_helpers():
+    from cellfit.plugin._layers import (
+        plane_number,
+        plane_of,
+        planes_of,
+        stack_position,
+        stack_shape,
+    )
+
+    assert stack_shape((5, 3, 64, 80)) == (5, 3)
+    assert stack_shape((64, 80, 3), rgb=True) == ()
+    assert plane_number((2, 1), (5, 3)) == 7
+    assert plane_number((), ()) == 0
+    assert plane_number((9, 9), (5, 3)) == 14  # clipped to the last plane
+    assert stack_position(7, (5, 3)) == (2, 1) and stack_position(0, ()) == ()
+    stack = np.arange(4 * 6 * 7).reshape(4, 6, 7)
+    assert planes_of(stack).shape == (4, 1, 6, 7)
+    np.testing.assert_array_equal(plane_of(stack, 2)[0], stack[2])
+    rgb = np.zeros((6, 7, 3), np.uint8)
+    rgb[..., 1] = 5
+    assert planes_of(rgb, rgb=True).shape == (1, 3, 6, 7)
+    assert plane_of(rgb, 0, rgb=True)[1].max() == 5
+
+
+def test_prediction_to_annotation_copies_only_new_cells():
+    from cellfit.plugin._layers import prediction_to_annotation
+
+    ann = np.zeros((12, 12), np.uint16)
+    ann[1:4, 1:4] = 2  # a painted cell
+    ann[8:12, 0:3] = 1  # painted background
+    pred = np.zeros((12, 12), np.int32)
+    pred[1:4, 1:5] = 1  # overlaps the painted cell: skipped
+    pred[6:9, 6:9] = 5  # new
+    pred[9:12, 1:5] = 9  # new, partly over painted background: only free pixels written
+    new, n = prediction_to_annotation(ann, pred, ring=1)
+    assert n == 2
+    assert set(np.unique(new[6:9, 6:9])) == {3}
+    assert new[1, 4] == 0  # the skipped cell is not copied
+    np.testing.assert_array_equal(new[8:12, 0:3], ann[8:12, 0:3])  # painted pixels kept
+    assert new[11, 4] == 4  # free pixels of the second new cell
+    assert new[5, 7] == 1 and new[9, 7] == 1  # the ring
+    assert new.dtype == ann.dtype
+    same, none = prediction_to_annotation(new, pred, ring=1)
+    assert none == 0
+    np.testing.assert_array_equal(same, new)
+
+
+def test_annotated_planes_and_counts():
+    from cellfit.plugin._layers import annotated_planes, count_annotation
+
+    ann = np.zeros((2, 3, 10, 10), np.uint16)
+    ann[0, 2, 1:4, 1:4] = 2
+    ann[1, 0, 5:9, 5:9] = 1
+    ann[1, 0, 0:2, 0:2] = 3
+    np.testing.assert_array_equal(annotated_planes(ann), [2, 3])
+    counts = count_annotation(ann)
+    assert counts["cells"] == 2 and counts["planes"] == 2
+    assert counts["background_pixels"] == 16
+
