@@ -7,6 +7,7 @@ import pickle
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -19,6 +20,7 @@ from cellfit.model import (
     load_model,
     read_model_info,
     save_model,
+    training_record,
 )
 
 SMALL_DECODER = [16, 16, 16, 16, 16]
@@ -265,3 +267,42 @@ def test_encoder_weights_missing_or_garbage(tmp_path):
     bad.write_bytes(b"garbage")
     with pytest.raises(CellfitError, match="not a safetensors weights file"):
         load_encoder_weights(model, bad)
+
+
+# ------------------------------------------------------------ training record
+def _record(losses, **kw):
+    facts = dict(
+        seconds=12.34, stopped_early=False, device="cpu", batch_size=4, patch_size=64,
+        loss="focal+dice", class_weights=[1.0, 2.0, 3.0], class_pixels=[10, 20, 30],
+        validation={"f1": 0.5}, validation_history=[{"step": 2, "f1": 0.5}],
+        validated_on="6 held-back cells", best_step=2, kept="final weights", best_score=0.5,
+        annotation={"cells": 6}, scale=1.0, init=None, distill=None, lr=1e-3,
+        encoder_weights=None, seed=0,
+    )
+    facts.update(kw)
+    return training_record(losses=losses, **facts)
+
+
+def test_training_record_keys_and_loss_thinning(tiny, tmp_path):
+    rec = _record([1.0, 0.5, 0.25])
+    assert list(rec) == [
+        "date", "steps", "seconds", "stopped_early", "device", "batch_size", "patch_size",
+        "loss", "class_weights", "class_pixels", "losses", "losses_every", "final_loss",
+        "validation", "validation_history", "validated_on", "best_step", "kept",
+        "best_score", "annotation", "scale", "init", "distill", "lr", "encoder_weights",
+        "seed", "versions",
+    ]
+    assert rec["steps"] == 3 and rec["seconds"] == 12.3 and rec["losses_every"] == 1
+    assert rec["final_loss"] == round((1.0 + 0.5 + 0.25) / 3, 5)
+    assert rec["class_pixels"] == [10, 20, 30] and "torch" in rec["versions"]
+    many = _record(list(np.linspace(1, 0, 450)), class_pixels=np.array([1, 2]))
+    assert many["losses_every"] == 2 and len(many["losses"]) == 225
+    assert many["class_pixels"] == [1, 2] and type(many["class_pixels"][0]) is int
+    assert many["final_loss"] == round(float(np.mean(np.linspace(1, 0, 450)[-10:])), 5)
+    assert _record([])["final_loss"] is None and _record([])["steps"] == 0
+    # stored in (and read back from) a model file as given
+    model, info = tiny
+    info = ModelInfo.from_json(info.to_json())
+    info.training.append(rec)
+    back = read_model_info(save_model(tmp_path / "r.cellfit", model, info)).training[-1]
+    assert back == json.loads(json.dumps(rec))

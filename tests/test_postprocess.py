@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from cellfit.postprocess import classes_from_probs, instances_from_probs, labels_from_probs
+from cellfit.postprocess import (
+    classes_from_probs,
+    drop_small_objects,
+    instances_from_probs,
+    labels_from_probs,
+    postprocess_settings,
+    settings_from_cells,
+)
 
 
 def _touching_discs(h: int = 64, w: int = 72, r: float = 13.0, gap: float = 22.0):
@@ -195,3 +202,42 @@ def test_split_merged_leaves_convex_objects_and_the_input_alone():
     np.testing.assert_array_equal(labels, before)
     assert out.max() == 2
     assert split_merged(labels, area * 3) is labels  # one cell's worth: nothing to cut
+
+
+# ------------------------------------------------------------------ settings
+def test_settings_learned_from_the_painted_cells():
+    base = {"fg_threshold": 0.4, "split_area": 50}
+    convex = settings_from_cells(base, 400.0, 0.95, min_size_fraction=0.25, split_solidity=0.93)
+    assert convex == {"fg_threshold": 0.4, "min_size": 100, "split_area": 400}
+    notched = settings_from_cells(base, 400.0, 0.9, min_size_fraction=0.25, split_solidity=0.93)
+    assert notched == {"fg_threshold": 0.4, "min_size": 100}  # no cutting of merged blobs
+    tiny = settings_from_cells({}, 20.0, 0.99, min_size_fraction=0.25, split_solidity=1.0)
+    assert tiny == {"min_size": 16}  # at least 16 pixels; a solidity of 1 never splits
+    assert base == {"fg_threshold": 0.4, "split_area": 50}  # not modified
+
+
+def test_post_processing_overrides_are_merged_one_way():
+    model = {"min_size": 100, "split_area": 400}
+    assert postprocess_settings(model) == model and postprocess_settings(model) is not model
+    assert postprocess_settings(model, None) == model
+    assert postprocess_settings(model, {"min_size": 30}) == {"min_size": 30, "split_area": 400}
+    assert postprocess_settings(model, {"min_size": None}) == model  # None: the model's
+    assert postprocess_settings({}, {"fg_threshold": 0.3}) == {"fg_threshold": 0.3}
+    assert model == {"min_size": 100, "split_area": 400}
+    # planes resized by 0.5 (validation): areas scaled by 0.25, at least 4 pixels
+    assert postprocess_settings(model, scale=0.5) == {"min_size": 25, "split_area": 100}
+    assert postprocess_settings({"min_size": 10, "split_area": 0}, scale=0.1) == {
+        "min_size": 4, "split_area": 0,
+    }
+    assert postprocess_settings({"min_size": 2}) == {"min_size": 2}  # no scale: as is
+
+
+def test_drop_small_objects_keeps_edge_cells_down_to_at_edge():
+    labels = np.zeros((20, 20), np.int32)
+    labels[0:2, 0:3] = 1  # 6 px on the edge
+    labels[8:10, 8:11] = 2  # 6 px inside
+    labels[14:19, 14:19] = 3  # 25 px inside
+    out = drop_small_objects(labels, 10, at_edge=5)
+    assert set(np.unique(out)) == {0, 1, 3}
+    assert set(np.unique(drop_small_objects(labels, 10))) == {0, 3}
+    assert drop_small_objects(labels, 1) is labels  # nothing dropped: no copy

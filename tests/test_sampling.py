@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellfit.sampling import PatchSampler, split_annotations
+from cellfit.sampling import BatchPrefetcher, PatchSampler, split_annotations
 from cellfit.synthetic import sparse_annotation, synthetic_cells
 from cellfit.targets import IGNORE, instance_targets
 
@@ -228,3 +228,55 @@ def test_split_is_reproducible_with_a_seed():
     b = split_annotations(anns, seed=3)
     for x, y in zip(a.val, b.val):
         np.testing.assert_array_equal(x, y)
+
+
+# ------------------------------------------------------------------ prefetching
+def _sampler(seed: int = 0) -> PatchSampler:
+    rng = np.random.default_rng(seed)
+    img = rng.random((1, 40, 40)).astype(np.float32)
+    return PatchSampler([img], [_random_targets(40, 40, seed=seed)], patch_size=16, seed=seed)
+
+
+def test_prefetched_batches_come_in_the_order_drawn():
+    ahead = BatchPrefetcher(_sampler())
+    plain = BatchPrefetcher(_sampler(), enabled=False)
+    for _ in range(3):
+        (xa, ya), (xp, yp) = ahead.next(2), plain.next(2)
+        np.testing.assert_array_equal(xa, xp)
+        np.testing.assert_array_equal(ya, yp)
+    assert ahead.pending and not plain.pending
+    ahead.discard()
+    assert not ahead.pending
+
+
+def test_a_batch_drawn_ahead_is_cut_to_a_smaller_size_and_converted():
+    seen = []
+
+    def convert(x, y):
+        seen.append(len(x))
+        return x * 0 + 1, y
+
+    batches = BatchPrefetcher(_sampler(), convert=convert)
+    x, _ = batches.next(4)
+    assert x.shape[0] == 4 and (x == 1).all()
+    x, y = batches.next(2)  # the batch drawn ahead had 4 patches
+    assert x.shape[0] == 2 and y.shape[0] == 2 and seen[:2] == [4, 4]
+    batches.discard()
+
+
+def test_an_error_while_drawing_ahead_is_raised_when_the_batch_is_wanted():
+    sampler = _sampler()
+    calls = []
+    sample = sampler.sample
+
+    def fail_second(n):
+        calls.append(n)
+        if len(calls) == 2:
+            raise ValueError("broken sampler")
+        return sample(n)
+
+    sampler.sample = fail_second
+    batches = BatchPrefetcher(sampler)
+    batches.next(2)
+    with pytest.raises(ValueError, match="broken sampler"):
+        batches.next(2)

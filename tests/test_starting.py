@@ -176,8 +176,18 @@ def test_the_diameter_is_estimated_within_a_factor_of_1_5():
 def test_no_cells_anywhere_asks_for_the_diameter():
     model, info = load_model(starting_model_path())
     flat = np.random.default_rng(0).normal(100, 1, (1, 128, 128)).astype(np.float32)
-    with pytest.raises(CellfitError, match="--diameter"):
-        estimate_diameter(model, info, flat, device="cpu")
+    model.train()
+    with pytest.raises(CellfitError, match="set the cell diameter") as err:
+        estimate_diameter(model, info, flat)  # on the model's own device
+    assert err.value.setting == "diameter"
+    # the sizes it tried, in pixels
+    assert "tried diameters of 15, 21, 30, 42, 60, 85, 120, 170, 240, 339, 480 pixels" in str(
+        err.value
+    )
+    assert err.value.worded({"diameter": "--diameter PIXELS"}).endswith(
+        "set --diameter PIXELS, or fine-tune on a few painted cells."
+    )
+    assert not model.training  # left in eval mode
 
 
 # -------------------------------------------------------------- batch and CLI
@@ -208,8 +218,9 @@ def test_a_fixed_size_model_refuses_a_diameter(tmp_path):
     info = ModelInfo()
     path = save_model(tmp_path / "m.cellfit", build_model(info), info)
     tifffile.imwrite(tmp_path / "a.tif", np.zeros((32, 32), np.uint8))
-    with pytest.raises(CellfitError, match="leave --diameter out"):
+    with pytest.raises(CellfitError, match="leave the cell diameter out") as err:
         list(predict_files(path, [tmp_path / "a.tif"], tmp_path / "o", diameter=30))
+    assert err.value.setting == "diameter_option"
 
 
 def test_cli_info_names_the_starting_model_and_its_data_licences(capsys):

@@ -8,6 +8,8 @@ import torch
 
 from cellfit.errors import CellfitError
 from cellfit.model import read_model_info
+from cellfit.postprocess import postprocess_settings
+from cellfit.predict import predict_plane
 from cellfit.synthetic import sparse_annotation, synthetic_cells
 from cellfit.train import TrainConfig, Trainer
 
@@ -28,7 +30,8 @@ def test_seeded_training_is_reproducible_on_cpu(data):
     img, _, ann = data
     runs = []
     for seed in (0, 0, 1):
-        t = Trainer([img], [ann], TrainConfig(steps=3, seed=seed, val_every=100, **TINY))
+        cfg = TrainConfig(steps=3, time_limit=None, seed=seed, val_every=100, **TINY)
+        t = Trainer([img], [ann], cfg)
         losses = [e.loss for e in t.run()]
         runs.append((losses, _weights(t.model)))
     assert runs[0][0] == runs[1][0]
@@ -133,7 +136,7 @@ def test_semantic_mode_many_classes():
     events = list(t.run())
     assert t.info.n_classes == 13 and len(t.info.class_names) == 13
     assert np.isfinite(events[-1].loss)
-    probs = t.predict_raw(img[None])
+    probs = predict_plane(t.model, t.info, img[None], device=t.device)
     assert probs.shape == (13, 64, 64)
 
 
@@ -166,7 +169,7 @@ def test_large_cells_are_scaled_down_and_prediction_returns_full_size():
     assert t.sampler.images[0].shape[-1] == round(256 * t.info.scale)
     assert t.info.postprocess["min_size"] > 16
     list(t.run())
-    assert t.predict_raw(img[None]).shape == (3, 256, 256)
+    assert predict_plane(t.model, t.info, img[None], device=t.device).shape == (3, 256, 256)
 
 
 @pytest.mark.parametrize("convex", [True, False])
@@ -187,7 +190,8 @@ def test_convex_painted_cells_make_the_model_cut_merged_blobs(convex):
         area = t.summary["median_cell_area"]
         assert t.info.postprocess["split_area"] == int(area)
         assert t.info.postprocess["min_size"] == max(16, int(0.25 * area))
-        assert t._val_postprocess()["split_area"] == max(4, int(area * t.info.scale**2))
+        scaled = postprocess_settings(t.info.postprocess, scale=t.info.scale)  # validation's
+        assert scaled["split_area"] == max(4, int(area * t.info.scale**2))
     else:
         assert solid < 0.93
         assert "split_area" not in t.info.postprocess

@@ -47,6 +47,7 @@ def pixel_metrics(
     dict
         ``{class_name: {"precision", "recall", "f1", "iou", "support"}}``.
     """
+    # imported here: it takes seconds and imports triton (see cellfit.model.build_model)
     import segmentation_models_pytorch as smp
 
     p = torch.as_tensor(np.asarray(pred, dtype=np.int64).reshape(1, -1))

@@ -12,13 +12,19 @@ import json
 import os
 import struct
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 from torch import nn
 
+import cellfit
 from cellfit.errors import CellfitError
 from cellfit.normalize import DEFAULT_NORMALIZATION
 
@@ -32,6 +38,7 @@ __all__ = [
     "load_model",
     "package_versions",
     "save_model",
+    "training_record",
 ]
 
 FORMAT_VERSION = 1
@@ -81,10 +88,7 @@ class ModelInfo:
 
 def package_versions() -> dict[str, str]:
     """Versions of the packages that shape a model's behaviour."""
-    import numpy
-    import segmentation_models_pytorch as smp
-
-    import cellfit
+    import segmentation_models_pytorch as smp  # heavy (and pulls in triton): see build_model
 
     out = {
         "cellfit": cellfit.__version__,
@@ -93,12 +97,96 @@ def package_versions() -> dict[str, str]:
         "numpy": numpy.__version__,
     }
     try:
-        import timm
+        import timm  # optional: smp's encoders may come without it
 
         out["timm"] = timm.__version__
     except ImportError:  # pragma: no cover
         pass
     return out
+
+
+#: most loss values a training record keeps (every k-th step beyond that)
+RECORD_LOSSES = 200
+
+
+def training_record(
+    *,
+    losses: Sequence[float],
+    seconds: float,
+    stopped_early: bool,
+    device: str,
+    batch_size: int,
+    patch_size: int,
+    loss: str,
+    class_weights: list[float] | None,
+    class_pixels: Sequence[int],
+    validation: dict | None,
+    validation_history: list[dict],
+    validated_on: str,
+    best_step: int,
+    kept: str,
+    best_score: float | None,
+    annotation: dict,
+    scale: float,
+    init: str | None,
+    distill: float | None,
+    lr: float,
+    encoder_weights: str | None,
+    seed: int,
+) -> dict:
+    """The record of one training run, as kept in ``ModelInfo.training``.
+
+    Parameters
+    ----------
+    losses : sequence of float
+        The loss of every step of the run (the record keeps at most
+        :data:`RECORD_LOSSES` of them, every ``losses_every``-th, and the mean of the
+        last 10 as ``final_loss``).
+    seconds : float
+        Length of the run.
+    stopped_early : bool
+        The run was stopped before its step or time limit.
+    validation : dict or None
+        The best validation figures (rounded), None without validation.
+    Other parameters
+        Stored as given (``class_pixels`` as ints): the run's settings and outcome,
+        with the date and :func:`package_versions` added.
+
+    Returns
+    -------
+    dict
+        JSON-friendly; its keys are the model file's, unchanged across versions.
+    """
+    every = max(1, len(losses) // RECORD_LOSSES)
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "steps": len(losses),
+        "seconds": round(seconds, 1),
+        "stopped_early": stopped_early,
+        "device": device,
+        "batch_size": batch_size,
+        "patch_size": patch_size,
+        "loss": loss,
+        "class_weights": class_weights,
+        "class_pixels": [int(c) for c in class_pixels],
+        "losses": [round(float(v), 5) for v in losses[::every]],
+        "losses_every": every,
+        "final_loss": round(float(numpy.mean(losses[-10:])), 5) if len(losses) else None,
+        "validation": validation,
+        "validation_history": validation_history,
+        "validated_on": validated_on,
+        "best_step": best_step,
+        "kept": kept,
+        "best_score": best_score,
+        "annotation": annotation,
+        "scale": scale,
+        "init": init,
+        "distill": distill,
+        "lr": lr,
+        "encoder_weights": encoder_weights,
+        "seed": seed,
+        "versions": package_versions(),
+    }
 
 
 def build_model(info: ModelInfo, encoder_weights: str | None = None) -> nn.Module:
@@ -110,6 +198,8 @@ def build_model(info: ModelInfo, encoder_weights: str | None = None) -> nn.Modul
         None: random initialisation. "imagenet": smp's pretrained weights (needs the
         internet). A path: encoder weights from a local safetensors / PyTorch file.
     """
+    # imported here, not at the top: it takes seconds, and it imports triton, which
+    # must not load after a napari viewer exists (cellfit.plugin._safety imports it first)
     import segmentation_models_pytorch as smp
 
     if info.architecture != "UnetPlusPlus":
@@ -130,7 +220,8 @@ def build_model(info: ModelInfo, encoder_weights: str | None = None) -> nn.Modul
         if download and "weights" in str(exc).lower():
             raise CellfitError(
                 f"ImageNet weights are not available for encoder {info.encoder!r}: "
-                "choose another encoder or train without --encoder-weights."
+                "choose another encoder or train without {setting}.",
+                setting="encoder_weights",
             ) from None
         raise CellfitError(
             f"unknown encoder {info.encoder!r}: use a segmentation-models-pytorch encoder name "
@@ -139,15 +230,17 @@ def build_model(info: ModelInfo, encoder_weights: str | None = None) -> nn.Modul
     except OSError:
         raise CellfitError(
             f"could not download the ImageNet weights of {info.encoder!r} (no internet "
-            "connection?): download them on a connected machine and pass the file "
-            "with --encoder-weights FILE, or train without them."
+            "connection?): download them on a connected machine and give the file as "
+            "{setting}, or train without them.",
+            setting="encoder_weights",
         ) from None
     except Exception as exc:
         if download:
             raise CellfitError(
                 f"could not download the ImageNet weights of {info.encoder!r} ({type(exc).__name__}): "
-                "download them on a connected machine and pass the file with "
-                "--encoder-weights FILE, or train without them."
+                "download them on a connected machine and give the file as {setting}, "
+                "or train without them.",
+                setting="encoder_weights",
             ) from None
         raise
     if encoder_weights is not None and not download:
@@ -160,8 +253,6 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise CellfitError(f"weights file {path} does not exist: check the path.")
     if path.suffix == ".safetensors" or not (head.startswith(b"PK") or head[:1] == b"\x80"):
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except Exception:
@@ -229,8 +320,6 @@ def save_model(path: str | os.PathLike, model: nn.Module, info: ModelInfo) -> Pa
     The file is a function of the weights and ``info`` alone: saving the same model
     again writes the same bytes (batch results are matched by the file's digest).
     """
-    from safetensors.torch import save
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -249,8 +338,6 @@ def save_model(path: str | os.PathLike, model: nn.Module, info: ModelInfo) -> Pa
 
 def read_model_info(path: str | os.PathLike) -> ModelInfo:
     """Read only the header of a model file (fast; no tensors are loaded)."""
-    from safetensors import safe_open
-
     path = _check_model_path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -290,8 +377,6 @@ def _not_a_model(path: Path) -> CellfitError:
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelInfo]:
     """Load a model file; returns the network (in eval mode) and its :class:`ModelInfo`."""
-    from safetensors.torch import load_file
-
     info = read_model_info(path)
     model = build_model(info)
     try:

@@ -13,20 +13,31 @@ become separate objects. Two shape rules follow:
   the network did not separate.
 
 Semantic mode: the most probable class per pixel.
+
+The settings of these rules travel with a model (``ModelInfo.postprocess``, learned
+from the painted cells by :func:`settings_from_cells`); :func:`postprocess_settings`
+puts a user's overrides on top of them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 from scipy import ndimage as ndi
+from skimage.feature import peak_local_max
+from skimage.measure import regionprops
 from skimage.segmentation import watershed
 
 __all__ = [
     "DEFAULT_MIN_SIZE",
     "SPLIT_SOLIDITY",
     "classes_from_probs",
+    "drop_small_objects",
     "instances_from_probs",
     "labels_from_probs",
+    "postprocess_settings",
+    "settings_from_cells",
     "solidity",
     "split_merged",
 ]
@@ -77,19 +88,17 @@ def instances_from_probs(
     if n == 0:
         return np.zeros(p_bg.shape, dtype=np.int32)
     if min_size > 1:
-        markers = _drop_small(markers, max(1, min_size // 4))
+        markers = drop_small_objects(markers, max(1, min_size // 4))
     labels = _seeded_watershed(p_in, markers, fg)
     if split_area:
         labels = split_merged(labels, split_area)
     if min_size > 1:
-        labels = _drop_small(labels, min_size, max(1, min_size // 4))
+        labels = drop_small_objects(labels, min_size, max(1, min_size // 4))
     return _relabel(labels)
 
 
 def solidity(labels: np.ndarray) -> np.ndarray:
     """Area / convex hull area of each object of ``labels`` (index 0 unused)."""
-    from skimage.measure import regionprops
-
     out = np.ones(int(labels.max()) + 1)
     for r in regionprops(labels):
         out[r.label] = r.solidity
@@ -105,9 +114,6 @@ def split_merged(labels: np.ndarray, cell_area: float) -> np.ndarray:
     apart and ``SPLIT_MIN_DEPTH`` diameters deep; the pieces are the watershed of the
     distance map from those peaks. Convex or single-peaked objects are kept as they are.
     """
-    from skimage.feature import peak_local_max
-    from skimage.measure import regionprops
-
     if cell_area <= 0 or labels.max() == 0:
         return labels
     diameter = 2.0 * np.sqrt(cell_area / np.pi)
@@ -167,23 +173,44 @@ def _seeded_watershed(p_in: np.ndarray, markers: np.ndarray, fg: np.ndarray) -> 
     return labels
 
 
-def _drop_small(labels: np.ndarray, min_size: int, at_edge: int | None = None) -> np.ndarray:
+def drop_small_objects(
+    labels: np.ndarray, min_size: int, at_edge: int | None = None
+) -> np.ndarray:
     """Drop objects under ``min_size`` pixels; those touching the image edge are only
-    dropped under ``at_edge`` pixels (the edge cut them)."""
+    dropped under ``at_edge`` pixels (the edge cut them).
+
+    Parameters
+    ----------
+    labels : ndarray of int, shape (Y, X)
+        0 background, one id per object.
+    min_size : int
+    at_edge : int, optional
+        The smallest object kept where it touches the image edge (None: ``min_size``).
+
+    Returns
+    -------
+    ndarray
+        ``labels`` itself when nothing is dropped, else a copy with the dropped
+        objects set to 0 (ids are not renumbered).
+    """
     if labels.max() == 0:
         return labels
     sizes = np.bincount(labels.ravel())
-    small = sizes < min_size
+    too_small = sizes < min_size
     if at_edge is not None:
-        edge = np.zeros(len(sizes), dtype=bool)
+        on_edge = np.zeros(len(sizes), dtype=bool)
         for side in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
-            edge[side] = True
-        small &= ~edge | (sizes < at_edge)
-    small[0] = False
-    if small.any():
+            on_edge[side] = True
+        too_small &= ~on_edge | (sizes < at_edge)
+    too_small[0] = False
+    if too_small.any():
         labels = labels.copy()
-        labels[small[labels]] = 0
+        labels[too_small[labels]] = 0
     return labels
+
+
+#: the old private name (tests/test_speed.py imports it; use drop_small_objects)
+_drop_small = drop_small_objects
 
 
 def _relabel(labels: np.ndarray) -> np.ndarray:
@@ -209,3 +236,92 @@ def labels_from_probs(probs: np.ndarray, mode: str, **kwargs) -> np.ndarray:
     if mode == "instances":
         return instances_from_probs(probs, **kwargs)
     return classes_from_probs(probs)
+
+
+def settings_from_cells(
+    base: Mapping,
+    cell_area: float,
+    cell_solidity: float,
+    *,
+    min_size_fraction: float,
+    split_solidity: float,
+) -> dict:
+    """The post-processing settings a model learns from its painted cells.
+
+    Parameters
+    ----------
+    base : mapping
+        The model's settings so far (``ModelInfo.postprocess``); other keys are kept.
+    cell_area : float
+        Median area of the painted cells (pixels, at the model's scale).
+    cell_solidity : float
+        Median solidity (area / convex hull area) of the painted cells.
+    min_size_fraction : float
+        ``min_size`` is this share of ``cell_area`` (at least :data:`DEFAULT_MIN_SIZE`).
+    split_solidity : float
+        Cells at least this solid (convex, like nuclei) set ``split_area`` to
+        ``cell_area``, so merged pairs are cut (:func:`split_merged`); less solid cells
+        remove it.
+
+    Returns
+    -------
+    dict
+        ``base`` with ``min_size`` and, for convex cells, ``split_area``.
+
+    Examples
+    --------
+    >>> settings_from_cells({"split_area": 50}, 400.0, 0.95, min_size_fraction=0.25,
+    ...                     split_solidity=0.93)
+    {'min_size': 100, 'split_area': 400}
+    >>> settings_from_cells({"split_area": 50}, 400.0, 0.8, min_size_fraction=0.25,
+    ...                     split_solidity=0.93)
+    {'min_size': 100}
+    """
+    settings = {**base, "min_size": max(DEFAULT_MIN_SIZE, int(min_size_fraction * cell_area))}
+    settings.pop("split_area", None)
+    if cell_solidity >= split_solidity:
+        settings["split_area"] = int(cell_area)  # convex cells: cut merged blobs
+    return settings
+
+
+def postprocess_settings(
+    base: Mapping,
+    overrides: Mapping | None = None,
+    *,
+    scale: float | None = None,
+) -> dict:
+    """The keyword arguments of :func:`instances_from_probs` to use.
+
+    Parameters
+    ----------
+    base : mapping
+        A model's own settings (``ModelInfo.postprocess``).
+    overrides : mapping, optional
+        The user's settings; each one given replaces the model's (a value of None
+        keeps the model's).
+    scale : float, optional
+        For planes resized by ``scale`` (model pixels per image pixel, as during
+        validation): the areas ``min_size`` and ``split_area`` are scaled by
+        ``scale ** 2``, and kept at 4 pixels or more.
+
+    Returns
+    -------
+    dict
+        A new dict; the inputs are not modified.
+
+    Examples
+    --------
+    >>> postprocess_settings({"min_size": 100, "split_area": 400}, {"min_size": 30})
+    {'min_size': 30, 'split_area': 400}
+    >>> postprocess_settings({"min_size": 100}, {"min_size": None})
+    {'min_size': 100}
+    >>> postprocess_settings({"min_size": 100, "split_area": 400}, scale=0.5)
+    {'min_size': 25, 'split_area': 100}
+    """
+    settings = {**base, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    if scale is not None:
+        if "min_size" in settings:
+            settings["min_size"] = max(4, int(settings["min_size"] * scale**2))
+        if settings.get("split_area"):
+            settings["split_area"] = max(4, int(settings["split_area"] * scale**2))
+    return settings

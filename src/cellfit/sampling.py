@@ -1,15 +1,19 @@
-"""Patch sampling, augmentation and the held-back validation split.
+"""Patch sampling, augmentation, prefetching and the held-back validation split.
 
 The sampler never returns a patch without annotated pixels: every patch is placed
 around an annotated pixel. A fraction ``fg_fraction`` of the patches (0.5 by default)
 is placed around a *cell* pixel (any class but background), the rest around any
 annotated pixel, so cells are over-represented however little of the image they cover.
+:class:`BatchPrefetcher` draws the next batch in a background thread while the
+training step computes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -17,7 +21,13 @@ from skimage.measure import label as cc_label
 
 from cellfit.targets import IGNORE
 
-__all__ = ["DEFAULT_FG_FRACTION", "PatchSampler", "ValidationSplit", "split_annotations"]
+__all__ = [
+    "DEFAULT_FG_FRACTION",
+    "BatchPrefetcher",
+    "PatchSampler",
+    "ValidationSplit",
+    "split_annotations",
+]
 
 DEFAULT_FG_FRACTION = 0.5
 
@@ -134,6 +144,101 @@ class PatchSampler:
                 x, y = self._augment(x, y)
             xb[b], yb[b] = x, y
         return xb, yb
+
+
+class BatchPrefetcher:
+    """Batches of a :class:`PatchSampler`, the next one drawn in a background thread
+    while the caller works on the current one.
+
+    Batches are drawn one after another from the sampler, in the same order as without
+    prefetching, so a seed gives the same batches. A batch drawn ahead for a larger
+    batch size (before the caller halved it) is cut to the size asked for. An error
+    raised while drawing ahead is raised by the :meth:`next` call that wanted the batch.
+
+    Parameters
+    ----------
+    sampler : PatchSampler
+        Drawn from with ``sampler.sample(n)``, looked up at each draw.
+    convert : callable, optional
+        Applied to each batch ``(images, targets)`` in the drawing thread, e.g. to make
+        (pinned) torch tensors; its result must be a pair of sliceable batches.
+    enabled : bool
+        Draw ahead (True) or only when asked (False); may be changed at any time.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> sampler = PatchSampler([rng.random((1, 32, 32), np.float32)],
+    ...                        [np.zeros((32, 32), np.uint8)], patch_size=16)
+    >>> batches = BatchPrefetcher(sampler)
+    >>> x, y = batches.next(2)
+    >>> x.shape, y.shape, batches.pending
+    ((2, 1, 16, 16), (2, 16, 16), True)
+    >>> batches.discard()
+    """
+
+    def __init__(
+        self,
+        sampler: PatchSampler,
+        convert: Callable[[np.ndarray, np.ndarray], tuple[Any, Any]] | None = None,
+        enabled: bool = True,
+    ) -> None:
+        self.sampler = sampler
+        self.convert = convert
+        self.enabled = enabled
+        #: the batch being drawn ahead: (thread, box), the box getting "batch" or "error"
+        self._pending: tuple[threading.Thread, dict] | None = None
+
+    @property
+    def pending(self) -> bool:
+        """True while a batch drawn ahead waits to be taken."""
+        return self._pending is not None
+
+    def draw(self, n: int) -> tuple[Any, Any]:
+        """A batch of ``n`` patches drawn now, in the caller's thread."""
+        x, y = self.sampler.sample(n)
+        return self.convert(x, y) if self.convert is not None else (x, y)
+
+    def next(self, n: int) -> tuple[Any, Any]:
+        """The next batch of ``n`` patches; then, when enabled, start drawing the one
+        after it in a background thread."""
+        batch = self._take(n)
+        if batch is None:
+            batch = self.draw(n)
+        if self.enabled:
+            box: dict = {}
+
+            def work() -> None:
+                try:
+                    box["batch"] = self.draw(n)
+                except BaseException as exc:  # re-raised in the caller's thread
+                    box["error"] = exc
+
+            thread = threading.Thread(target=work, name="cellfit-prefetch", daemon=True)
+            thread.start()
+            self._pending = (thread, box)
+        return batch
+
+    def discard(self) -> None:
+        """Wait for a batch being drawn ahead and drop it (an error it met included)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending[0].join()
+
+    def _take(self, n: int) -> tuple[Any, Any] | None:
+        """The batch drawn ahead, cut to ``n`` patches (None if there is none, or it
+        is smaller than ``n``)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        thread, box = pending
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        x, y = box["batch"]
+        if len(x) < n:
+            return None
+        return x[:n], y[:n]
 
 
 @dataclass

@@ -5,49 +5,155 @@ The starting model (``cellfit/data/starting_model.cellfit``, made by
 openly licensed nuclei so that a handful of painted cells is enough to fine-tune it.
 It works on cells about :attr:`ModelInfo.cell_diameter` (30) pixels across: images are
 resized so that their cells are that big. When fine-tuning, the size comes from the
-painted cells; when segmenting with the starting model itself it is given
-(``--diameter``) or estimated from the image (:func:`estimate_diameter`).
+painted cells; when segmenting with the starting model itself it is given (the cell
+diameter setting) or estimated from the image (:func:`estimate_diameter`).
+
+What a training run starts from is its :class:`TrainPlan`, chosen by
+:func:`choose_start` from the ``init`` setting and the model in memory, if any.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import os
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
 
+from cellfit.data import sample_path
 from cellfit.errors import CellfitError
+from cellfit.model import ModelInfo, read_model_info
+from cellfit.normalize import match_channels, normalize, resize_plane, scaled_shape
+from cellfit.postprocess import instances_from_probs
+from cellfit.predict import predict_plane
 
 __all__ = [
     "STARTING",
+    "StartChoice",
+    "TrainPlan",
     "apply_diameter",
+    "choose_start",
     "estimate_diameter",
+    "is_scratch",
     "is_starting",
     "median_diameter",
     "needs_diameter",
+    "plan_for_model",
     "scale_for",
     "starting_model_path",
     "starting_model_problem",
 ]
 
-#: the name that stands for the shipped starting model (``--init starting``)
+#: the name that stands for the shipped starting model (``init="starting"``)
 STARTING = "starting"
-#: names that mean "random weights" (``--init scratch``)
+#: names that mean "random weights" (``init="scratch"``)
 SCRATCH = ("scratch", "none", "")
 #: smallest object kept, as a share of a typical cell's area
 MIN_SIZE_FRACTION = 0.25
 
 
+class TrainPlan(StrEnum):
+    """What a training run starts from.
+
+    The values are the words used in settings and messages; a member equals its value
+    (``TrainPlan.STARTING == "starting"``), so ``TrainConfig(init=TrainPlan.STARTING)``
+    and ``init="starting"`` are the same setting and a model file stores plain words.
+    """
+
+    #: go on training a model (in memory or a file) made for the cells it was trained
+    #: on; a smaller learning rate keeps what it learnt
+    FINE_TUNE = "fine-tune"
+    #: first training of a model (in memory or a file) that works on cells of any size
+    #: (the starting model as loaded): images are resized to its cell size
+    ADAPT = "adapt"
+    #: a new model from the shipped starting model
+    STARTING = "starting"
+    #: a new model from random weights
+    SCRATCH = "scratch"
+
+
+@dataclass(frozen=True)
+class StartChoice:
+    """What a training run starts from, as :func:`choose_start` decided.
+
+    Attributes
+    ----------
+    plan : TrainPlan
+    init : str, path or None
+        The model file to load (the starting model's path for ``STARTING``), or, when
+        a model in memory is trained, the ``init`` setting as given; None for
+        ``SCRATCH``.
+    notice : str or None
+        Why the run does not start where it was asked to (one sentence for the user),
+        e.g. the starting model cannot take these images: training from scratch instead.
+    """
+
+    plan: TrainPlan
+    init: str | os.PathLike | None = None
+    notice: str | None = None
+
+
+def plan_for_model(info: ModelInfo) -> TrainPlan:
+    """``ADAPT`` for a model that works on cells of any size and has not been told how
+    big the cells are (:func:`needs_diameter`), else ``FINE_TUNE``."""
+    return TrainPlan.ADAPT if needs_diameter(info) else TrainPlan.FINE_TUNE
+
+
+def choose_start(
+    init: str | os.PathLike | None,
+    mode: str,
+    n_channels: int,
+    model_info: ModelInfo | None = None,
+) -> StartChoice:
+    """Choose what a training run starts from.
+
+    Parameters
+    ----------
+    init : str, path or None
+        The ``init`` setting: a model file, a name of the starting model
+        (:func:`is_starting`), or None / a name meaning random weights (:func:`is_scratch`).
+    mode : {"instances", "semantic"}
+        The training's mode.
+    n_channels : int
+        Channels of the training images.
+    model_info : ModelInfo, optional
+        The info of a model in memory to train (it is then trained, whatever ``init``).
+
+    Returns
+    -------
+    StartChoice
+        A model in memory: ``FINE_TUNE`` or ``ADAPT`` (:func:`plan_for_model`). The
+        starting model: ``STARTING`` with its path, or, where it cannot take these
+        images (:func:`starting_model_problem`), ``SCRATCH`` with a notice saying why.
+        A model file: ``FINE_TUNE`` or ``ADAPT`` by its header. Else ``SCRATCH``.
+    """
+    init = None if is_scratch(init) else init
+    if model_info is not None:
+        return StartChoice(plan_for_model(model_info), init)
+    if init is None:
+        return StartChoice(TrainPlan.SCRATCH)
+    if is_starting(init):
+        path = starting_model_path()
+        problem = starting_model_problem(read_model_info(path), mode, n_channels)
+        if problem:
+            return StartChoice(TrainPlan.SCRATCH, None, f"{problem}: training from scratch instead")
+        return StartChoice(TrainPlan.STARTING, path)
+    return StartChoice(plan_for_model(read_model_info(init)), init)
+
+
 def starting_model_path() -> Path:
     """Where the shipped starting model is."""
-    from cellfit.data import sample_path
-
     path = sample_path("starting_model.cellfit")
     if not path.is_file():
         raise CellfitError(
             "the starting model is missing from this cellfit installation: reinstall "
-            "napari-cellfit, or train from scratch (--init scratch)."
+            "napari-cellfit, or train from scratch (set {setting} to scratch).",
+            setting="init",
         )
     return path
 
@@ -62,7 +168,7 @@ def is_scratch(init: object) -> bool:
     return init is None or (isinstance(init, str) and init.strip().lower() in SCRATCH)
 
 
-def starting_model_problem(info, mode: str, n_channels: int) -> str | None:
+def starting_model_problem(info: ModelInfo, mode: str, n_channels: int) -> str | None:
     """Why a starting model cannot be fine-tuned on this data (None if it can)."""
     if info.mode != mode:
         return (
@@ -92,18 +198,19 @@ def min_size_for(diameter: float) -> int:
     return max(16, int(MIN_SIZE_FRACTION * math.pi / 4 * diameter**2))
 
 
-def needs_diameter(info) -> bool:
+def needs_diameter(info: ModelInfo) -> bool:
     """True for a model that works on cells of any size and has not been told how big
     the cells of the images are (the starting model before fine-tuning)."""
     return bool(info.cell_diameter) and not info.diameter
 
 
-def apply_diameter(info, diameter: float):
+def apply_diameter(info: ModelInfo, diameter: float) -> ModelInfo:
     """A copy of ``info`` set up for images whose cells are ``diameter`` pixels across."""
     if not info.cell_diameter:
         raise CellfitError(
             "this model was trained at a fixed cell size and takes no cell diameter: "
-            "leave --diameter out."
+            "leave {setting} out.",
+            setting="diameter_option",
         )
     out = copy.deepcopy(info)
     out.scale = scale_for(info.cell_diameter, diameter)
@@ -122,10 +229,10 @@ def median_diameter(labels: np.ndarray) -> tuple[float, int]:
 
 
 def estimate_diameter(
-    model,
-    info,
+    model: nn.Module,
+    info: ModelInfo,
     plane: np.ndarray,
-    device=None,
+    device: str | torch.device | None = None,
     candidates: tuple[float, ...] | None = None,
     max_side: int = 384,
 ) -> float:
@@ -136,21 +243,68 @@ def estimate_diameter(
     them up or merges them). Each try looks at a central crop of at most ``max_side``
     model pixels, so this costs a few small predictions.
 
-    Raises :class:`CellfitError` when no cell is found at any size.
-    """
-    from cellfit.normalize import match_channels, normalize, resize_plane, scaled_shape
-    from cellfit.postprocess import instances_from_probs
-    from cellfit.predict import predict_plane
+    Parameters
+    ----------
+    model : nn.Module
+        A model that works on cells of any size (``info.cell_diameter`` set); it is
+        left in eval mode.
+    info : ModelInfo
+    plane : ndarray, shape (C, Y, X)
+        Raw pixels, any channel count (matched to the model's).
+    device : str or torch.device, optional
+        Where to run; None: the device the model is on.
+    candidates : tuple of float, optional
+        The diameters (pixels) to try; by default ``cell_diameter`` times 2^(k/2) for
+        k = -2 .. 8 (15 to 480 pixels for a 30-pixel model).
+    max_side : int
 
+    Returns
+    -------
+    float
+        The diameter in image pixels, rounded to 0.1.
+
+    Raises
+    ------
+    CellfitError
+        When no cell is found at any size; the message lists the sizes tried and asks
+        for the cell diameter (``setting="diameter"``).
+    """
     target = float(info.cell_diameter or 30.0)
     if candidates is None:
         candidates = tuple(target * 2 ** (k / 2) for k in range(-2, 9))  # 15 .. 480 px
+    if device is None:
+        device = next(model.parameters()).device
+    try:
+        best = _best_diameter(model, info, plane, device, target, candidates, max_side)
+    finally:
+        model.eval()
+    if best is None:
+        tried = ", ".join(f"{d:.0f}" for d in candidates)
+        raise CellfitError(
+            f"no cells were found at any size (tried diameters of {tried} pixels) to "
+            "estimate their diameter: set {setting}, or fine-tune on a few painted cells.",
+            setting="diameter",
+        )
+    return round(best, 1)
+
+
+def _best_diameter(
+    model: nn.Module,
+    info: ModelInfo,
+    plane: np.ndarray,
+    device: str | torch.device,
+    target: float,
+    candidates: tuple[float, ...],
+    max_side: int,
+) -> float | None:
+    """The candidate diameter whose cells come out closest to ``target`` model pixels
+    (within a factor of 1.6), as the diameter found in image pixels; None if none does."""
     plane = match_channels(np.asarray(plane)[None], info.in_channels)[0]
     normed = normalize(plane[None], info.normalization)[0]
     probe = copy.deepcopy(info)
     probe.normalization = {"method": "none"}
     probe.scale = 1.0
-    best: tuple[float, float] | None = None
+    best: tuple[float, float] | None = None  # (miss, diameter found)
     for d in candidates:
         s = target / d
         side = int(max_side / s)
@@ -160,8 +314,8 @@ def estimate_diameter(
         shape = scaled_shape(crop.shape[-2:], s)
         if min(shape) < 48:
             continue
-        small = resize_plane(crop, shape) if abs(s - 1) > 1e-6 else crop
-        probs = predict_plane(model, probe, small, device=device)
+        resized = resize_plane(crop, shape) if abs(s - 1) > 1e-6 else crop
+        probs = predict_plane(model, probe, resized, device=device)
         labels = instances_from_probs(probs, min_size=max(4, int(0.02 * target**2)))
         found, n = median_diameter(labels)
         if n < 2 or (labels > 0).mean() > 0.85:  # nothing, or everything is "cell"
@@ -171,9 +325,4 @@ def estimate_diameter(
         # (20-45 px); far from it (or on an image without cells) nothing is
         if miss <= math.log(1.6) and (best is None or miss < best[0]):
             best = (miss, found / s)
-    if best is None:
-        raise CellfitError(
-            "no cells were found at any size to estimate their diameter: give the cell "
-            "diameter in pixels (--diameter), or fine-tune on a few painted cells."
-        )
-    return round(best[1], 1)
+    return None if best is None else best[1]

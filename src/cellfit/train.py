@@ -7,6 +7,26 @@
 
 The same generator is drained by the CLI (with a tqdm bar) and by the napari plugin
 (inside a ``thread_worker``), and by the tests, synchronously.
+
+The trainer is built in named stages (the shape of nnU-Net's trainer), which
+:meth:`Trainer.initialize` calls in this order:
+
+1. :meth:`~Trainer._check_config`: the settings and the number of images;
+2. :meth:`~Trainer._prepare_inputs`: images as planes, annotations checked against them;
+3. :meth:`~Trainer._build_network`: the model to train, from
+   :func:`cellfit.starting.choose_start` (a model in memory or a file, the starting
+   model, or random weights), on the device;
+4. :meth:`~Trainer._learn_postprocess`: post-processing settings from the painted cells
+   (:func:`cellfit.postprocess.settings_from_cells`);
+5. :meth:`~Trainer.get_dataloaders`: normalised planes, targets, the validation split,
+   the patch sampler and its prefetcher;
+6. :meth:`~Trainer._compute_class_weights`, :meth:`~Trainer._build_loss`,
+   :meth:`~Trainer.configure_optimizers` (AdamW, AMP on CUDA).
+
+:meth:`Trainer.run` then repeats :meth:`Trainer.train_step` (with the learning-rate
+schedule), :meth:`Trainer.validate` every ``val_every`` steps, and yields a
+:class:`TrainEvent` per step; the record of the run is built by
+:func:`cellfit.model.training_record`.
 """
 
 from __future__ import annotations
@@ -15,9 +35,8 @@ import copy
 import math
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +44,9 @@ import torch
 from scipy import ndimage as ndi
 from torch import nn
 
+from cellfit.devices import is_out_of_memory, resolve_device
 from cellfit.errors import CellfitError
+from cellfit.events import Progress
 from cellfit.io import ImageStack, to_planes
 from cellfit.losses import DEFAULT_LOSS, balanced_class_weights, build_loss
 from cellfit.metrics import aggregate_instance_metrics, instance_metrics, pixel_metrics
@@ -35,8 +56,8 @@ from cellfit.model import (
     ModelInfo,
     build_model,
     load_model,
-    package_versions,
     save_model,
+    training_record,
 )
 from cellfit.normalize import (
     DEFAULT_NORMALIZATION,
@@ -45,20 +66,34 @@ from cellfit.normalize import (
     resize_plane,
     scaled_shape,
 )
-from cellfit.postprocess import instances_from_probs, solidity
-from cellfit.predict import iter_predict, resolve_device
-from cellfit.sampling import DEFAULT_FG_FRACTION, PatchSampler, split_annotations
-from cellfit.starting import (
-    MIN_SIZE_FRACTION,
-    is_scratch,
-    is_starting,
-    scale_for,
-    starting_model_path,
-    starting_model_problem,
+from cellfit.postprocess import (
+    instances_from_probs,
+    postprocess_settings,
+    settings_from_cells,
+    solidity,
 )
+from cellfit.predict import predict_plane
+from cellfit.sampling import (
+    DEFAULT_FG_FRACTION,
+    BatchPrefetcher,
+    PatchSampler,
+    split_annotations,
+)
+from cellfit.starting import MIN_SIZE_FRACTION, TrainPlan, choose_start, is_starting, scale_for
 from cellfit.targets import IGNORE, INSTANCE_CLASSES, class_counts, make_targets, n_classes_for
 
-__all__ = ["TrainConfig", "TrainEvent", "Trainer", "annotation_summary", "train"]
+__all__ = [
+    "TrainConfig",
+    "TrainEvent",
+    "TrainPlan",
+    "Trainer",
+    "annotation_summary",
+    "config_dict",
+    "train",
+]
+
+#: margin (pixels) around each annotated region cropped for validation
+VAL_MARGIN = 32
 
 
 @dataclass
@@ -68,11 +103,18 @@ class TrainConfig:
     Attributes
     ----------
     mode : {"instances", "semantic"}
-    steps, time_limit : int, float or None
-        Stop after this many steps and/or seconds (whichever comes first). With
-        neither, 500 steps.
-    init : path, optional
-        A model file to fine-tune instead of starting from random weights.
+    steps : int or None
+        Stop after this many steps (None: no step limit).
+    time_limit : float or None
+        Stop after this many seconds (None: no time limit). Training stops at whichever
+        of ``steps`` and ``time_limit`` comes first; at least one must be set (else
+        :class:`Trainer` raises a :class:`CellfitError`). The default is 300 s and no
+        step limit; to train for a number of steps alone give ``steps=N,
+        time_limit=None``.
+    init : str, path or TrainPlan, optional
+        Where training starts (:func:`cellfit.starting.choose_start`): a model file to
+        fine-tune, "starting" (:attr:`TrainPlan.STARTING`) for the shipped starting
+        model, or None / "scratch" for random weights.
     encoder_weights : {"imagenet"} or path, optional
         Pretrained encoder weights for a fresh model.
     class_weights : "balanced", "none" or a list of floats
@@ -113,6 +155,11 @@ class TrainConfig:
         When fine-tuning, weight of a term that keeps the predictions on unannotated
         pixels close to the starting model's (0: off). Costs one more forward pass
         per step.
+    preview_every : float
+        Shortest time (s) between two live previews of the plugin (the trainer itself
+        computes none).
+
+    A :class:`Trainer` never changes its config.
     """
 
     mode: str = "instances"
@@ -123,7 +170,7 @@ class TrainConfig:
     patch_size: int = 256
     batch_size: int | None = None
     steps: int | None = None
-    time_limit: float | None = None
+    time_limit: float | None = 300.0
     lr: float = 5e-3
     finetune_lr: float | None = 1e-3
     weight_decay: float = 1e-4
@@ -151,29 +198,53 @@ class TrainConfig:
     distill: float = 0.0
 
 
-@dataclass
-class TrainEvent:
-    """One step of progress.
 
-    ``validation`` is set on steps where validation ran: ``{"precision", "recall",
-    "f1", "iou", "ap50", "score", "on_training"}`` (pixel figures for the cell
-    classes; ``ap50`` in instance mode). ``preview`` holds probabilities ``(K, Y, X)``
-    of the preview plane when one was computed at this step.
+@dataclass
+class TrainEvent(Progress):
+    """One step of training (a :class:`~cellfit.events.Progress`).
+
+    Attributes
+    ----------
+    step : int
+        Steps taken so far (by this trainer, over all its runs).
+    loss : float
+        Loss of the step.
+    lr : float
+        Learning rate of the decoder at the step.
+    elapsed : float
+        Seconds since the run started.
+    total_steps : int or None
+        The step limit of the run (None: a time limit alone).
+    validation : dict or None
+        Set on steps where validation ran: ``{"precision", "recall", "f1", "iou",
+        "ap50", "score", "on_training", "per_class"}`` (pixel figures for the cell
+        classes; ``ap50`` in instance mode).
+    best_score : float or None
+        The best validation score so far.
+    done : bool
+        The last event of the run.
+    stopped : bool
+        A stop was asked for (:meth:`Trainer.stop`).
+
+    ``fraction`` (share of the step or time limit reached, whichever is further),
+    ``text`` (filled in as "step 3 of 50: loss 0.412" when not given) and ``notice``
+    (e.g. that the batch was halved after running out of memory) come from the base.
     """
 
     step: int
     loss: float
     lr: float
     elapsed: float
-    fraction: float
     total_steps: int | None = None
     validation: dict | None = None
     best_score: float | None = None
-    preview: np.ndarray | None = None
     done: bool = False
     stopped: bool = False
-    #: a message for the user, e.g. that the batch was halved after running out of memory
-    notice: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.text:
+            of = f" of {self.total_steps}" if self.total_steps else ""
+            self.text = f"step {self.step}{of}: loss {self.loss:.3g}"
 
 
 def _as_planes(image: ImageStack | np.ndarray) -> np.ndarray:
@@ -184,20 +255,35 @@ def _as_planes(image: ImageStack | np.ndarray) -> np.ndarray:
 
 
 def annotation_summary(annotations: Sequence[np.ndarray], mode: str) -> dict:
-    """Counts that describe a set of annotations (for messages and the model record)."""
+    """Counts that describe a set of annotations (for messages and the model record).
+
+    Parameters
+    ----------
+    annotations : list of ndarray, each (..., Y, X)
+        0 not annotated, 1 background, 2, 3, ... cells (instances) or classes (semantic).
+    mode : {"instances", "semantic"}
+        In semantic mode a cell is a connected region of one class.
+
+    Returns
+    -------
+    dict
+        ``median_cell_area`` (pixels), ``median_cell_diameter`` (of a disc of that
+        area), ``median_cell_solidity`` (instance mode), ``images``, ``planes`` (with
+        any annotation), ``cells``, ``background_pixels``, ``annotated_pixels``.
+    """
     cells = 0
-    bg = 0
+    background = 0
     annotated = 0
     planes = 0
     areas: list[int] = []
-    solid: list[float] = []
+    solidities: list[float] = []
     for ann in annotations:
         flat = ann.reshape(-1, *ann.shape[-2:])
         for a in flat:
             if not a.any():
                 continue
             planes += 1
-            bg += int((a == 1).sum())
+            background += int((a == 1).sum())
             annotated += int((a != 0).sum())
             if mode == "instances":
                 ids = np.where(a >= 2, a, 0)
@@ -208,18 +294,69 @@ def annotation_summary(annotations: Sequence[np.ndarray], mode: str) -> dict:
             cells += len(sizes)
             areas.extend(int(v) for v in sizes)
             if mode == "instances" and len(sizes):
-                solid.extend(float(v) for v in solidity(ids)[np.bincount(ids.ravel()) > 0][1:])
+                present = np.bincount(ids.ravel()) > 0
+                solidities.extend(float(v) for v in solidity(ids)[present][1:])
     diameter = float(2 * np.sqrt(np.median(areas) / np.pi)) if areas else 0.0
     return {
         "median_cell_area": float(np.median(areas)) if areas else 0.0,
         "median_cell_diameter": round(diameter, 1),
-        "median_cell_solidity": round(float(np.median(solid)), 3) if solid else 0.0,
+        "median_cell_solidity": round(float(np.median(solidities)), 3) if solidities else 0.0,
         "images": len(annotations),
         "planes": planes,
         "cells": cells,
-        "background_pixels": bg,
+        "background_pixels": background,
         "annotated_pixels": annotated,
     }
+
+
+def scale_setting(config: TrainConfig, median_diameter: float) -> float:
+    """The model's resize factor (``config.scale``, checked; "auto": shrink images whose
+    painted cells, ``median_diameter`` pixels across, are over 1.5 times
+    ``config.cell_diameter``, never enlarge)."""
+    if config.scale != "auto":
+        try:
+            value = float(config.scale)
+        except (TypeError, ValueError):
+            raise CellfitError(
+                f"scale {config.scale!r} is not understood: use auto or a number such as 0.5."
+            ) from None
+        if not 0.05 <= value <= 4:
+            raise CellfitError(f"scale {value} is out of range: use a number from 0.05 to 4.")
+        return value
+    if median_diameter > 1.5 * config.cell_diameter:
+        return round(max(0.125, config.cell_diameter / median_diameter), 4)
+    return 1.0
+
+
+def new_model_info(
+    config: TrainConfig, planes: Sequence[np.ndarray], anns: Sequence[np.ndarray], scale: float
+) -> ModelInfo:
+    """The description of a new model for images ``(P, C, Y, X)`` and their
+    annotations ``(P, Y, X)``, at resize factor ``scale``."""
+    n_channels = planes[0].shape[1]
+    if any(p.shape[1] != n_channels for p in planes):
+        raise CellfitError(
+            "the training images have different numbers of channels: give images "
+            "that all have the same channels."
+        )
+    n_classes = n_classes_for(config.mode, list(anns))
+    if config.mode == "instances":
+        names = list(INSTANCE_CLASSES)
+    else:
+        names = config.class_names or ["background"] + [f"class {i}" for i in range(1, n_classes)]
+        names = (names + [f"class {i}" for i in range(len(names), n_classes)])[:n_classes]
+    return ModelInfo(
+        scale=scale,
+        encoder=config.encoder,
+        in_channels=int(n_channels),
+        n_classes=int(n_classes),
+        mode=config.mode,
+        class_names=names,
+        decoder_channels=list(config.decoder_channels),
+        normalization=dict(config.normalization),
+        boundary_width=config.boundary_width,
+    )
+
 
 
 class Trainer:
@@ -231,14 +368,15 @@ class Trainer:
         Each image as an :class:`ImageStack`, a ``(P, C, Y, X)`` array, or an array
         with axes guessed (``YX``, ``YXS``, ``ZYX``...).
     annotations : list of ndarray
-        One annotation per image, shape ``lead_shape + (Y, X)``; unannotated planes
-        are skipped.
-    config : TrainConfig
-    preview : ndarray, optional
-        A raw plane ``(C, Y, X)`` whose probabilities are attached to events every
-        ``config.preview_every`` seconds (the plugin's live preview).
-    model, info : optional
+        One annotation per image, covering it pixel for pixel: shape ``(Y, X)`` for a
+        plane, ``(P, Y, X)`` (or any shape ending in ``(Y, X)`` with ``P`` planes in
+        all) for a stack; unannotated planes are skipped.
+    config : TrainConfig, optional
+        Never changed by the trainer.
+    model, info : optional, both or neither
         An already loaded model to fine-tune (the plugin keeps its model in memory).
+
+    The constructor runs :meth:`initialize`; :meth:`run` trains.
     """
 
     def __init__(
@@ -247,25 +385,64 @@ class Trainer:
         annotations: Sequence[np.ndarray],
         config: TrainConfig | None = None,
         *,
-        preview: np.ndarray | None = None,
         model: nn.Module | None = None,
         info: ModelInfo | None = None,
     ) -> None:
+        if (model is None) != (info is None):
+            raise ValueError("give both model and info, or neither")
         self.config = config or TrainConfig()
-        self._stop = False
-        self.preview_plane = preview
-        self.history: list[dict] = []
+        self.step = 0
+        self.history: list[dict] = []  # brief validation figures, one per validation
+        self.best_score: float | None = None
         self.best_validation: dict | None = None
+        self.best_state: dict | None = None
+        self.best_step = 0
+        self._notices: list[str] = []
+        #: the one stop flag: set by :meth:`stop` (from any thread), read between steps
+        self._stop = threading.Event()
+        self.initialize(images, annotations, model, info)
+
+    # ------------------------------------------------------------------ stages
+    def initialize(
+        self,
+        images: Sequence[ImageStack | np.ndarray],
+        annotations: Sequence[np.ndarray],
+        model: nn.Module | None = None,
+        info: ModelInfo | None = None,
+    ) -> None:
+        """Prepare everything training needs, stage by stage (see the module docstring)."""
+        self._check_config(images, annotations)
+        self.device = resolve_device(self.config.device)
+        planes, anns = self._prepare_inputs(images, annotations)
+        self._build_network(planes, anns, model, info)
+        self._learn_postprocess()
+        self.get_dataloaders(planes, anns)
+        self.class_weights = self._compute_class_weights()
+        self.loss_fn = self._build_loss()
+        self.configure_optimizers()
+
+    def _check_config(self, images: Sequence, annotations: Sequence) -> None:
+        """The settings that can be checked before looking at the data."""
         cfg = self.config
         if cfg.mode not in ("instances", "semantic"):
             raise CellfitError(f"unknown mode {cfg.mode!r}: use 'instances' or 'semantic'.")
         if len(images) != len(annotations) or not images:
             raise CellfitError("give one annotation per image (and at least one image).")
-        self.device = resolve_device(cfg.device)
+        if not cfg.steps and not cfg.time_limit:
+            raise CellfitError(
+                "the training has no end: set {setting} or a number of steps.",
+                setting="time_limit",
+            )
 
-        planes_list = [_as_planes(im) for im in images]
+    def _prepare_inputs(
+        self, images: Sequence[ImageStack | np.ndarray], annotations: Sequence[np.ndarray]
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Each image as planes ``(P, C, Y, X)`` and its annotation as ``(P, Y, X)``,
+        checked to match and to hold something to learn; sets :attr:`summary`."""
+        cfg = self.config
+        planes = [_as_planes(im) for im in images]
         anns = []
-        for k, (pl, ann) in enumerate(zip(planes_list, annotations)):
+        for k, (pl, ann) in enumerate(zip(planes, annotations)):
             ann = np.asarray(ann)
             expect = pl.shape[0] * pl.shape[2] * pl.shape[3]
             if ann.size != expect or ann.shape[-2:] != pl.shape[2:]:
@@ -288,69 +465,41 @@ class Trainer:
             raise CellfitError(
                 "no class is annotated (only background): paint some pixels with class 2 or more."
             )
+        return planes, anns
 
-        # model: fine-tune an existing one (the shipped starting model by name), or
-        # build a fresh one
-        self._notices: list[str] = []
-        init = None if is_scratch(cfg.init) else cfg.init
-        if model is None and is_starting(init):
-            from cellfit.model import read_model_info
+    def _build_network(
+        self,
+        planes: list[np.ndarray],
+        anns: list[np.ndarray],
+        model: nn.Module | None,
+        info: ModelInfo | None,
+    ) -> None:
+        """The model to train, its :class:`ModelInfo`, the learning rate and, when
+        distilling, the frozen teacher, all on the device.
 
-            path = starting_model_path()
-            problem = starting_model_problem(
-                read_model_info(path), cfg.mode, planes_list[0].shape[1]
-            )
-            if problem:
-                self._notices.append(f"{problem}: training from scratch instead")
-                init = None
-            else:
-                init = path
-        self.init = init
-        if model is None and init is not None:
-            model, info = load_model(init)
+        Sets :attr:`plan` (:class:`TrainPlan`), :attr:`init` (the model file started
+        from, None for random weights or a model in memory given without one),
+        :attr:`model`, :attr:`info`, :attr:`fine_tuning`, :attr:`base_lr`, :attr:`teacher`.
+        """
+        cfg = self.config
+        choice = choose_start(cfg.init, cfg.mode, planes[0].shape[1], info)
+        self.plan = choice.plan
+        self.init = choice.init
+        if choice.notice:
+            self._notices.append(choice.notice)
+        if model is None and self.init is not None:
+            model, info = load_model(self.init)
         if model is not None and info is not None:
             self._check_compatible(info, anns)
             self.info = copy.deepcopy(info)
             self.model = model
-            if self.info.cell_diameter and self.summary["median_cell_diameter"] > 0:
-                # a model for cells of any size: resize so the painted cells are the
-                # size it was trained for
-                d = self.summary["median_cell_diameter"]
-                self.info.diameter = d
-                self.info.scale = (
-                    scale_for(self.info.cell_diameter, d)
-                    if cfg.scale == "auto"
-                    else self._choose_scale()
-                )
+            self._fit_cell_size()
         else:
-            n_channels = planes_list[0].shape[1]
-            if any(p.shape[1] != n_channels for p in planes_list):
-                raise CellfitError(
-                    "the training images have different numbers of channels: give images "
-                    "that all have the same channels."
-                )
-            n_classes = n_classes_for(cfg.mode, anns)
-            if cfg.mode == "instances":
-                names = list(INSTANCE_CLASSES)
-            else:
-                names = cfg.class_names or ["background"] + [
-                    f"class {i}" for i in range(1, n_classes)
-                ]
-                names = (names + [f"class {i}" for i in range(len(names), n_classes)])[:n_classes]
-            self.info = ModelInfo(
-                scale=self._choose_scale(),
-                encoder=cfg.encoder,
-                in_channels=int(n_channels),
-                n_classes=int(n_classes),
-                mode=cfg.mode,
-                class_names=names,
-                decoder_channels=list(cfg.decoder_channels),
-                normalization=dict(cfg.normalization),
-                boundary_width=cfg.boundary_width,
-            )
+            scale = scale_setting(cfg, self.summary["median_cell_diameter"])
+            self.info = new_model_info(cfg, planes, anns, scale)
             torch.manual_seed(cfg.seed)
             self.model = build_model(self.info, cfg.encoder_weights)
-        self.fine_tuning = self.init is not None or model is not None
+        self.fine_tuning = self.plan is not TrainPlan.SCRATCH
         self.base_lr = (
             cfg.finetune_lr if self.fine_tuning and cfg.finetune_lr is not None else cfg.lr
         )
@@ -359,27 +508,38 @@ class Trainer:
             self.teacher = copy.deepcopy(self.model).eval()
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
-        if cfg.mode == "instances" and self.summary["median_cell_area"] > 0:
-            area = self.summary["median_cell_area"]
-            post = {**self.info.postprocess,
-                    "min_size": max(16, int(cfg.min_size_fraction * area))}
-            post.pop("split_area", None)
-            if self.summary["median_cell_solidity"] >= cfg.split_solidity:
-                post["split_area"] = int(area)  # convex cells: cut merged blobs
-            self.info.postprocess = post
-        self.model.to(self.device)
-        if self.teacher is not None:
-            self.teacher.to(self.device)
-        if self.device.type == "cuda":
-            self.model.to(memory_format=torch.channels_last)
-            if self.teacher is not None:
-                self.teacher.to(memory_format=torch.channels_last)
+        for net in (self.model, self.teacher):
+            if net is not None:
+                net.to(self.device)
+                if self.device.type == "cuda":
+                    net.to(memory_format=torch.channels_last)
 
-        # data: normalise each image once, derive targets, split off validation
+    def _learn_postprocess(self) -> None:
+        """In instance mode, the smallest object kept and whether merged cells are cut,
+        from the painted cells (stored in the model)."""
+        cfg = self.config
+        if cfg.mode == "instances" and self.summary["median_cell_area"] > 0:
+            self.info.postprocess = settings_from_cells(
+                self.info.postprocess,
+                self.summary["median_cell_area"],
+                self.summary["median_cell_solidity"],
+                min_size_fraction=cfg.min_size_fraction,
+                split_solidity=cfg.split_solidity,
+            )
+
+    def get_dataloaders(self, planes: list[np.ndarray], anns: list[np.ndarray]) -> None:
+        """Normalise each annotated plane once (resized to the model's scale), derive
+        the targets, hold back the validation cells and set up the patch sampler.
+
+        Sets :attr:`split`, :attr:`train_targets`, :attr:`val_images`,
+        :attr:`val_annotations`, :attr:`sampler`, :attr:`batches` (the sampler's
+        prefetcher) and :attr:`batch_size`.
+        """
+        cfg = self.config
         self.rng = np.random.default_rng(cfg.seed)
         norm_planes, train_anns = [], []
         scale = float(self.info.scale)
-        for pl, ann in zip(planes_list, anns):
+        for pl, ann in zip(planes, anns):
             pl = match_channels(pl, self.info.in_channels)
             keep = [i for i in range(pl.shape[0]) if ann[i].any()]
             normed = normalize(pl, self.info.normalization)
@@ -391,10 +551,9 @@ class Trainer:
                     a = resize_plane(a[None], shape, order=0)[0]
                 norm_planes.append(np.ascontiguousarray(img))
                 train_anns.append(a)
-        split = split_annotations(train_anns, cfg.val_fraction, seed=self.rng)
-        self.split = split
-        self.train_targets = [self._targets(a) for a in split.train]
-        self.val_annotations = split.val
+        self.split = split_annotations(train_anns, cfg.val_fraction, seed=self.rng)
+        self.train_targets = [self._targets(a) for a in self.split.train]
+        self.val_annotations = self.split.val
         self.val_images = norm_planes
         if not any((t != IGNORE).any() for t in self.train_targets):
             raise CellfitError(
@@ -410,27 +569,41 @@ class Trainer:
             seed=self.rng,
             intensity=cfg.intensity_augment,
         )
-        counts = class_counts(self.train_targets, self.info.n_classes)
-        self.class_counts = counts
+        self.batches = BatchPrefetcher(self.sampler, convert=self._to_tensors)
+        self.batch_size = cfg.batch_size or (8 if self.device.type == "cuda" else 4)
+
+    def _compute_class_weights(self) -> list[float] | None:
+        """The loss's class weights from the setting and the training targets' class
+        pixel counts (sets :attr:`class_counts`); None: unweighted."""
+        cfg = self.config
+        self.class_counts = class_counts(self.train_targets, self.info.n_classes)
         if isinstance(cfg.class_weights, str):
             if cfg.class_weights == "balanced":
-                weights = balanced_class_weights(counts)
-            elif cfg.class_weights == "none":
-                weights = None
-            else:
-                raise CellfitError(
-                    f"unknown class weighting {cfg.class_weights!r}: use balanced, none or a list of numbers."
-                )
-        else:
-            weights = [float(w) for w in cfg.class_weights]
-            if len(weights) != self.info.n_classes:
-                raise CellfitError(
-                    f"{len(weights)} class weights were given for {self.info.n_classes} classes: "
-                    "give one weight per class."
-                )
-        self.class_weights = weights
-        self.loss_fn = build_loss(cfg.loss, weights).to(self.device)
-        self.batch_size = cfg.batch_size or (8 if self.device.type == "cuda" else 4)
+                return balanced_class_weights(self.class_counts)
+            if cfg.class_weights == "none":
+                return None
+            raise CellfitError(
+                f"unknown class weighting {cfg.class_weights!r}: use balanced, none or a list of numbers."
+            )
+        weights = [float(w) for w in cfg.class_weights]
+        if len(weights) != self.info.n_classes:
+            raise CellfitError(
+                f"{len(weights)} class weights were given for {self.info.n_classes} classes: "
+                "give one weight per class."
+            )
+        return weights
+
+    def _build_loss(self) -> nn.Module:
+        """The loss (``config.loss`` with :attr:`class_weights`) on the device."""
+        return build_loss(self.config.loss, self.class_weights).to(self.device)
+
+    def configure_optimizers(self) -> None:
+        """AdamW over two groups (encoder at ``encoder_lr_scale``, the rest at 1) and,
+        on CUDA, autocast (bf16 where supported, else fp16 with a gradient scaler).
+
+        Sets :attr:`optimizer`, :attr:`use_amp`, :attr:`amp_dtype`, :attr:`scaler`.
+        """
+        cfg = self.config
         enc_params = list(self.model.encoder.parameters())  # type: ignore[union-attr]
         enc_ids = {id(p) for p in enc_params}
         rest = [p for p in self.model.parameters() if id(p) not in enc_ids]
@@ -453,28 +626,19 @@ class Trainer:
         )
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        self.step = 0
-        self.best_score: float | None = None
-        self.best_state: dict | None = None
-        self.best_step = 0
 
     # ------------------------------------------------------------------ helpers
-    def _choose_scale(self) -> float:
-        cfg = self.config
-        if cfg.scale != "auto":
-            try:
-                value = float(cfg.scale)
-            except (TypeError, ValueError):
-                raise CellfitError(
-                    f"scale {cfg.scale!r} is not understood: use auto or a number such as 0.5."
-                ) from None
-            if not 0.05 <= value <= 4:
-                raise CellfitError(f"scale {value} is out of range: use a number from 0.05 to 4.")
-            return value
-        d = self.summary["median_cell_diameter"]
-        if d > 1.5 * cfg.cell_diameter:
-            return round(max(0.125, cfg.cell_diameter / d), 4)
-        return 1.0
+    def _fit_cell_size(self) -> None:
+        """A model for cells of any size: resize so the painted cells are the size it
+        was trained for."""
+        diameter = self.summary["median_cell_diameter"]
+        if self.info.cell_diameter and diameter > 0:
+            self.info.diameter = diameter
+            self.info.scale = (
+                scale_for(self.info.cell_diameter, diameter)
+                if self.config.scale == "auto"
+                else scale_setting(self.config, diameter)
+            )
 
     def _targets(self, ann: np.ndarray) -> np.ndarray:
         return make_targets(ann, self.info.mode, self.info.n_classes, self.info.boundary_width)
@@ -494,18 +658,14 @@ class Trainer:
                     f"{info.n_classes - 1} classes: start fresh to add classes."
                 )
 
-    def _val_postprocess(self) -> dict:
-        kw = dict(self.info.postprocess)
-        # validation runs on scaled planes
-        if "min_size" in kw:
-            kw["min_size"] = max(4, int(kw["min_size"] * self.info.scale**2))
-        if kw.get("split_area"):
-            kw["split_area"] = max(4, int(kw["split_area"] * self.info.scale**2))
-        return kw
-
     def stop(self) -> None:
-        """Ask the running generator to stop after the current step."""
-        self._stop = True
+        """Ask the running generator to stop before its next step (any thread)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` was called during the current run."""
+        return self._stop.is_set()
 
     def _lr_factor(self, fraction: float) -> float:
         warm = self.config.warmup_steps
@@ -522,56 +682,49 @@ class Trainer:
             fr.append(elapsed / cfg.time_limit)
         return max(fr) if fr else 0.0
 
-    #: draw the next batch in a background thread while the current step computes
-    prefetch: bool = True
+    def _limit_reached(self, steps: int, elapsed: float) -> bool:
+        """True once ``steps`` steps of this run or ``elapsed`` seconds reach a limit."""
+        cfg = self.config
+        return (cfg.steps is not None and steps >= cfg.steps) or (
+            cfg.time_limit is not None and elapsed >= cfg.time_limit
+        )
 
-    def _next_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next batch of ``n`` patches as CPU tensors (pinned on CUDA), and start
-        drawing the one after it in a background thread.
+    # ------------------------------------------------------------------- steps
+    @property
+    def prefetch(self) -> bool:
+        """Whether the next batch is drawn in a background thread while a step computes."""
+        return self.batches.enabled
 
-        Batches are drawn one after another from the sampler's generator, in the same
-        order as without prefetching, so a seed gives the same batches. A batch drawn
-        before the batch size was halved is cut to the new size.
-        """
-        pending = getattr(self, "_pending", None)
-        self._pending = None
-        batch = None
-        if pending is not None:
-            thread, box = pending
-            thread.join()
-            if "error" in box:
-                raise box["error"]
-            if len(box["batch"][0]) >= n:
-                batch = (box["batch"][0][:n], box["batch"][1][:n])
-        if batch is None:
-            batch = self._draw(n)
-        if self.prefetch:
-            box: dict = {}
+    @prefetch.setter
+    def prefetch(self, value: bool) -> None:
+        self.batches.enabled = bool(value)
 
-            def work() -> None:
-                try:
-                    box["batch"] = self._draw(n)
-                except BaseException as exc:  # re-raised in the training thread
-                    box["error"] = exc
+    @property
+    def _pending(self):
+        """The batch drawn ahead (old name, read and reset by benchmarks/speed.py; use
+        ``batches.pending`` and ``batches.discard()``)."""
+        return self.batches._pending
 
-            thread = threading.Thread(target=work, name="cellfit-prefetch", daemon=True)
-            thread.start()
-            self._pending = (thread, box)
-        return batch
+    @_pending.setter
+    def _pending(self, value) -> None:
+        if value is None:
+            self.batches.discard()
 
-    def _draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.sampler.sample(n)
+    def _to_tensors(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """A drawn batch as CPU tensors, pinned on CUDA (runs in the prefetch thread)."""
         xt, yt = torch.from_numpy(x), torch.from_numpy(y)
         if self.device.type == "cuda":
             xt, yt = xt.pin_memory(), yt.pin_memory()
         return xt, yt
 
-    def _train_step(self) -> float:
-        """One optimizer step; on running out of device memory, halve the batch and
-        retry on the first half of the same patches (a notice says so)."""
-        from cellfit.predict import is_out_of_memory
+    def train_step(self) -> float:
+        """One optimizer step on the next batch; returns its loss.
 
-        xb, yb = self._next_batch(self.batch_size)
+        On running out of device memory, the batch is halved and the step retried on
+        the first half of the same patches (a notice says so); a single patch that does
+        not fit raises a :class:`CellfitError`.
+        """
+        xb, yb = self.batches.next(self.batch_size)
         while True:
             try:
                 return self._step_on(xb[: self.batch_size], yb[: self.batch_size])
@@ -587,19 +740,21 @@ class Trainer:
                 p = self.config.patch_size
                 raise CellfitError(
                     f"the {kind} device ran out of memory training on a single patch of "
-                    f"{p}x{p} pixels: use a smaller --patch-size (e.g. 128), close other "
-                    "programs that use the GPU, or train with --device cpu."
+                    f"{p}x{p} pixels: make {{setting}} smaller (e.g. 128), close other "
+                    "programs that use the GPU, or train on the CPU.",
+                    setting="patch_size",
                 )
             self.batch_size = n // 2
-            self._notices = [
-                *getattr(self, "_notices", []),
+            self._notices.append(
                 f"out of {kind} memory with batches of {n} patches: "
-                f"continuing with {self.batch_size}",
-            ]
+                f"continuing with {self.batch_size}"
+            )
+
+    #: the old name of :meth:`train_step` (benchmarks/speed.py)
+    _train_step = train_step
 
     def _pop_notice(self) -> str | None:
-        notices = getattr(self, "_notices", None)
-        self._notices = []
+        notices, self._notices = self._notices, []
         return "; ".join(notices) if notices else None
 
     def _step_on(self, xb: torch.Tensor, yb: torch.Tensor) -> float:
@@ -633,149 +788,92 @@ class Trainer:
         kl = (ref * (torch.log(ref.clamp_min(1e-6)) - logp)).sum(dim=1)
         return kl[free].mean()
 
-    def _predict(self, plane: np.ndarray) -> np.ndarray:
-        info = copy.copy(self.info)
-        info.normalization = {"method": "none"}
-        info.scale = 1.0  # validation planes are already scaled
-        out = None
-        for ev in iter_predict(
-            self.model, info, plane[None], None, tile=512, overlap=64, device=self.device
-        ):
-            if ev.probabilities is not None:
-                out = ev.probabilities
-        assert out is not None
-        return out
+    def _scheduled_step(self, elapsed: float) -> float:
+        """Set the learning rate for this point of the run, take one step, count it."""
+        factor = self._lr_factor(self._fraction(elapsed))
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.base_lr * g["lr_scale"] * factor
+        loss = self.train_step()
+        if not math.isfinite(loss):
+            raise CellfitError(
+                "training diverged (the loss became infinite): lower the learning "
+                "rate or check the image for extreme values."
+            )
+        self.step += 1
+        return loss
 
+    # -------------------------------------------------------------- validation
     def validate(self) -> dict:
         """Precision / recall / F1 / IoU of the cell classes and instance AP@0.5 on the
-        held-back annotation (cropped around the annotated regions)."""
-        preds, targs, inst = [], [], []
-        for img, ann in zip(self.val_images, self.val_annotations):
-            if not ann.any():
-                continue
-            regions, _n = ndi.label(ndi.binary_dilation(ann != 0, iterations=8))
-            for sl in ndi.find_objects(regions):
-                if sl is None:
-                    continue
-                m = 32
-                y0, y1 = max(sl[0].start - m, 0), min(sl[0].stop + m, ann.shape[0])
-                x0, x1 = max(sl[1].start - m, 0), min(sl[1].stop + m, ann.shape[1])
-                a = ann[y0:y1, x0:x1]
-                probs = self._predict(img[:, y0:y1, x0:x1])
-                t = self._targets(a)
-                pred_cls = probs.argmax(0)
-                if self.info.mode == "instances":
-                    # cell (interior or boundary) against background
-                    t = np.where(t == IGNORE, IGNORE, (t > 0).astype(np.uint8))
-                    pred_cls = (pred_cls > 0).astype(np.uint8)
-                    truth = np.where(a >= 2, a, 0)
-                    pred_lab = instances_from_probs(probs, **self._val_postprocess())
-                    inst.append(instance_metrics(pred_lab, truth, (0.5,), region=a != 0))
-                preds.append(pred_cls.ravel())
-                targs.append(t.ravel())
+        held-back annotation (:func:`validation_scores`); {} when nothing is held back."""
+        crops = validation_crops(self.val_images, self.val_annotations)
+        scores = validation_scores(self.model, self.info, crops, self.device, self.split.on_training)
         self.model.train()
-        if not preds:
-            return {}
-        k = 2 if self.info.mode == "instances" else self.info.n_classes
-        names = ["background", "cell"] if self.info.mode == "instances" else self.info.class_names
-        pm = pixel_metrics(np.concatenate(preds), np.concatenate(targs), k, names)
-        fg = [pm[n] for n in names[1:] if pm[n]["support"] > 0] or [pm[names[1]]]
-        out = {key: float(np.mean([f[key] for f in fg])) for key in ("precision", "recall", "f1", "iou")}
-        out["per_class"] = pm
-        if inst:
-            agg = aggregate_instance_metrics(inst)
-            out["ap50"] = agg["ap50"]
-            out["score"] = agg["ap50"]
-        else:
-            out["score"] = out["f1"]
-        out["on_training"] = self.split.on_training
-        return out
+        return scores
+
+    def _validate_and_keep_best(self) -> dict:
+        """Validate; remember the figures and, when they are the best so far, the weights."""
+        val = self.validate()
+        if val:
+            self.history.append({"step": self.step, **_brief(val)})
+            if self.best_score is None or val["score"] >= self.best_score:
+                self.best_score = val["score"]
+                self.best_validation = val
+                self.best_step = self.step
+                self.best_state = {
+                    k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
+                }
+        return val
 
     # --------------------------------------------------------------------- run
     def run(self) -> Iterator[TrainEvent]:
         """Train, yielding a :class:`TrainEvent` after every step.
 
-        Stops at the step or time limit, when :meth:`stop` is called, or when the
-        consumer stops iterating; the best validated weights are then kept.
+        Stops at the step or time limit (whichever comes first), when :meth:`stop` is
+        called (before the next step), or when the consumer stops iterating; the best
+        validated weights are then kept (when enough cells were held back) and the run
+        is added to ``info.training``.
         """
         cfg = self.config
-        steps = cfg.steps if (cfg.steps or cfg.time_limit) else 500
-        if steps is not None:
-            cfg.steps = steps
         torch.manual_seed(cfg.seed)
+        self._stop.clear()
         t0 = time.perf_counter()
-        last_preview = -1e9
         losses: list[float] = []
-        self._stop = False
         start_step = self.step
-        finished = False
+        reached_end = False
         try:
             while True:
                 # a stop request is honoured before the next step, not after it
-                stopping = self._stop and bool(losses)
-                if stopping:
-                    loss = losses[-1]
-                else:
-                    elapsed = time.perf_counter() - t0
-                    fraction = self._fraction(elapsed)
-                    for g in self.optimizer.param_groups:
-                        g["lr"] = self.base_lr * g["lr_scale"] * self._lr_factor(fraction)
-                    loss = self._train_step()
-                    if not math.isfinite(loss):
-                        raise CellfitError(
-                            "training diverged (the loss became infinite): lower the learning "
-                            "rate or check the image for extreme values."
-                        )
-                    self.step += 1
-                    losses.append(loss)
+                stopping = self._stop.is_set() and bool(losses)
+                if not stopping:
+                    losses.append(self._scheduled_step(time.perf_counter() - t0))
                 elapsed = time.perf_counter() - t0
-                fraction = self._fraction(elapsed)
-                last = (
-                    stopping
-                    or (cfg.steps is not None and self.step - start_step >= cfg.steps)
-                    or (cfg.time_limit is not None and elapsed >= cfg.time_limit)
-                )
+                done = stopping or self._limit_reached(self.step - start_step, elapsed)
                 val = None
-                if last or self.step % max(1, cfg.val_every) == 0:
-                    val = self.validate()
-                    if val:
-                        self.history.append({"step": self.step, **_brief(val)})
-                        if self.best_score is None or val["score"] >= self.best_score:
-                            self.best_score = val["score"]
-                            self.best_validation = val
-                            self.best_step = self.step
-                            self.best_state = {
-                                k: v.detach().to("cpu", copy=True)
-                                for k, v in self.model.state_dict().items()
-                            }
-                preview = None
-                now = time.perf_counter()
-                if self.preview_plane is not None and (
-                    last or now - last_preview >= cfg.preview_every
-                ):
-                    preview = self.predict_raw(self.preview_plane)
-                    last_preview = time.perf_counter()
+                if done or self.step % max(1, cfg.val_every) == 0:
+                    val = self._validate_and_keep_best()
                 yield TrainEvent(
                     step=self.step,
-                    loss=loss,
+                    loss=losses[-1],
                     lr=self.optimizer.param_groups[-1]["lr"],
                     elapsed=time.perf_counter() - t0,
-                    fraction=min(1.0, fraction),
+                    fraction=min(1.0, self._fraction(elapsed)),
                     total_steps=cfg.steps,
                     validation=val,
                     best_score=self.best_score,
-                    preview=preview,
-                    done=last,
-                    stopped=self._stop,
+                    done=done,
+                    stopped=self._stop.is_set(),
                     notice=self._pop_notice(),
                 )
-                if last:
-                    finished = True
+                if done:
+                    reached_end = True
                     break
         finally:
-            self._finish(losses, time.perf_counter() - t0, start_step, finished)
+            self._finish(losses, time.perf_counter() - t0, reached_end)
 
-    def _finish(self, losses: list[float], seconds: float, start_step: int, finished: bool) -> None:
+    def _finish(self, losses: list[float], seconds: float, reached_end: bool) -> None:
+        """Keep the best weights (when enough cells were held back to trust them), put
+        the model in eval mode and add the run's record to ``info.training``."""
         keep_best = (
             self.best_state is not None
             and self.split.n_val_cells >= self.config.min_val_cells_for_best
@@ -783,59 +881,130 @@ class Trainer:
         if keep_best:
             self.model.load_state_dict(self.best_state)
         self.model.eval()
-        every = max(1, len(losses) // 200)
-        record = {
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "steps": self.step - start_step,
-            "seconds": round(seconds, 1),
-            "stopped_early": not finished or self._stop,
-            "device": str(self.device),
-            "batch_size": self.batch_size,
-            "patch_size": self.config.patch_size,
-            "loss": self.config.loss,
-            "class_weights": self.class_weights,
-            "class_pixels": [int(c) for c in self.class_counts],
-            "losses": [round(float(v), 5) for v in losses[::every]],
-            "losses_every": every,
-            "final_loss": round(float(np.mean(losses[-10:])), 5) if losses else None,
-            "validation": _brief(self.best_validation) if self.best_validation else None,
-            "validation_history": self.history,
-            "validated_on": "training annotation (fewer than 5 cells)"
+        cfg = self.config
+        if is_starting(cfg.init) and self.init is not None:
+            init = "cellfit starting model"
+        else:
+            init = str(self.init) if self.init is not None else None
+        record = training_record(
+            losses=losses,
+            seconds=seconds,
+            stopped_early=not reached_end or self._stop.is_set(),
+            device=str(self.device),
+            batch_size=self.batch_size,
+            patch_size=cfg.patch_size,
+            loss=cfg.loss,
+            class_weights=self.class_weights,
+            class_pixels=self.class_counts,
+            validation=_brief(self.best_validation) if self.best_validation else None,
+            validation_history=self.history,
+            validated_on="training annotation (fewer than 5 cells)"
             if self.split.on_training
             else f"{self.split.n_val_cells} held-back cells",
-            "best_step": self.best_step,
-            "kept": "best validated weights" if keep_best else "final weights",
-            "best_score": self.best_score,
-            "annotation": self.summary,
-            "scale": self.info.scale,
-            "init": (
-                "cellfit starting model"
-                if is_starting(self.config.init) and self.init is not None
-                else (str(self.init) if self.init is not None else None)
-            ),
-            "distill": self.config.distill if self.teacher is not None else None,
-            "lr": self.base_lr,
-            "encoder_weights": self.config.encoder_weights,
-            "seed": self.config.seed,
-            "versions": package_versions(),
-        }
+            best_step=self.best_step,
+            kept="best validated weights" if keep_best else "final weights",
+            best_score=self.best_score,
+            annotation=self.summary,
+            scale=self.info.scale,
+            init=init,
+            distill=cfg.distill if self.teacher is not None else None,
+            lr=self.base_lr,
+            encoder_weights=cfg.encoder_weights,
+            seed=cfg.seed,
+        )
         self.info.training.append(record)
-
-    def predict_raw(self, plane: np.ndarray) -> np.ndarray:
-        """Probabilities ``(K, Y, X)`` of a raw plane ``(C, Y, X)`` with the current weights."""
-        from cellfit.predict import predict_plane
-
-        plane = match_channels(plane[None], self.info.in_channels)[0]
-        probs = predict_plane(self.model, self.info, plane, device=self.device)
-        self.model.train()
-        return probs
 
     def save(self, path: str | Path) -> Path:
         """Write the model file (the best weights and the training record)."""
         return save_model(path, self.model, self.info)
 
 
+def validation_crops(
+    images: Sequence[np.ndarray], annotations: Sequence[np.ndarray], margin: int = VAL_MARGIN
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(image (C, Y, X), annotation (Y, X))`` crops around each annotated region of
+    the annotations (regions closer than 8 pixels are one), with ``margin`` pixels
+    around."""
+    for img, ann in zip(images, annotations):
+        if not ann.any():
+            continue
+        regions, _n = ndi.label(ndi.binary_dilation(ann != 0, iterations=8))
+        for sl in ndi.find_objects(regions):
+            if sl is None:
+                continue
+            y0, y1 = max(sl[0].start - margin, 0), min(sl[0].stop + margin, ann.shape[0])
+            x0, x1 = max(sl[1].start - margin, 0), min(sl[1].stop + margin, ann.shape[1])
+            yield img[:, y0:y1, x0:x1], ann[y0:y1, x0:x1]
+
+
+def validation_scores(
+    model: nn.Module,
+    info: ModelInfo,
+    crops: Iterable[tuple[np.ndarray, np.ndarray]],
+    device: torch.device,
+    on_training: bool = False,
+) -> dict:
+    """Scores of a model on annotated crops.
+
+    Parameters
+    ----------
+    model, info
+        The model; ``info.scale`` and ``info.normalization`` are taken as already
+        applied to the crops.
+    crops : iterable of (ndarray (C, Y, X), ndarray (Y, X))
+        Normalised, scaled planes and their raw annotations (0 not annotated).
+    device : torch.device
+    on_training : bool
+        Stored as ``"on_training"`` (the crops are the training annotation).
+
+    Returns
+    -------
+    dict
+        ``precision``, ``recall``, ``f1``, ``iou`` (means over the cell classes present;
+        in instance mode cell against background), ``per_class`` (the full table),
+        ``ap50`` (instance mode: instance AP at IoU 0.5 with the model's
+        post-processing), ``score`` (``ap50``, else ``f1``) and ``on_training``;
+        {} without annotated crops.
+    """
+    instances = info.mode == "instances"
+    probe = copy.copy(info)
+    probe.normalization = {"method": "none"}
+    probe.scale = 1.0  # validation planes are already scaled
+    post = postprocess_settings(info.postprocess, scale=info.scale)
+    preds, targs, inst = [], [], []
+    for img, a in crops:
+        probs = predict_plane(model, probe, img, tile=512, overlap=64, device=device)
+        t = make_targets(a, info.mode, info.n_classes, info.boundary_width)
+        pred_cls = probs.argmax(0)
+        if instances:
+            # cell (interior or boundary) against background
+            t = np.where(t == IGNORE, IGNORE, (t > 0).astype(np.uint8))
+            pred_cls = (pred_cls > 0).astype(np.uint8)
+            truth = np.where(a >= 2, a, 0)
+            pred_lab = instances_from_probs(probs, **post)
+            inst.append(instance_metrics(pred_lab, truth, (0.5,), region=a != 0))
+        preds.append(pred_cls.ravel())
+        targs.append(t.ravel())
+    if not preds:
+        return {}
+    k = 2 if instances else info.n_classes
+    names = ["background", "cell"] if instances else info.class_names
+    pm = pixel_metrics(np.concatenate(preds), np.concatenate(targs), k, names)
+    fg = [pm[n] for n in names[1:] if pm[n]["support"] > 0] or [pm[names[1]]]
+    out = {key: float(np.mean([f[key] for f in fg])) for key in ("precision", "recall", "f1", "iou")}
+    out["per_class"] = pm
+    if inst:
+        agg = aggregate_instance_metrics(inst)
+        out["ap50"] = agg["ap50"]
+        out["score"] = agg["ap50"]
+    else:
+        out["score"] = out["f1"]
+    out["on_training"] = on_training
+    return out
+
+
 def _brief(val: dict | None) -> dict:
+    """Validation figures rounded to 4 digits, without the per-class table."""
     if not val:
         return {}
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in val.items() if k != "per_class"}
