@@ -133,7 +133,8 @@ def finetune(train, anns, test, init, steps_at, log, seed=0, **cfg_kw) -> dict:
     from cellfit.train import TrainConfig, Trainer
 
     total = max(steps_at)
-    cfg = TrainConfig(init=init, steps=total, seed=seed, device="cpu", val_every=10**9,
+    cfg = TrainConfig(init=init, steps=total, time_limit=None, seed=seed, device="cpu",
+                      val_every=10**9,
                       preview_every=1e9, **cfg_kw)
     t = Trainer([s.image for s in train], anns, cfg)
     t.validate = lambda: {}  # too few painted cells to validate; the test set scores
@@ -175,7 +176,8 @@ def held_out(args, names, order, train, steps: int, log) -> dict:
     anns = painted(train, 10, args.seed)
     from cellfit.train import TrainConfig, Trainer
 
-    cfg = TrainConfig(init="starting", steps=steps, seed=args.seed, device="cpu",
+    cfg = TrainConfig(init="starting", steps=steps, time_limit=None, seed=args.seed,
+                      device="cpu",
                       val_every=10**9, preview_every=1e9)
     t = Trainer([s.image for s in train], anns, cfg)
     t.validate = lambda: {}

@@ -111,7 +111,8 @@ def quality(steps_list, device: str, seed: int, names=None) -> dict:
         if names and not any(n in name for n in names):
             continue
         for steps in steps_list:
-            cfg = TrainConfig(steps=steps, device=device, seed=seed, amp=False, batch_size=4, **kw)
+            cfg = TrainConfig(steps=steps, time_limit=None, device=device, seed=seed, amp=False,
+                              batch_size=4, **kw)
             t = Trainer(tr_img, tr_ann, cfg)
             t0 = time.perf_counter()
             for _ in t.run():

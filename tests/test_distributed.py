@@ -59,7 +59,7 @@ def test_distributed_run_equals_the_local_run(cluster, setup):
     final = {ev.path.name: ev for ev in events if ev.status != "plane"}
     assert {k: e.status for k, e in final.items()} == {k: e.status for k, e in local.items()} == {
         "a.tif": "done", "b.tif": "done", "stack.tif": "done", "bad.tif": "failed"}
-    assert "could not be read as a TIFF" in final["bad.tif"].error
+    assert "could not be read as a TIFF" in str(final["bad.tif"].error)
     # the 5-slice stack ran as runs of 2 slices: progress came per run
     assert [e.plane for e in events if e.status == "plane" and e.path.name == "stack.tif"][-1] == 5
     names = sorted(os.listdir(root / "local"))

@@ -27,6 +27,7 @@ def test_imagenet_weights_offline_fail_with_one_sentence(tmp_path):
     err = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(err) == 1, proc.stderr
     assert err[0].startswith("cellfit: error: could not download the ImageNet weights")
-    assert "--encoder-weights FILE" in err[0]
+    # the flag is named by the CLI (cellfit.cli.FLAGS), the sentence by the engine
+    assert "set --encoder-weights to the file" in err[0]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "m.cellfit").exists()

@@ -12,11 +12,47 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
-from cellfit.errors import CellfitError
+import numpy as np
+from tqdm import tqdm
 
-__all__ = ["main"]
+from cellfit import __version__
+from cellfit.batch import predict_files
+from cellfit.console import run_training
+from cellfit.demo import DEMO_SECONDS, run_demo
+from cellfit.devices import describe_devices
+from cellfit.errors import CellfitError, worded
+from cellfit.io import pair_files, read_image, read_labels
+from cellfit.losses import DEFAULT_LOSS
+from cellfit.metrics import aggregate_instance_metrics, instance_metrics, pixel_metrics
+from cellfit.model import DEFAULT_ENCODER, read_model_info
+from cellfit.starting import is_scratch, is_starting, starting_model_path
+from cellfit.targets import annotation_from_mask, looks_like_mask
+from cellfit.train import TrainConfig, Trainer
+
+__all__ = ["FLAGS", "main"]
+
+#: how the command line names each setting an engine error can ask to change (keys of
+#: :data:`cellfit.errors.SETTING_WORDS`): errors are printed with ``exc.worded(FLAGS)``
+FLAGS: dict[str, str] = {
+    "batch_size": "--batch-size",
+    "device": "--device",
+    "diameter": "--diameter PIXELS",
+    "diameter_option": "--diameter",
+    "encoder": "--encoder",
+    "encoder_weights": "--encoder-weights",
+    "init": "--init",
+    "labels": "--labels",
+    "mode": "--mode",
+    "out": "--out",
+    "patch_size": "--patch-size",
+    "scheduler": "--scheduler",
+    "steps": "--steps",
+    "tile": "--tile",
+    "time_limit": "--time-limit",
+}
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED_FILES = 1
@@ -44,11 +80,6 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cellfit import __version__
-    from cellfit.losses import DEFAULT_LOSS
-    from cellfit.model import DEFAULT_ENCODER
-    from cellfit.train import TrainConfig
-
     parser = argparse.ArgumentParser(
         prog="cellfit",
         description="Train a U-Net++ from a few painted cells and segment folders of TIFFs.",
@@ -67,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="annotation TIFFs or a folder (paired with images by file name)")
     t.add_argument("--out", required=True, metavar="MODEL", help="model file to write")
     t.add_argument("--time-limit", type=_positive_float, metavar="SECONDS",
-                   help="stop after this many seconds (default 300 unless --steps is given)")
+                   help=f"stop after this many seconds (default {TrainConfig.time_limit or 0:g} "
+                   "unless --steps is given)")
     t.add_argument("--steps", type=_positive_int, metavar="N", help="stop after N steps")
     t.add_argument("--init", metavar="MODEL",
                    help="model to fine-tune: 'starting' (cellfit's generalist starting "
@@ -149,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="train and predict on a bundled sample image, headless")
     d.add_argument("--out", default="cellfit-demo", metavar="DIR")
-    d.add_argument("--time-limit", type=_positive_float, default=60.0, metavar="SECONDS")
+    d.add_argument("--time-limit", type=_positive_float, default=DEMO_SECONDS, metavar="SECONDS")
     d.add_argument("--device", default="auto")
     d.add_argument("--seed", type=int, default=0)
 
@@ -173,43 +205,15 @@ def _parse_weights(text: str) -> str | list[float]:
         ) from None
 
 
-def _run_training(trainer, desc: str = "training") -> bool:
-    """Drain the trainer with a tqdm bar; returns False if interrupted (Ctrl-C)."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=1000, desc=desc, unit="‰", leave=True, bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
-    gen = trainer.run()
-    post: dict = {}
-    try:
-        for ev in gen:
-            if ev.notice:
-                tqdm.write(f"cellfit: note: {ev.notice}", file=sys.stderr)
-            bar.n = int(ev.fraction * 1000)
-            post["step"] = ev.step
-            post["loss"] = f"{ev.loss:.3f}"
-            if ev.validation:
-                v = ev.validation
-                post["F1"] = f"{v['f1']:.2f}"
-                if "ap50" in v:
-                    post["AP50"] = f"{v['ap50']:.2f}"
-            bar.set_postfix(post, refresh=False)
-            bar.refresh()
-    except KeyboardInterrupt:
-        gen.close()
-        bar.close()
-        return False
-    bar.n = bar.total
-    bar.close()
-    return True
+def _time_limit(args: argparse.Namespace) -> float | None:
+    """``--time-limit``; without it, the training's default length unless ``--steps``
+    is given (then the steps alone end the training)."""
+    if args.time_limit is not None:
+        return args.time_limit
+    return None if args.steps is not None else TrainConfig.time_limit
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cellfit.io import pair_files, read_image, read_labels
-    from cellfit.model import DEFAULT_ENCODER
-    from cellfit.starting import is_scratch, is_starting
-    from cellfit.targets import annotation_from_mask, looks_like_mask
-    from cellfit.train import TrainConfig, Trainer
-
     fresh = args.encoder is not None or args.encoder_weights is not None
     if args.init is None:
         args.init = "scratch" if fresh else "starting"
@@ -240,9 +244,6 @@ def cmd_train(args: argparse.Namespace) -> int:
                   "1..N = cells), but cellfit reads 0 as not annotated and 1 as background; "
                   "if it is a mask, add --masks.", file=sys.stderr)
         anns.append(ann)
-    time_limit = args.time_limit
-    if time_limit is None and args.steps is None:
-        time_limit = 300.0
     cfg = TrainConfig(
         mode=args.mode,
         encoder=args.encoder or DEFAULT_ENCODER,
@@ -251,7 +252,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         patch_size=args.patch_size,
         batch_size=args.batch_size,
         steps=args.steps,
-        time_limit=time_limit,
+        time_limit=_time_limit(args),
         lr=args.lr or TrainConfig.lr,
         finetune_lr=args.lr or TrainConfig.finetune_lr,
         val_every=args.val_every,
@@ -275,7 +276,7 @@ def cmd_train(args: argparse.Namespace) -> int:
            "; fewer than 5 cells, so validation uses the training annotation."),
         file=sys.stderr,
     )
-    completed = _run_training(trainer)
+    completed = run_training(trainer)
     trainer.save(out)
     rec = trainer.info.training[-1]
     val = rec.get("validation") or {}
@@ -292,10 +293,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------- predict
 def cmd_predict(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from cellfit.batch import predict_files
-
     if args.overwrite and args.skip_existing:
         raise CellfitError(
             "--overwrite and --skip-existing contradict each other: give one of them "
@@ -362,8 +359,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             elif ev.status == "skipped":
                 skipped += 1
             elif ev.status == "failed":
-                failed.append((ev.path, ev.error or "unknown error"))
-                tqdm.write(f"cellfit: {ev.path}: {ev.error}", file=sys.stderr)
+                why = worded(ev.error, FLAGS) if ev.error is not None else "unknown error"
+                failed.append((ev.path, why))
+                tqdm.write(f"cellfit: {ev.path}: {why}", file=sys.stderr)
     except KeyboardInterrupt:
         events.close()  # aborts the file in progress: its temporaries are removed
         for bar in (inner, files_bar):
@@ -391,11 +389,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------ evaluate
 def evaluate_pairs(pairs, semantic: bool = False) -> dict:
     """Metrics for ``(truth_path, pred_path)`` pairs: per image and pooled."""
-    import numpy as np
-
-    from cellfit.io import read_labels
-    from cellfit.metrics import aggregate_instance_metrics, instance_metrics, pixel_metrics
-
     rows = []
     per = []
     preds_all, truth_all = [], []
@@ -432,8 +425,6 @@ def evaluate_pairs(pairs, semantic: bool = False) -> dict:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from cellfit.io import pair_files
-
     pairs = pair_files([args.truth], [args.predictions])
     result = evaluate_pairs(pairs, args.semantic)
     if args.json:
@@ -457,18 +448,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cellfit.demo import run_demo
-
     return run_demo(Path(args.out), time_limit=args.time_limit, device=args.device, seed=args.seed)
 
 
 # ---------------------------------------------------------------------------- info
 def cmd_info(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
-    from cellfit.model import read_model_info
-    from cellfit.starting import is_starting, starting_model_path
-
     if is_starting(args.model):
         args.model = starting_model_path()
     info = read_model_info(args.model)
@@ -513,8 +497,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from cellfit.devices import describe_devices
-
     print(describe_devices())
     return 0
 
@@ -538,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except CellfitError as exc:
-        print(f"cellfit: error: {exc}", file=sys.stderr)
+        print(f"cellfit: error: {exc.worded(FLAGS)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("cellfit: interrupted.", file=sys.stderr)

@@ -10,9 +10,24 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import imageio.v3 as iio
 import numpy as np
+from skimage.color import label2rgb
+from skimage.segmentation import find_boundaries
 
-__all__ = ["overview_png", "run_demo"]
+from cellfit.console import run_training
+from cellfit.data import nuclei_dsb2018
+from cellfit.io import atomic_write_tiff
+from cellfit.metrics import aggregate_instance_metrics, instance_metrics
+from cellfit.postprocess import instances_from_probs
+from cellfit.predict import predict_stack
+from cellfit.synthetic import sparse_annotation
+from cellfit.train import TrainConfig, Trainer
+
+__all__ = ["DEMO_SECONDS", "overview_png", "run_demo"]
+
+#: how long the demo fine-tunes by default: about a minute, so the whole demo is quick
+DEMO_SECONDS = 60.0
 
 
 def _gray(img: np.ndarray) -> np.ndarray:
@@ -24,11 +39,6 @@ def _gray(img: np.ndarray) -> np.ndarray:
 def overview_png(path: Path, image: np.ndarray, annotation: np.ndarray, labels: np.ndarray,
                  truth: np.ndarray | None = None) -> Path:
     """Write a side-by-side PNG: image | annotation | prediction (outlines on the image)."""
-    import imageio.v3 as iio
-    from skimage.color import label2rgb
-    from skimage.segmentation import find_boundaries
-
-
     base = _gray(image)
     ann_rgb = base.copy()
     bg = annotation == 1
@@ -48,15 +58,9 @@ def overview_png(path: Path, image: np.ndarray, annotation: np.ndarray, labels: 
     return path
 
 
-def run_demo(out: Path, time_limit: float = 60.0, device: str = "auto", seed: int = 0) -> int:
-    from cellfit.cli import _run_training
-    from cellfit.data import nuclei_dsb2018
-    from cellfit.io import atomic_write_tiff
-    from cellfit.metrics import aggregate_instance_metrics, instance_metrics
-    from cellfit.postprocess import instances_from_probs
-    from cellfit.predict import predict_stack
-    from cellfit.synthetic import sparse_annotation
-    from cellfit.train import TrainConfig, Trainer
+def run_demo(out: Path, time_limit: float = DEMO_SECONDS, device: str = "auto",
+             seed: int = 0) -> int:
+    """Run the demo into folder ``out``; returns the exit status (130 if interrupted)."""
 
     def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -74,7 +78,7 @@ def run_demo(out: Path, time_limit: float = 60.0, device: str = "auto", seed: in
         time_limit=time_limit, device=device, seed=seed, val_every=25, init="starting"
     )
     trainer = Trainer([image], [annotation], cfg)
-    completed = _run_training(trainer)
+    completed = run_training(trainer)
     say("Predicting the whole image ...")
     probs = predict_stack(trainer.model, trainer.info, image)[0]
     labels = instances_from_probs(probs, **trainer.info.postprocess)

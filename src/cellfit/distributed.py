@@ -20,31 +20,35 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from cellfit.batch import (
-    Engine,
+from cellfit.errors import CellfitError
+from cellfit.file_prediction import (
     FileEvent,
+    LoadedModel,
     OutputWriter,
     Settings,
-    _WiderLabels,
     fingerprint,
     output_paths,
     output_state,
     run_file,
 )
-from cellfit.errors import CellfitError
+from cellfit.io import LazyImage, open_image
+from cellfit.model import read_model_info
+from cellfit.outputs import remove_stale_temporaries, tmp_name
+from cellfit.stream import stack_stats
 
 __all__ = ["MODEL_LOADS", "predict_files_distributed"]
 
 #: how many times this process loaded a model (workers: once per model)
 MODEL_LOADS = 0
-_ENGINES: dict = {}
+_LOADED: dict = {}
 _LOCK = threading.Lock()
 
 
 # ------------------------------------------------------------------- on the workers
-def _engine(model_path: str, settings: Settings) -> Engine:
-    """The worker's engine for this model and these settings (loaded once)."""
+def _loaded_model(model_path: str, settings: Settings) -> LoadedModel:
+    """The worker's loaded model for this model file and these settings (loaded once)."""
     global MODEL_LOADS
     st = os.stat(model_path)
     key = (
@@ -53,43 +57,43 @@ def _engine(model_path: str, settings: Settings) -> Engine:
         tuple(sorted((settings.postprocess or {}).items())),
     )
     with _LOCK:
-        eng = _ENGINES.get(key)
-        if eng is None:
+        model = _LOADED.get(key)
+        if model is None:
             threads = os.environ.get("CELLFIT_TORCH_THREADS")
             if threads:
-                import torch
-
                 torch.set_num_threads(int(threads))
-            while len(_ENGINES) >= 2:  # keep memory bounded when models change
-                _ENGINES.pop(next(iter(_ENGINES)))
-            eng = _ENGINES[key] = Engine(model_path, settings)
+            while len(_LOADED) >= 2:  # keep memory bounded when models change
+                _LOADED.pop(next(iter(_LOADED)))
+            model = _LOADED[key] = LoadedModel(model_path, settings)
             MODEL_LOADS += 1
-        return eng
+        return model
 
 
 def _drain(gen) -> tuple[tuple, list[str]]:
+    """Run :func:`run_file` to its end: its outputs and the notices of its events."""
     notices: list[str] = []
     while True:
         try:
-            item = next(gen)
+            ev = next(gen)
         except StopIteration as stop:
             return stop.value, notices
-        if item[0] == "notice":
-            notices.append(item[1])
+        if ev.notice:
+            notices.append(ev.notice)
 
 
 def task_file(model_path, path, labels_path, prob_path, settings, fp) -> dict:
     """Predict one whole file into its outputs (on a worker)."""
     try:
-        engine = _engine(model_path, settings)
-        outputs, notices = _drain(run_file(engine, Path(path), Path(labels_path),
+        model = _loaded_model(model_path, settings)
+        outputs, notices = _drain(run_file(model, Path(path), Path(labels_path),
                                            Path(prob_path) if prob_path else None, settings, fp))
     except CellfitError as exc:
-        return {"status": "failed", "error": str(exc)}
+        return {"status": "failed", "error": exc}
     except MemoryError:
         return {"status": "failed",
-                "error": f"{Path(path).name} is too large for the worker's memory: use a "
-                "smaller --tile or workers with more memory."}
+                "error": CellfitError(f"{Path(path).name} is too large for the worker's "
+                                      "memory: use a smaller {setting} or workers with more "
+                                      "memory.", setting="tile")}
     return {"status": "done", "outputs": [str(p) for p in outputs], "notices": notices}
 
 
@@ -97,12 +101,9 @@ def task_prepare(model_path, path, work, settings) -> np.ndarray:
     """Statistics of a long stack, and its scratch zarr (on a worker)."""
     import zarr
 
-    from cellfit.io import open_image
-    from cellfit.stream import stack_stats
-
-    engine = _engine(model_path, settings)
+    model = _loaded_model(model_path, settings)
     with open_image(path, lazy=True) as img:
-        stats = stack_stats(img, engine.info)
+        stats = stack_stats(img, model.info)
         p = img.n_planes
         y, x = img.plane_shape
     chunk = (min(y, 2048), min(x, 2048))
@@ -110,7 +111,7 @@ def task_prepare(model_path, path, work, settings) -> np.ndarray:
     zarr.create_array(store=str(work / "labels"), shape=(p, y, x), chunks=(1, *chunk),
                       dtype=np.uint32, fill_value=0)
     if settings.probabilities:
-        k = engine.info.n_classes
+        k = model.info.n_classes
         zarr.create_array(store=str(work / "prob"), shape=(p, k, y, x), chunks=(1, 1, *chunk),
                           dtype=np.float32, fill_value=0)
     return stats
@@ -120,33 +121,27 @@ def task_slices(model_path, path, work, a, b, stats, settings) -> dict:
     """Predict slices ``a:b`` of a long stack into its scratch zarr (on a worker)."""
     import zarr
 
-    from cellfit.io import open_image
-
-    engine = _engine(model_path, settings)
+    model = _loaded_model(model_path, settings)
     work = Path(work)
     labels = zarr.open_array(str(work / "labels"), mode="r+")
     prob = zarr.open_array(str(work / "prob"), mode="r+") if settings.probabilities else None
     notices = []
     with open_image(path, lazy=True) as img:
         planes = ((p, img.plane(p)) for p in range(a, b))
-        for res in engine.predictor.predict(planes, stats):
+        for res in model.predictor.predict(planes, stats):
             if res.notice:
                 notices.append(res.notice)
-            if res.probs is None:
+            if res.probabilities is None:
                 continue
-            labels[res.key] = engine.labels(res.probs).astype(np.uint32)
+            labels[res.plane] = model.labels(res.probabilities).astype(np.uint32)
             if prob is not None:
-                prob[res.key] = res.probs
+                prob[res.plane] = res.probabilities
     return {"planes": b - a, "notices": notices}
 
 
 def task_finalize(model_path, path, work, labels_path, prob_path, settings, fp, chunks) -> dict:
     """Write a long stack's outputs from its scratch zarr, in order (on a worker)."""
     import zarr
-
-    from cellfit.io import open_image
-    from cellfit.model import read_model_info
-    from cellfit.outputs import remove_stale_temporaries
 
     info = read_model_info(model_path)
     work = Path(work)
@@ -164,19 +159,21 @@ def task_finalize(model_path, path, work, labels_path, prob_path, settings, fp, 
                                       Path(prob_path) if prob_path else None, settings, fp,
                                       labels_dtype=dtype)
                 try:
-                    for p in range(img.n_planes):
+                    fits = all(
                         writer.put(p, np.asarray(labels[p]),
                                    np.asarray(prob[p]) if prob is not None else None)
-                    outputs = writer.close()
-                    break
-                except _WiderLabels:
-                    writer.abort()
-                    dtype = np.uint32
+                        for p in range(img.n_planes)
+                    )
                 except BaseException:
                     writer.abort()
                     raise
+                if fits:
+                    outputs = writer.close()
+                    break
+                writer.abort()  # more objects than 16-bit labels hold: write 32-bit labels
+                dtype = np.uint32
     except CellfitError as exc:
-        return {"status": "failed", "error": str(exc)}
+        return {"status": "failed", "error": exc}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"status": "done", "outputs": [str(p) for p in outputs], "notices": notices}
@@ -204,7 +201,8 @@ def _client(scheduler):
         from distributed import Client
     except ImportError:
         raise CellfitError(
-            "--scheduler needs dask.distributed: pip install 'napari-cellfit[distributed]'."
+            "{setting} needs dask.distributed: pip install 'napari-cellfit[distributed]'.",
+            setting="scheduler",
         ) from None
     if isinstance(scheduler, Client):
         return scheduler, False
@@ -247,9 +245,6 @@ def predict_files_distributed(
     """The distributed half of :func:`cellfit.batch.predict_files`."""
     from distributed import as_completed
 
-    from cellfit.io import LazyImage
-    from cellfit.outputs import _tmp_name, remove_stale_temporaries
-
     model_path = Path(model_path).resolve()
     out_dir = Path(out_dir)
     client, own = _client(scheduler)
@@ -276,7 +271,7 @@ def predict_files_distributed(
                     planes, (y, x) = img.n_planes, img.plane_shape
             except CellfitError as exc:
                 finished.add(i)
-                yield FileEvent(i, n, f, "failed", error=str(exc))
+                yield FileEvent(i, n, f, "failed", error=exc)
                 continue
             n_planes[i] = planes
             fa = str(f.resolve())
@@ -284,7 +279,7 @@ def predict_files_distributed(
             tag = f"{i}-{f.stem}"
             if planes > settings.slices_per_task and y * x <= settings.huge_pixels:
                 remove_stale_temporaries(out_abs / f"{f.stem}.work")
-                work = works[i] = _tmp_name(out_abs / f"{f.stem}.work")
+                work = works[i] = tmp_name(out_abs / f"{f.stem}.work")
                 stats = client.submit(task_prepare, sp, fa, str(work), settings,
                                       key=f"cellfit-prepare-{tag}", pure=False)
                 chunks = []
@@ -317,10 +312,10 @@ def predict_files_distributed(
             try:
                 res = fut.result()
             except CellfitError as exc:
-                res = {"status": "failed", "error": str(exc)}
+                res = {"status": "failed", "error": exc}
             except Exception as exc:
-                res = {"status": "failed",
-                       "error": f"the task failed on a worker ({type(exc).__name__}: {exc})"}
+                res = {"status": "failed", "error": CellfitError(
+                    f"the task failed on a worker ({type(exc).__name__}: {exc})")}
             if i in works:
                 shutil.rmtree(works[i], ignore_errors=True)
             if res["status"] == "done":

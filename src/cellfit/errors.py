@@ -25,6 +25,8 @@ SETTING_WORDS: dict[str, str] = {
     "batch_size": "the tile batch size",
     "device": "the device",
     "diameter": "the cell diameter",
+    # the same setting named as a thing to leave out ("leave --diameter out")
+    "diameter_option": "the cell diameter",
     "encoder": "the encoder",
     "encoder_weights": "the encoder weights",
     "init": "the model to start from",

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import tifffile
 
 from cellfit.errors import CellfitError
 
@@ -173,8 +174,6 @@ def _check_file(path: Path, what: str) -> None:
 
 
 def _read_tiff(path: Path, what: str) -> tuple[np.ndarray, str, tuple | None]:
-    import tifffile
-
     _check_file(path, what)
     try:
         with tifffile.TiffFile(path) as tif:
@@ -340,8 +339,6 @@ def atomic_write_tiff(
     A reader never sees a half-written file, and an interruption leaves at most a
     hidden temporary file (removed on error).
     """
-    import tifffile
-
     path = Path(path)
     if path.exists() and not overwrite:
         raise CellfitError(f"{path} already exists: choose another output or allow overwriting.")
@@ -419,8 +416,6 @@ class LazyImage:
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        import tifffile
-
         self.path = Path(path)
         _check_file(self.path, "image")
         try:

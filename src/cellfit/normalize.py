@@ -8,6 +8,7 @@ did. Percentile normalisation maps the ``low`` percentile of each channel to 0 a
 from __future__ import annotations
 
 import numpy as np
+from skimage.transform import resize
 
 from cellfit.errors import CellfitError
 
@@ -18,6 +19,7 @@ __all__ = [
     "normalize",
     "percentiles",
     "resize_plane",
+    "sample_steps",
     "scaled_shape",
 ]
 
@@ -26,15 +28,24 @@ DEFAULT_NORMALIZATION: dict = {"method": "percentile", "low": 1.0, "high": 99.8}
 MAX_SAMPLES = 4_000_000
 
 
+def sample_steps(n_planes: int, height: int, width: int) -> tuple[int, int]:
+    """``(step, plane_step)``: percentiles of a stack of ``n_planes`` planes of
+    ``height x width`` pixels are taken on every ``step``-th row and column of every
+    ``plane_step``-th plane, at most about :data:`MAX_SAMPLES` pixels a channel."""
+    pixels = n_planes * height * width
+    step = max(1, int(np.ceil(np.sqrt(pixels / MAX_SAMPLES))))
+    plane_step = max(1, int(np.ceil(pixels / (step * step) / MAX_SAMPLES)))
+    return step, plane_step
+
+
 def percentiles(planes: np.ndarray, low: float, high: float) -> np.ndarray:
     """Per-channel ``(low, high)`` percentiles of a ``(P, C, Y, X)`` array, shape (C, 2).
 
     Large stacks are subsampled on a regular grid (at most ~4 million pixels a channel).
     """
     p, c, h, w = planes.shape
-    step = max(1, int(np.ceil(np.sqrt(p * h * w / MAX_SAMPLES))))
+    step, pstep = sample_steps(p, h, w)
     out = np.empty((c, 2), dtype=np.float64)
-    pstep = max(1, int(np.ceil(p * h * w / (step * step) / MAX_SAMPLES)))
     for ch in range(c):
         sample = np.asarray(planes[::pstep, ch, ::step, ::step], dtype=np.float64)
         out[ch] = np.percentile(sample, [low, high])
@@ -104,8 +115,6 @@ def match_channels(planes: np.ndarray, n_channels: int) -> np.ndarray:
 def resize_plane(plane: np.ndarray, shape: tuple[int, int], order: int = 1) -> np.ndarray:
     """Resize a ``(C, Y, X)`` plane to ``shape`` (anti-aliased when shrinking; order 0
     for label images, which keeps their values)."""
-    from skimage.transform import resize
-
     if tuple(plane.shape[-2:]) == tuple(shape):
         return plane
     if order == 0:

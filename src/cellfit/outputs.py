@@ -25,6 +25,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import tifffile
 
 from cellfit.errors import CellfitError
 from cellfit.io import ImageMeta
@@ -35,15 +36,18 @@ __all__ = [
     "TiffSink",
     "ZarrSink",
     "file_digest",
+    "label_dtype",
     "open_sink",
     "read_fingerprint",
     "remove_stale_temporaries",
+    "tmp_name",
 ]
 
 #: private TIFF tag holding the fingerprint (JSON)
 FINGERPRINT_TAG = 65420
 #: above this many bytes (uncompressed) a TIFF is written as BigTIFF
 BIGTIFF_BYTES = 2**32 - 2**27
+#: side of the tiles of tiled outputs (huge planes)
 TILE = 512
 _IMAGEJ_DTYPES = (np.uint8, np.uint16, np.float32)
 
@@ -57,7 +61,18 @@ def file_digest(path: str | os.PathLike, n: int = 16) -> str:
     return h.hexdigest()[:n]
 
 
-def _tmp_name(path: Path) -> Path:
+def label_dtype(max_label: int) -> type:
+    """Smallest unsigned dtype that holds ``max_label``."""
+    if max_label < 2**8:
+        return np.uint8
+    if max_label < 2**16:
+        return np.uint16
+    return np.uint32
+
+
+def tmp_name(path: Path) -> Path:
+    """A hidden temporary name next to ``path`` (``.<name>.<random>.part``), which
+    :func:`remove_stale_temporaries` recognises."""
     return path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.part"
 
 
@@ -73,7 +88,7 @@ def remove_stale_temporaries(path: Path) -> None:
 def _publish(tmp: Path, path: Path) -> None:
     """Rename ``tmp`` to ``path`` (replacing an older output, file or folder)."""
     if path.is_dir() and not path.is_symlink():
-        trash = _tmp_name(path)
+        trash = tmp_name(path)
         os.replace(path, trash)
         os.replace(tmp, path)
         shutil.rmtree(trash, ignore_errors=True)
@@ -131,10 +146,8 @@ class TiffSink(Sink):
         compression: str | None = "zlib",
         fingerprint: dict | None = None,
     ) -> None:
-        import tifffile  # noqa: F401  (fail early if missing)
-
         self.path = Path(path)
-        self.tmp = _tmp_name(self.path)
+        self.tmp = tmp_name(self.path)
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
@@ -183,8 +196,6 @@ class TiffSink(Sink):
             yield item
 
     def _run(self) -> None:
-        import tifffile
-
         try:
             with tifffile.TiffWriter(self.tmp, **self._writer_args) as tw:
                 tw.write(self._items(), **self._kw)
@@ -266,7 +277,7 @@ class ZarrSink(Sink):
         import zarr
 
         self.path = Path(path)
-        self.tmp = _tmp_name(self.path)
+        self.tmp = tmp_name(self.path)
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         y, x = self.shape[-2:]
@@ -354,8 +365,6 @@ def read_fingerprint(path: Path) -> dict | None:
             z = zarr.open_array(str(path), mode="r")
             fp = z.attrs.get("cellfit")
             return dict(fp) if fp is not None else None
-        import tifffile
-
         with tifffile.TiffFile(path) as tif:
             tag = tif.pages[0].tags.get(FINGERPRINT_TAG)
             return json.loads(tag.value) if tag is not None else None

@@ -1,13 +1,45 @@
-"""Small synthetic fluorescence-like images with known cells (tests, demo, sample data)."""
+"""Synthetic microscopy with exact labels: everything here is generated and needs no
+licence.
+
+Two generators:
+
+:func:`synthetic_cells`
+    small fluorescence-like images of bright elliptic nuclei, quick to make, for tests,
+    the demo and the plugin's sample data; :func:`sparse_annotation` imitates a user's
+    sparse painting from their complete labels.
+:func:`scene`
+    procedural images of cells in one of five looks, on which the starting model is
+    pretrained (with openly licensed real images):
+
+    ``fluo_nuclei``
+        bright nuclei on a dark background (DNA stains such as DAPI or Hoechst): varied
+        brightness, chromatin texture, nucleoli, a few very bright mitotic nuclei,
+        dividing pairs, out-of-focus blur, illumination gradients, Poisson and read noise.
+    ``fluo_cells``
+        whole cells of a cytoplasmic stain: irregular outlines, a dimmer nucleus inside,
+        dense and touching.
+    ``brightfield``
+        unstained cells that absorb a little light, with a thin refractive rim, RGB.
+    ``phase``
+        phase-contrast cells: dark bodies with bright halos around them.
+    ``he``
+        H&E-like stained tissue: hematoxylin (purple) nuclei on eosin (pink) stroma, RGB,
+        built by Beer-Lambert mixing of the two stains' optical densities.
+
+    Images are ``(Y, X)`` for one channel and ``(Y, X, 3)`` for RGB, in a random bit depth
+    (8, 12 or 16 bit, or float), as real files are; labels are ``(Y, X)`` int32 with one id
+    per cell.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["sparse_annotation", "synthetic_cells"]
+__all__ = ["KINDS", "layout", "scene", "sparse_annotation", "synthetic_cells"]
 
 
+# ------------------------------------------------------------ small test images
 def synthetic_cells(
     shape: tuple[int, int] = (128, 128),
     n_cells: int = 12,
@@ -110,3 +142,333 @@ def sparse_annotation(
             patch = bg[y0:y1, x0:x1] & (ann[y0:y1, x0:x1] == 0)
             ann[y0:y1, x0:x1][patch] = 1
     return ann
+
+
+# ------------------------------------------------------- scenes for pretraining
+KINDS: dict[str, float] = {
+    "fluo_nuclei": 0.55,
+    "fluo_cells": 0.1,
+    "brightfield": 0.1,
+    "phase": 0.1,
+    "he": 0.15,
+}
+"""The looks :func:`scene` draws from, and how often (``kind=None``)."""
+
+
+def _smooth_noise(rng, shape, sigma: float) -> np.ndarray:
+    """Zero-mean, unit-variance Gaussian-filtered noise (texture and shading)."""
+    n = ndi.gaussian_filter(rng.standard_normal(shape), max(sigma, 0.5), mode="wrap")
+    s = n.std()
+    return n / s if s > 0 else n
+
+
+def layout(
+    rng: np.random.Generator,
+    shape: tuple[int, int],
+    diameter: float,
+    density: float,
+    irregularity: float = 0.1,
+    elongation: float = 0.25,
+    clustered: bool = False,
+    touching: float = 0.5,
+) -> tuple[np.ndarray, list[tuple[float, float, float]]]:
+    """Instance labels of cells with smooth, random outlines.
+
+    Parameters
+    ----------
+    diameter : float
+        Median cell diameter in pixels (each cell varies about it by ±25%).
+    density : float
+        Target share of the image covered by cells (0-0.8).
+    irregularity : float
+        Amplitude of the outline's low-order wobble (0 = ellipses).
+    elongation : float
+        Up to this much longer than wide.
+    clustered : bool
+        Place cells in clumps rather than uniformly.
+    touching : float
+        0: cells keep apart; 1: cells press against each other.
+
+    Returns
+    -------
+    labels : int32 array, 0 background, 1..N cells (overlaps split along the line where
+        both outlines are equally far, so touching cells share a natural border)
+    cells : list of (cy, cx, radius)
+    """
+    h, w = shape
+    r_med = diameter / 2
+    area = np.pi * r_med**2
+    n_target = int(density * h * w / area)
+    best = np.full(shape, np.inf, np.float32)
+    labels = np.zeros(shape, np.int32)
+    cells: list[tuple[float, float, float]] = []
+    if clustered:
+        k = max(1, n_target // rng.integers(4, 12))
+        hubs = rng.uniform(0, 1, (k, 2)) * [h, w]
+    min_gap = 1.05 - 0.45 * touching  # centre distance, in units of the two radii
+    tries = 0
+    while len(cells) < n_target and tries < n_target * 20:
+        tries += 1
+        r = r_med * float(np.exp(rng.normal(0, 0.18)))
+        if clustered:
+            cy, cx = hubs[rng.integers(len(hubs))] + rng.normal(0, 2.5 * r_med, 2)
+        else:
+            cy, cx = rng.uniform(-r, h + r), rng.uniform(-r, w + r)
+        if any(np.hypot(cy - y, cx - x) < min_gap * (r + q) for y, x, q in cells):
+            continue
+        cells.append((float(cy), float(cx), r))
+    for i, (cy, cx, r) in enumerate(cells):
+        a = r * (1 + elongation * rng.uniform(0, 1))
+        b = r / np.sqrt(a / r)
+        a = r * np.sqrt(a / r)
+        t = rng.uniform(0, np.pi)
+        y0, y1 = int(max(0, cy - 1.6 * r)), int(min(h, cy + 1.6 * r + 1))
+        x0, x1 = int(max(0, cx - 1.6 * r)), int(min(w, cx + 1.6 * r + 1))
+        if y1 <= y0 or x1 <= x0:
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        dy, dx = yy - cy, xx - cx
+        u = dx * np.cos(t) + dy * np.sin(t)
+        v = -dx * np.sin(t) + dy * np.cos(t)
+        theta = np.arctan2(v, u)
+        wobble = np.ones_like(theta)
+        for order in (2, 3, 4, 5):
+            wobble += irregularity / order * rng.normal() * np.cos(order * theta + rng.uniform(0, 6.3))
+        rho = np.sqrt((u / a) ** 2 + (v / b) ** 2) / np.clip(wobble, 0.5, None)
+        sub_best = best[y0:y1, x0:x1]
+        take = (rho < 1) & (rho < sub_best)
+        sub_best[take] = rho[take]
+        labels[y0:y1, x0:x1][take] = i + 1
+    # relabel 1..N (cells outside the image or fully covered vanish) and drop slivers
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= max(6, 0.05 * area)
+    keep[0] = False
+    lut = np.zeros(len(sizes), np.int32)
+    lut[keep] = np.arange(1, keep.sum() + 1)
+    labels = lut[labels]
+    cells = [c for c, k in zip(cells, keep[1:]) if k]
+    return labels, cells
+
+
+def _interior(labels: np.ndarray) -> np.ndarray:
+    """0 at a cell's border, rising to 1 at its centre (per cell)."""
+    inside = labels > 0
+    edges = ndi.morphological_gradient(labels, size=3) > 0
+    d = ndi.distance_transform_edt(inside & ~edges)
+    if not inside.any():
+        return d
+    peak = ndi.maximum(d, labels, index=np.arange(labels.max() + 1))
+    peak = np.asarray(peak, np.float64)
+    peak[peak == 0] = 1
+    return np.clip(d / peak[labels], 0, 1)
+
+
+def _acquire(rng, clean: np.ndarray, photons: float, read: float, gain_gradient: float) -> np.ndarray:
+    """Shading, Poisson shot noise and read noise on an image in [0, 1]."""
+    h, w = clean.shape[:2]
+    yy, xx = np.mgrid[:h, :w] / max(h, w)
+    ang = rng.uniform(0, 2 * np.pi)
+    shade = 1 + gain_gradient * ((np.cos(ang) * xx + np.sin(ang) * yy) - 0.5)
+    shade = shade + 0.5 * gain_gradient * _smooth_noise(rng, (h, w), max(h, w) / 4)
+    if clean.ndim == 3:
+        shade = shade[..., None]
+    img = np.clip(clean * shade, 0, None)
+    img = rng.poisson(img * photons) / photons
+    return img + rng.normal(0, read, img.shape)
+
+
+def _quantise(rng, img: np.ndarray) -> np.ndarray:
+    """Write the image as a camera would: 8, 12 or 16 bit, sometimes float."""
+    depth = rng.choice(["uint8", "uint12", "uint16", "float"], p=[0.35, 0.25, 0.3, 0.1])
+    if depth == "float":
+        return (img * rng.uniform(0.5, 1000)).astype(np.float32)
+    top = {"uint8": 255, "uint12": 4095, "uint16": 65535}[depth]
+    fill = rng.uniform(0.25, 1.05)  # how much of the range the brightest cell uses
+    offset = rng.uniform(0, 0.06) * top
+    q = np.clip(np.round(img / max(np.percentile(img, 99.9), 1e-6) * fill * top + offset), 0, top)
+    return q.astype(np.uint8 if depth == "uint8" else np.uint16)
+
+
+def _fluo_nuclei(rng, shape, d):
+    labels, cells = layout(
+        rng, shape, d,
+        density=rng.uniform(0.05, 0.55),
+        irregularity=rng.uniform(0.0, 0.2),
+        elongation=rng.uniform(0.0, 0.6),
+        clustered=rng.random() < 0.3,
+        touching=rng.uniform(0, 1),
+    )
+    n = labels.max()
+    bright = np.exp(rng.normal(0, rng.uniform(0.1, 0.6), n + 1))
+    mitotic = rng.random(n + 1) < rng.uniform(0, 0.08)
+    bright[mitotic] *= rng.uniform(2, 5)
+    bright[0] = 0
+    interior = _interior(labels)
+    edge_dim = rng.uniform(0, 0.6)
+    body = bright[labels] * (1 - edge_dim * (1 - interior) ** 2)
+    texture = rng.uniform(0, 0.45)
+    body = body * np.clip(1 + texture * _smooth_noise(rng, shape, rng.uniform(1, d / 6)), 0.2, None)
+    # nucleoli: dark spots inside some nuclei
+    if rng.random() < 0.6 and n:
+        spots = np.zeros(shape)
+        for cy, cx, r in cells:
+            for _ in range(rng.integers(0, 4)):
+                y = int(cy + rng.normal(0, r / 3))
+                x = int(cx + rng.normal(0, r / 3))
+                if 0 <= y < shape[0] and 0 <= x < shape[1]:
+                    spots[y, x] = 1
+        spots = ndi.gaussian_filter(spots, max(1.0, d / 14))
+        spots /= max(spots.max(), 1e-9)
+        body = body * (1 - rng.uniform(0.2, 0.6) * spots)
+    body = body * (labels > 0)
+    # condensed mitotic chromatin is small and compact; keep it inside the label
+    # out-of-focus haze and unlabelled debris
+    haze = rng.uniform(0, 0.3) * ndi.gaussian_filter(body, d / 2)
+    img = ndi.gaussian_filter(body, rng.uniform(0.4, max(0.5, d / 12))) + haze
+    img = img / max(np.percentile(img[labels > 0], 95) if n else 1.0, 1e-6)
+    background = rng.uniform(0.0, 0.25)
+    img = img + background
+    return _acquire(rng, img, photons=np.exp(rng.uniform(np.log(8), np.log(3000))),
+                    read=rng.uniform(0, 0.03), gain_gradient=rng.uniform(0, 0.6)), labels
+
+
+def _fluo_cells(rng, shape, d):
+    labels, _ = layout(
+        rng, shape, d,
+        density=rng.uniform(0.3, 0.75),
+        irregularity=rng.uniform(0.15, 0.45),
+        elongation=rng.uniform(0.2, 1.0),
+        clustered=rng.random() < 0.4,
+        touching=rng.uniform(0.5, 1),
+    )
+    n = labels.max()
+    bright = np.exp(rng.normal(0, 0.4, n + 1))
+    bright[0] = 0
+    interior = _interior(labels)
+    body = bright[labels] * (0.5 + 0.5 * interior ** rng.uniform(0.3, 1.5))
+    nucleus_dim = rng.uniform(0, 0.6)
+    body = body * (1 - nucleus_dim * (interior > 0.6))
+    body = body * np.clip(1 + rng.uniform(0.1, 0.5) * _smooth_noise(rng, shape, rng.uniform(1, 3)), 0.1, None)
+    body = body * (labels > 0)
+    img = ndi.gaussian_filter(body, rng.uniform(0.5, 2.0))
+    img = img / max(np.percentile(img[labels > 0], 95) if n else 1.0, 1e-6) + rng.uniform(0, 0.2)
+    return _acquire(rng, img, photons=np.exp(rng.uniform(np.log(10), np.log(2000))),
+                    read=rng.uniform(0, 0.03), gain_gradient=rng.uniform(0, 0.5)), labels
+
+
+def _brightfield(rng, shape, d):
+    labels, _ = layout(
+        rng, shape, d,
+        density=rng.uniform(0.1, 0.6),
+        irregularity=rng.uniform(0.05, 0.35),
+        elongation=rng.uniform(0, 0.6),
+        clustered=rng.random() < 0.4,
+        touching=rng.uniform(0, 1),
+    )
+    inside = (labels > 0).astype(np.float64)
+    interior = _interior(labels)
+    absorb = rng.uniform(0.08, 0.5) * inside * (0.6 + 0.4 * interior)
+    absorb = absorb * np.clip(1 + 0.4 * _smooth_noise(rng, shape, rng.uniform(1, 3)), 0, None)
+    edge = ndi.gaussian_gradient_magnitude(inside, rng.uniform(0.7, 1.5))
+    rim = rng.uniform(-0.6, 0.6) * edge / max(edge.max(), 1e-6)
+    grey = rng.uniform(0.6, 0.9) * (1 - absorb) + 0.25 * rim
+    grey = ndi.gaussian_filter(grey, rng.uniform(0.3, 1.2))
+    tint = rng.uniform(0.85, 1.0, 3)
+    img = grey[..., None] * tint
+    return _acquire(rng, img, photons=np.exp(rng.uniform(np.log(50), np.log(5000))),
+                    read=rng.uniform(0, 0.02), gain_gradient=rng.uniform(0, 0.4)), labels
+
+
+def _phase(rng, shape, d):
+    labels, _ = layout(
+        rng, shape, d,
+        density=rng.uniform(0.1, 0.6),
+        irregularity=rng.uniform(0.05, 0.4),
+        elongation=rng.uniform(0, 0.9),
+        clustered=rng.random() < 0.4,
+        touching=rng.uniform(0, 0.9),
+    )
+    inside = (labels > 0).astype(np.float64)
+    interior = _interior(labels)
+    halo = ndi.gaussian_filter(inside, rng.uniform(1.5, 4.0))
+    outside_halo = np.clip(halo - inside, 0, None) * (1 - inside)
+    body = inside * (0.5 + 0.5 * interior) * np.clip(1 + 0.3 * _smooth_noise(rng, shape, 2), 0, None)
+    img = 0.5 - rng.uniform(0.1, 0.35) * body + rng.uniform(0.4, 1.2) * outside_halo
+    img = ndi.gaussian_filter(img, rng.uniform(0.3, 1.0))
+    return _acquire(rng, np.clip(img, 0, None), photons=np.exp(rng.uniform(np.log(50), np.log(3000))),
+                    read=rng.uniform(0, 0.02), gain_gradient=rng.uniform(0, 0.3)), labels
+
+
+_HEMATOXYLIN = np.array([0.65, 0.70, 0.29])
+_EOSIN = np.array([0.07, 0.99, 0.11])
+
+
+def _he(rng, shape, d):
+    labels, _ = layout(
+        rng, shape, d,
+        density=rng.uniform(0.1, 0.5),
+        irregularity=rng.uniform(0.05, 0.35),
+        elongation=rng.uniform(0, 1.0),
+        clustered=rng.random() < 0.5,
+        touching=rng.uniform(0, 1),
+    )
+    n = labels.max()
+    inside = labels > 0
+    interior = _interior(labels)
+    dose = np.exp(rng.normal(0, 0.3, n + 1))
+    dose[0] = 0
+    chromatin = np.clip(1 + 0.5 * _smooth_noise(rng, shape, rng.uniform(0.8, 2)), 0.2, None)
+    h_conc = rng.uniform(0.6, 1.6) * dose[labels] * chromatin * (0.7 + 0.3 * interior)
+    h_conc = h_conc + rng.uniform(0, 0.12)  # hematoxylin background
+    fibres = np.abs(_smooth_noise(rng, shape, rng.uniform(2, 8)))
+    gaps = _smooth_noise(rng, shape, rng.uniform(6, 20)) > rng.uniform(0.5, 1.5)
+    e_conc = rng.uniform(0.2, 0.8) * (0.4 + fibres) * ~gaps * ~inside + 0.15 * inside
+    od = h_conc[..., None] * _HEMATOXYLIN + e_conc[..., None] * _EOSIN
+    od = ndi.gaussian_filter(od, (rng.uniform(0.4, 1.2),) * 2 + (0,))
+    img = np.exp(-od)
+    return _acquire(rng, img, photons=np.exp(rng.uniform(np.log(100), np.log(5000))),
+                    read=rng.uniform(0, 0.015), gain_gradient=rng.uniform(0, 0.3)), labels
+
+
+_MAKERS = {
+    "fluo_nuclei": _fluo_nuclei,
+    "fluo_cells": _fluo_cells,
+    "brightfield": _brightfield,
+    "phase": _phase,
+    "he": _he,
+}
+
+
+def scene(
+    kind: str | None = None,
+    shape: tuple[int, int] = (256, 256),
+    diameter: float = 30.0,
+    seed: int | np.random.Generator | None = None,
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """One synthetic microscopy image with its instance labels.
+
+    Parameters
+    ----------
+    kind : one of :data:`KINDS`, or None to draw one (with the weights in KINDS)
+    shape : (Y, X)
+    diameter : median cell diameter in pixels
+    seed : int or Generator
+
+    Returns
+    -------
+    image : (Y, X) for fluorescence and phase, (Y, X, 3) for brightfield and H&E; uint8,
+        uint16 or float32
+    labels : (Y, X) int32, one id per cell
+    kind : the look that was drawn
+    """
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    if kind is None:
+        names = list(KINDS)
+        p = np.array([KINDS[k] for k in names])
+        kind = str(rng.choice(names, p=p / p.sum()))
+    if kind not in _MAKERS:
+        raise ValueError(f"unknown scene kind {kind!r}: use one of {', '.join(_MAKERS)}.")
+    img, labels = _MAKERS[kind](rng, tuple(shape), float(diameter))
+    if kind in ("brightfield", "he") and rng.random() < 0.5:
+        img = img.mean(axis=-1)  # the same sample, photographed on a grey camera
+    return _quantise(rng, img), labels, kind

@@ -6,6 +6,7 @@ from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
+import tifffile
 
 __all__ = ["nuclei_dsb2018", "sample_path"]
 
@@ -17,8 +18,6 @@ def sample_path(name: str) -> Path:
 
 def nuclei_dsb2018() -> tuple[np.ndarray, np.ndarray]:
     """The bundled real nuclei image (512x512 uint16) and its 125-nucleus instance mask."""
-    import tifffile
-
     return (
         tifffile.imread(sample_path("nuclei_dsb2018.tif")),
         tifffile.imread(sample_path("nuclei_dsb2018_mask.tif")),

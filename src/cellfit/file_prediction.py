@@ -1,0 +1,553 @@
+"""Predicting one file into its outputs: what the local batch (:mod:`cellfit.batch`)
+and the cluster tasks (:mod:`cellfit.distributed`) share.
+
+* :class:`Settings`: how files are predicted and written (sent to cluster workers as is).
+* :class:`LoadedModel`: a model file loaded for prediction, with its tile runner and
+  streaming predictor (one per process).
+* :func:`fingerprint` and :func:`output_state`: what an output's validity depends on,
+  and whether existing outputs are complete, outdated or missing.
+* :class:`OutputWriter`: writes one file's labels (and probabilities) plane by plane,
+  linking slices and choosing the labels' dtype, and publishes them atomically.
+* :func:`run_file`: predicts one file into its outputs, streaming, and yields
+  :class:`FileProgress` events; huge planes (more than ``Settings.huge_pixels``
+  pixels) are streamed row band by row band and labelled in blocks merged across
+  seams (:mod:`cellfit.stream`).
+* :class:`FileEvent`: the progress of a batch, one file at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import shutil
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from cellfit import model as model_files
+from cellfit.devices import resolve_device
+from cellfit.errors import CellfitError
+from cellfit.events import Progress
+from cellfit.io import ImageMeta, open_image
+from cellfit.link import SliceLinker
+from cellfit.outputs import (
+    TILE,
+    label_dtype,
+    open_sink,
+    read_fingerprint,
+    remove_stale_temporaries,
+    tmp_name,
+)
+from cellfit.postprocess import classes_from_probs, labels_from_probs
+from cellfit.predict import DEFAULT_OVERLAP, DEFAULT_TILE, PlanePredictor, TileRunner
+from cellfit.starting import apply_diameter, needs_diameter
+from cellfit.stream import BlockLabeller, NormRows, ResizeRows, RowStream, stack_stats
+
+__all__ = [
+    "FORMATS",
+    "HUGE_PIXELS",
+    "FileEvent",
+    "FileProgress",
+    "LoadedModel",
+    "OutputWriter",
+    "Settings",
+    "fingerprint",
+    "output_paths",
+    "output_state",
+    "run_file",
+]
+
+#: planes with more pixels than this (8192 x 8192) are predicted as huge planes
+HUGE_PIXELS = 8192 * 8192
+FORMATS = ("tiff", "zarr")
+_SUFFIX = {"tiff": ".tif", "zarr": ".zarr"}
+
+
+# ---------------------------------------------------------------------------- events
+@dataclass
+class FileProgress(Progress):
+    """Progress inside one file, as :func:`run_file` yields it.
+
+    ``plane`` of ``n_planes`` planes are finished; while a plane is in progress
+    (``tiles_total`` > 0), ``tiles_done`` of its ``tiles_total`` tiles are.
+    ``fraction`` is the share of the file done.
+    """
+
+    plane: int = 0
+    n_planes: int = 1
+    tiles_done: int = 0
+    tiles_total: int = 0
+
+    def __post_init__(self) -> None:
+        inner = self.tiles_done / self.tiles_total if self.tiles_total else 0.0
+        self.fraction = min(1.0, (self.plane + inner) / max(1, self.n_planes))
+        self.text = f"plane {self.plane} of {self.n_planes}"
+
+
+@dataclass
+class FileEvent(Progress):
+    """Progress of a batch: events while a file is in progress, and one per finished file.
+
+    ``status`` is ``"plane"`` while a file is in progress (``plane`` of ``n_planes``
+    planes finished; inside a plane ``tiles_done`` of ``tiles_total`` tiles), then
+    ``"done"``, ``"skipped"`` (complete outputs exist) or ``"failed"`` (``error`` says
+    why: a :class:`~cellfit.errors.CellfitError`, which a front end words with its own
+    names of the settings, :func:`cellfit.errors.worded`). ``notice`` carries a message
+    for the user (e.g. the tile batch was halved after the GPU ran out of memory, or
+    outdated outputs were replaced).
+
+    ``fraction`` is the share of the batch done (files before this one count whole),
+    ``file_fraction`` the share of this file; ``text`` says where the batch is
+    ("File 2 of 5: a.tif, slice 3 of 12").
+    """
+
+    index: int
+    n_files: int
+    path: Path
+    status: str
+    plane: int = 0
+    n_planes: int = 1
+    outputs: tuple[Path, ...] = ()
+    error: CellfitError | None = None
+    tiles_done: int = 0
+    tiles_total: int = 0
+    file_fraction: float = field(init=False, default=1.0)
+
+    def __post_init__(self) -> None:
+        if self.status == "plane":
+            inner = self.tiles_done / self.tiles_total if self.tiles_total else 0.0
+            self.file_fraction = min(1.0, (self.plane + inner) / max(1, self.n_planes))
+        self.fraction = min(1.0, (self.index + self.file_fraction) / max(1, self.n_files))
+        head = f"File {self.index + 1} of {self.n_files}: {Path(self.path).name}"
+        if self.status == "plane":
+            slices = f", slice {self.plane} of {self.n_planes}" if self.n_planes > 1 else ""
+            self.text = head + slices
+        else:
+            self.text = head + {"done": ", done", "skipped": ", skipped (results exist)",
+                                "failed": ", failed"}.get(self.status, "")
+
+
+def join_notices(*notices: str | None) -> str | None:
+    """The notices that are set, joined with "; " (None when none is)."""
+    return "; ".join(n for n in notices if n) or None
+
+
+# -------------------------------------------------------------------------- settings
+@dataclass
+class Settings:
+    """How files are predicted and written (sent to cluster workers as is)."""
+
+    probabilities: bool = False
+    overwrite: bool = False
+    tile: int = DEFAULT_TILE
+    overlap: int = DEFAULT_OVERLAP
+    batch_size: int | None = None
+    device: str = "auto"
+    postprocess: dict = field(default_factory=dict)
+    link_slices: bool = False
+    format: str = "tiff"
+    compression: str = "zlib"
+    huge_pixels: int = HUGE_PIXELS
+    amp: bool = True
+    slices_per_task: int = 64
+    #: side of the blocks huge planes are labelled in (None: from the plane's width)
+    block: int | None = None
+    #: cell diameter in image pixels, for models that work on cells of any size (the
+    #: starting model); None: the model's own, or estimated from the first file
+    diameter: float | None = None
+
+
+def output_paths(path: Path, out_dir: Path, fmt: str = "tiff") -> tuple[Path, Path]:
+    """``(<out>/<stem>_labels.tif, <out>/<stem>_prob.tif)`` for an input file
+    (``.zarr`` with ``fmt="zarr"``)."""
+    suffix = _SUFFIX[fmt]
+    return out_dir / f"{path.stem}_labels{suffix}", out_dir / f"{path.stem}_prob{suffix}"
+
+
+# ---------------------------------------------------------------------- loaded model
+class LoadedModel:
+    """A model file loaded for prediction, with its tile runner and streaming
+    predictor (one per process; cluster workers keep theirs between tasks)."""
+
+    def __init__(self, model_path: str | Path, settings: Settings) -> None:
+        self.model_path = Path(model_path)
+        self.device = resolve_device(settings.device)
+        self.model, self.info = model_files.load_model(self.model_path, self.device)
+        if settings.diameter is not None:
+            self.info = apply_diameter(self.info, settings.diameter)
+        elif needs_diameter(self.info):
+            raise CellfitError(
+                "this model works on cells of any size and needs their diameter: give "
+                "{setting}.",
+                setting="diameter",
+            )
+        self.runner = TileRunner(
+            self.model, self.device, batch_size=settings.batch_size, amp=settings.amp
+        )
+        self.predictor = PlanePredictor(
+            self.model, self.info, self.runner, tile=settings.tile, overlap=settings.overlap
+        )
+        self.postprocess = {**self.info.postprocess, **(settings.postprocess or {})}
+
+    def labels(self, probs: np.ndarray) -> np.ndarray:
+        """Labels (instances or classes) of one plane's probabilities ``(K, Y, X)``."""
+        return labels_from_probs(probs, self.info.mode, **self.postprocess)
+
+
+# ------------------------------------------------------------------- output validity
+def fingerprint(model_digest: str, path: Path, settings: Settings) -> dict:
+    """What an output's validity depends on (stored in the output)."""
+    st = Path(path).stat()
+    return {
+        "model": model_digest,
+        "input": [int(st.st_size), int(st.st_mtime_ns)],
+        "link_slices": bool(settings.link_slices),
+        "postprocess": dict(sorted((settings.postprocess or {}).items())),
+        **({"diameter": settings.diameter} if settings.diameter is not None else {}),
+    }
+
+
+def output_state(paths: Sequence[Path], fp: dict) -> str:
+    """``"complete"`` (all exist, made with this model from this input and settings),
+    ``"outdated"`` (all exist, but made otherwise) or ``"missing"``."""
+    if not all(p.exists() for p in paths):
+        return "missing"
+    for p in paths:
+        have = read_fingerprint(p)
+        if have is None or any(have.get(k) != v for k, v in fp.items()):
+            return "outdated"
+    return "complete"
+
+
+# -------------------------------------------------------------------------- writer
+def _stack_axes(axes: str) -> str:
+    """The axes around the planes (all but Y, X and channels), e.g. "TZ"."""
+    return "".join(a for a in axes if a not in "YXCS")
+
+
+class OutputWriter:
+    """Writes the labels (and probabilities) of one file plane by plane, in order:
+    links slices when asked, chooses the labels' dtype, and publishes atomically.
+
+    Stacks get 16-bit labels unless ``labels_dtype`` says otherwise; :meth:`put`
+    refuses (returns False) a plane with more objects than that holds, and the file
+    is then written again with 32-bit labels.
+    """
+
+    def __init__(
+        self,
+        info,
+        img,
+        labels_path: Path,
+        prob_path: Path | None,
+        settings: Settings,
+        fp: dict | None,
+        *,
+        labels_dtype=None,
+        tiled: bool = False,
+    ) -> None:
+        self.info = info
+        self.settings = settings
+        self.fp = fp
+        self.meta: ImageMeta = img.meta
+        self.stack_shape = tuple(img.lead_shape)
+        self.plane_shape = tuple(img.plane_shape)
+        self.n_planes = img.n_planes
+        stack_axes = _stack_axes(img.axes)
+        if len(stack_axes) != len(self.stack_shape):  # axes unknown: name them like tifffile
+            stack_axes = "Q" * len(self.stack_shape)
+        self.lab_axes = stack_axes + "YX"
+        self.prob_axes = stack_axes + "CYX"
+        self.labels_path = labels_path
+        self.tiled = tiled
+        self.instances = self.info.mode == "instances"
+        if labels_dtype is None and not self.instances:
+            labels_dtype = np.uint8 if self.info.n_classes <= 255 else np.uint16
+        if labels_dtype is None and self.n_planes > 1:
+            labels_dtype = np.uint16  # written again as uint32 in the rare case it overflows
+        self.labels_dtype = labels_dtype
+        self.linker = (
+            SliceLinker(self.stack_shape)
+            if settings.link_slices and self.instances and self.n_planes > 1
+            else None
+        )
+        self.lab_sink = None
+        self.prob_sink = None
+        if prob_path is not None:
+            self.prob_sink = open_sink(
+                settings.format, prob_path,
+                (*self.stack_shape, self.info.n_classes, *self.plane_shape), np.float32,
+                self.prob_axes, self.meta, tiled=tiled, compression=settings.compression,
+                fingerprint=fp,
+            )
+
+    def labels_sink(self, dtype):
+        """The labels' sink, opened with ``dtype`` on first use."""
+        if self.lab_sink is None:
+            self.labels_dtype = dtype
+            self.lab_sink = open_sink(
+                self.settings.format, self.labels_path, (*self.stack_shape, *self.plane_shape),
+                dtype, self.lab_axes, self.meta, tiled=self.tiled,
+                compression=self.settings.compression, fingerprint=self.fp,
+            )
+        return self.lab_sink
+
+    def holds(self, n_objects: int) -> bool:
+        """Whether the labels' dtype holds ids up to ``n_objects``."""
+        return self.labels_dtype is None or n_objects <= np.iinfo(self.labels_dtype).max
+
+    def put(self, p: int, labels: np.ndarray, probs: np.ndarray | None) -> bool:
+        """Write plane ``p``'s labels (per-slice ids) and probabilities ``(K, Y, X)``.
+
+        Returns False, writing nothing, when the plane has more objects than the
+        labels' dtype holds (the file must be written again with wider labels).
+        """
+        if self.linker is not None:
+            labels = self.linker(p, labels)
+        top = int(labels.max()) if labels.size else 0
+        if not self.holds(top):
+            return False
+        dtype = self.labels_dtype or label_dtype(top)
+        self.labels_sink(dtype).put(labels.astype(dtype, copy=False))
+        if self.prob_sink is not None and probs is not None:
+            for k in range(probs.shape[0]):
+                self.prob_sink.put(probs[k])
+        return True
+
+    def close(self) -> tuple[Path, ...]:
+        out = [self.lab_sink.close()]
+        if self.prob_sink is not None:
+            out.append(self.prob_sink.close())
+        return tuple(out)
+
+    def abort(self) -> None:
+        for s in (self.lab_sink, self.prob_sink):
+            if s is not None:
+                s.abort()
+
+
+# --------------------------------------------------------------------------- one file
+def run_file(
+    model: LoadedModel,
+    path: Path,
+    labels_path: Path,
+    prob_path: Path | None,
+    settings: Settings,
+    fp: dict | None = None,
+) -> Iterator[FileProgress]:
+    """Predict one file into its outputs, streaming.
+
+    A generator of :class:`FileProgress` events (after each finished plane, and after
+    batches of tiles inside a plane); its return value is the tuple of outputs.
+    On any error or when closed early, no output or temporary is left.
+    """
+    for p in (labels_path, prob_path):
+        if p is not None:
+            remove_stale_temporaries(p)
+    img = open_image(path)
+    try:
+        y, x = img.plane_shape
+        predict = _predict_huge_planes if y * x > settings.huge_pixels else _predict_planes
+        outputs = yield from predict(model, img, labels_path, prob_path, settings, fp)
+        if outputs is None:  # more objects than 16-bit labels hold: write 32-bit labels
+            outputs = yield from predict(
+                model, img, labels_path, prob_path, settings, fp, dtype=np.uint32,
+                notice=f"{path.name}: more than 65535 objects, writing 32-bit labels",
+            )
+        if outputs is None:  # pragma: no cover - over four billion objects
+            raise RuntimeError(f"{path.name}: more objects than 32-bit labels hold")
+        return outputs
+    finally:
+        img.close()
+
+
+def _prefetch(read: Callable[[int], np.ndarray], n: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``(p, read(p))`` for p < n, read one plane ahead in a thread (decoding overlaps
+    prediction); stops the thread when closed."""
+    q: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def work() -> None:
+        for p in range(n):
+            if stop.is_set():
+                return
+            try:
+                item = (p, read(p), None)
+            except BaseException as exc:
+                item = (p, None, exc)
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.2)
+                    break
+                except queue.Full:
+                    continue
+            if item[2] is not None:
+                return
+
+    t = threading.Thread(target=work, name="cellfit read-ahead", daemon=True)
+    t.start()
+    try:
+        for _ in range(n):
+            p, arr, exc = q.get()
+            if exc is not None:
+                raise exc
+            yield p, arr
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):
+            q.get_nowait()
+        t.join(timeout=5)
+
+
+def _predict_planes(model, img, labels_path, prob_path, settings, fp, dtype=None,
+                    notice=None):
+    """Predict the planes of a file one after another (read one ahead, tiles batched
+    across planes) and write them as they come. Returns the outputs, or None when the
+    labels outgrew ``dtype`` (nothing is left written)."""
+    stats = stack_stats(img, model.info)
+    writer = OutputWriter(model.info, img, labels_path, prob_path, settings, fp,
+                          labels_dtype=dtype)
+    n = img.n_planes
+    done = 0
+    planes = _prefetch(img.plane, n)
+    try:
+        for res in model.predictor.predict(planes, stats):
+            notice = join_notices(notice, res.notice)
+            if res.probabilities is None:
+                yield FileProgress(plane=done, n_planes=n, tiles_done=res.tiles_done,
+                                   tiles_total=res.tiles_total, notice=notice)
+                notice = None
+                continue
+            if not writer.put(res.plane, model.labels(res.probabilities), res.probabilities):
+                writer.abort()
+                return None
+            done = res.plane + 1
+            yield FileProgress(plane=done, n_planes=n, notice=notice)
+            notice = None
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        planes.close()
+
+
+def _block_geometry(width: int, scale: float) -> tuple[int, int]:
+    """Block side and halo for labelling a huge plane of ``width`` columns: blocks keep
+    a band of probabilities near 2**25 values; the halo covers two cell diameters."""
+    block = max(TILE, min(4 * TILE, (2**25 // max(1, width)) // TILE * TILE))
+    halo = max(64, int(np.ceil(2 * 30 / max(scale, 1e-3))))
+    return block, min(halo, block // 2)
+
+
+def _predict_huge_planes(model, img, labels_path, prob_path, settings, fp, dtype=None,
+                         notice=None):
+    """Predict planes too large for memory, each streamed row band by row band: tile
+    rows → probability rows → labels in blocks merged across seams, kept in a scratch
+    zarr, then written tile by tile. Returns the outputs, or None when the labels
+    outgrew ``dtype`` (nothing is left written)."""
+    import zarr  # an optional dependency, needed for huge planes only
+
+    info, pred = model.info, model.predictor
+    stats = stack_stats(img, info)
+    y, x = img.plane_shape
+    k = info.n_classes
+    block, halo = _block_geometry(x, pred.scale)
+    if settings.block:
+        block = int(settings.block)
+        halo = min(halo, block // 2)
+    work = tmp_name(labels_path.parent / f"{img.name}.work")
+    writer = None
+    if settings.link_slices and img.n_planes > 1:
+        notice = join_notices(
+            notice, f"{img.name}: planes of {y}x{x} are too large to link; labels are per slice"
+        )
+        settings = replace(settings, link_slices=False)
+    try:
+        for p in range(img.n_planes):
+            src = NormRows(img, p, info, stats)
+            mshape = pred.model_shape((y, x))
+            if mshape != (y, x):
+                src = ResizeRows(src, mshape)
+            rows = RowStream(pred.predict_rows(src, key=p), (k, *mshape))
+            full = ResizeRows(rows, (y, x)) if mshape != (y, x) else rows
+            chunks = (min(TILE, y), min(TILE, x))
+            raw = zarr.create_array(store=str(work / f"labels{p}"), shape=(y, x), chunks=chunks,
+                                    dtype=np.uint32, fill_value=0)
+            probz = None
+            if prob_path is not None:
+                probz = zarr.create_array(store=str(work / f"prob{p}"), shape=(k, y, x),
+                                          chunks=(1, *chunks), dtype=np.float32, fill_value=0)
+            labeller = None
+            if info.mode == "instances":
+                labeller = BlockLabeller((y, x), block, halo, model.labels)
+            n_rows = -(-y // block)
+            for i in range(n_rows):
+                if labeller is not None:
+                    lo, hi, r0, r1 = labeller.band(i)
+                else:
+                    lo = r0 = i * block
+                    hi = r1 = min(y, r0 + block)
+                band = full.rows(lo, hi)
+                for item in rows.side:
+                    yield FileProgress(plane=p, n_planes=img.n_planes,
+                                       tiles_done=item.tiles_done, tiles_total=item.tiles_total,
+                                       notice=join_notices(notice, item.notice))
+                    notice = None
+                rows.side.clear()
+                if probz is not None:
+                    probz[:, r0:r1] = band[:, r0 - lo : r1 - lo]
+                if labeller is not None:
+                    raw[r0:r1] = labeller.feed(i, band)
+                else:
+                    raw[r0:r1] = classes_from_probs(band[:, r0 - lo : r1 - lo])
+            rows.drain()
+            for item in rows.side:
+                yield FileProgress(plane=p, n_planes=img.n_planes, tiles_done=item.tiles_done,
+                                   tiles_total=item.tiles_total, notice=notice)
+                notice = None
+            rows.side.clear()
+            lut, n_obj = labeller.lut() if labeller is not None else (None, 0)
+            if writer is None:
+                if dtype is None and labeller is not None:
+                    dtype = label_dtype(n_obj) if img.n_planes == 1 else np.uint16
+                writer = OutputWriter(info, img, labels_path, prob_path, settings, fp,
+                                      labels_dtype=dtype, tiled=True)
+            if lut is not None and not writer.holds(n_obj):
+                writer.abort()
+                return None
+            sink = writer.labels_sink(writer.labels_dtype)
+            for tile in _tiles(raw, lut):
+                sink.put(tile.astype(writer.labels_dtype, copy=False))
+            if probz is not None:
+                for c in range(k):
+                    for tile in _tiles(probz, None, c):
+                        writer.prob_sink.put(tile)
+            shutil.rmtree(work, ignore_errors=True)
+            yield FileProgress(plane=p + 1, n_planes=img.n_planes, notice=notice)
+            notice = None
+        return writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _tiles(z, lut: np.ndarray | None = None, channel: int | None = None):
+    """Tiles (TILE x TILE, zero-padded at the edges) of a 2D zarr array (or of one
+    channel of a 3D one), row by row, mapped through ``lut`` when given."""
+    y, x = z.shape[-2:]
+    for y0 in range(0, y, TILE):
+        band = np.asarray(z[y0 : y0 + TILE] if channel is None else z[channel, y0 : y0 + TILE])
+        if lut is not None:
+            band = lut[band]
+        for x0 in range(0, x, TILE):
+            t = band[:, x0 : x0 + TILE]
+            if t.shape != (TILE, TILE):
+                t = np.pad(t, ((0, TILE - t.shape[0]), (0, TILE - t.shape[1])))
+            yield t
