@@ -230,15 +230,15 @@ def build_model(info: ModelInfo, encoder_weights: str | None = None) -> nn.Modul
     except OSError:
         raise CellfitError(
             f"could not download the ImageNet weights of {info.encoder!r} (no internet "
-            "connection?): download them on a connected machine and give the file as "
-            "{setting}, or train without them.",
+            "connection?): download them on a connected machine and set {setting} to "
+            "the file, or train without them.",
             setting="encoder_weights",
         ) from None
     except Exception as exc:
         if download:
             raise CellfitError(
                 f"could not download the ImageNet weights of {info.encoder!r} ({type(exc).__name__}): "
-                "download them on a connected machine and give the file as {setting}, "
+                "download them on a connected machine and set {setting} to the file, "
                 "or train without them.",
                 setting="encoder_weights",
             ) from None
