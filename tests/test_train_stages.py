@@ -207,7 +207,9 @@ def test_the_plan_round_trips_through_a_saved_model_file(tmp_path, data):
         t = Trainer([img], [ann], TrainConfig(init=init, steps=1, **{**TINY, **SMALL_NET}))
         assert t.plan is TrainPlan.SCRATCH and t.init is None
         list(t.run())
-        records.append({k: v for k, v in t.info.training[-1].items() if k not in ("date", "seconds")})
+        records.append(
+            {k: v for k, v in t.info.training[-1].items() if k not in ("date", "seconds")}
+        )
     assert records[0] == records[1] and records[0]["init"] is None
     path = t.save(tmp_path / "m.cellfit")
     # the saved model is fine-tuned from its file: FINE_TUNE, the file in the record

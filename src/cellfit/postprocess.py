@@ -173,9 +173,7 @@ def _seeded_watershed(p_in: np.ndarray, markers: np.ndarray, fg: np.ndarray) -> 
     return labels
 
 
-def drop_small_objects(
-    labels: np.ndarray, min_size: int, at_edge: int | None = None
-) -> np.ndarray:
+def drop_small_objects(labels: np.ndarray, min_size: int, at_edge: int | None = None) -> np.ndarray:
     """Drop objects under ``min_size`` pixels; those touching the image edge are only
     dropped under ``at_edge`` pixels (the edge cut them).
 
