@@ -414,3 +414,107 @@ def test_cuda_batch_equals_cpu(tmp_path, model_file):
     a = tifffile.imread(tmp_path / "cpu" / "f0_prob.tif")
     b = tifffile.imread(tmp_path / "cuda" / "f0_prob.tif")
     assert np.abs(a - b).max() < 0.05
+
+
+# ------------------------------------------------------------------ events
+def test_file_events_are_progress_events():
+    from cellfit.events import Progress
+    from cellfit.file_prediction import FileProgress
+
+    ev = FileEvent(1, 4, Path("in/a.tif"), "plane", 2, 8, tiles_done=3, tiles_total=6)
+    assert isinstance(ev, Progress) and ev.notice is None
+    assert ev.file_fraction == pytest.approx(2.5 / 8)
+    assert ev.fraction == pytest.approx((1 + 2.5 / 8) / 4)  # the share of the batch
+    assert ev.text == "File 2 of 4: a.tif, slice 2 of 8"
+    done = FileEvent(3, 4, Path("b.tif"), "done", 8, 8, notice="note")
+    assert done.fraction == 1.0 and done.file_fraction == 1.0 and done.notice == "note"
+    assert done.text == "File 4 of 4: b.tif, done"
+    assert FileEvent(0, 2, Path("c.tif"), "skipped").text == "File 1 of 2: c.tif, skipped (results exist)"
+    p = FileProgress(plane=1, n_planes=4, tiles_done=1, tiles_total=2)
+    assert isinstance(p, Progress) and p.fraction == pytest.approx(1.5 / 4)
+    assert FileProgress(plane=4, n_planes=4).fraction == 1.0
+
+
+def test_run_file_yields_file_progress_and_returns_the_outputs(tmp_path, model_file):
+    from cellfit.batch import LoadedModel, Settings, run_file
+    from cellfit.file_prediction import FileProgress
+
+    (path,) = make_inputs(tmp_path / "in", n=1, planes=3)
+    settings = Settings(device="cpu")
+    gen = run_file(LoadedModel(model_file, settings), path, tmp_path / "o" / "f0_labels.tif",
+                   None, settings)
+    events = []
+    while True:
+        try:
+            events.append(next(gen))
+        except StopIteration as stop:
+            outputs = stop.value
+            break
+    assert events and all(isinstance(ev, FileProgress) for ev in events)
+    finished = [ev.plane for ev in events if not ev.tiles_total]
+    assert finished == [1, 2, 3] and events[-1].n_planes == 3 and events[-1].fraction == 1.0
+    assert outputs == (tmp_path / "o" / "f0_labels.tif",)
+    assert tifffile.imread(outputs[0]).shape == (3, 48, 64)
+
+
+def test_more_objects_than_16_bit_labels_hold_are_written_as_32_bit(tmp_path, model_file):
+    """A stack is written with 16-bit labels; a plane with more objects makes the file
+    be written again with 32-bit labels, and a notice says so."""
+    from cellfit.batch import LoadedModel, Settings, run_file
+
+    (path,) = make_inputs(tmp_path / "in", n=1, planes=2, shape=(260, 260))
+    settings = Settings(device="cpu", tile=256)
+    model = LoadedModel(model_file, settings)
+    many = (np.arange(260 * 260, dtype=np.int64).reshape(260, 260) + 1)  # 67600 objects
+    model.labels = lambda probs: many
+    out = tmp_path / "o" / "f0_labels.tif"
+    gen = run_file(model, path, out, None, settings)
+    notices = []
+    while True:
+        try:
+            ev = next(gen)
+        except StopIteration as stop:
+            outputs = stop.value
+            break
+        if ev.notice:
+            notices.append(ev.notice)
+    assert notices == ["f0.tif: more than 65535 objects, writing 32-bit labels"]
+    labels = tifffile.imread(outputs[0])
+    assert labels.dtype == np.uint32 and labels.max() == 260 * 260
+    assert sorted(os.listdir(out.parent)) == ["f0_labels.tif"]  # no temporaries left
+
+
+def test_a_failed_file_keeps_its_error_and_the_cli_names_the_flag(tmp_path, model_file, capsys,
+                                                                  monkeypatch):
+    import cellfit.batch as cbatch
+    from cellfit.errors import CellfitError
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+        yield
+
+    monkeypatch.setattr(cbatch, "run_file", out_of_memory)
+    make_inputs(tmp_path / "in", n=1)
+    (ev,) = run(model_file, [tmp_path / "in"], tmp_path / "o")
+    assert ev.status == "failed" and isinstance(ev.error, CellfitError)
+    assert ev.error.setting == "tile"
+    assert ev.error.worded({"tile": "TILE"}).endswith("use a smaller TILE or split the stack.")
+    assert str(ev.error).startswith("f0.tif is too large for this machine's memory")
+    code, err = cli(capsys, "predict", model_file, tmp_path / "in", "--out", tmp_path / "o",
+                    "--device", "cpu")
+    assert code == 1
+    assert "f0.tif is too large for this machine's memory: use a smaller --tile or split " \
+           "the stack." in err
+
+
+def test_the_labels_dtype_and_temporary_names_are_public(tmp_path):
+    from cellfit.outputs import label_dtype, remove_stale_temporaries, tmp_name
+
+    assert [label_dtype(n) for n in (0, 255, 256, 65535, 65536)] == [
+        np.uint8, np.uint8, np.uint16, np.uint16, np.uint32]
+    out = tmp_path / "a_labels.tif"
+    t = tmp_name(out)
+    assert t.parent == tmp_path and t.name.startswith(".a_labels.tif.") and t.suffix == ".part"
+    t.write_bytes(b"half")
+    remove_stale_temporaries(out)  # recognises its own temporary names
+    assert not t.exists()

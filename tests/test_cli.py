@@ -573,3 +573,38 @@ def test_predict_takes_a_cell_diameter_only_for_models_of_any_cell_size(data, ca
     code, _, err = run(capsys, "predict", data / "m.cellfit", data / "img", "--out",
                        data / "p", "--diameter", "20", "--device", "cpu")
     assert code == 2 and "leave --diameter out" in err and "Traceback" not in err
+
+
+def test_flags_name_every_setting_an_engine_error_can_name():
+    from cellfit.cli import FLAGS
+    from cellfit.errors import SETTING_WORDS, CellfitError
+
+    assert set(FLAGS) == set(SETTING_WORDS)
+    err = CellfitError("needs their diameter: give {setting}.", setting="diameter")
+    assert err.worded(FLAGS) == "needs their diameter: give --diameter PIXELS."
+    assert CellfitError("leave {setting} out.", setting="diameter_option").worded(FLAGS) == (
+        "leave --diameter out.")
+
+
+def test_the_training_length_comes_from_train_config():
+    import argparse
+
+    from cellfit.cli import _time_limit, build_parser
+    from cellfit.train import TrainConfig
+
+    ns = argparse.Namespace
+    assert _time_limit(ns(time_limit=None, steps=None)) == TrainConfig.time_limit
+    assert _time_limit(ns(time_limit=None, steps=5)) is None  # --steps alone: steps end it
+    assert _time_limit(ns(time_limit=12.0, steps=5)) == 12.0
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert f"default {TrainConfig.time_limit:g} unless" in " ".join(help_text.split())
+
+
+def test_the_demo_has_its_own_short_default(monkeypatch):
+    import cellfit.cli as ccli
+    from cellfit.demo import DEMO_SECONDS
+
+    seen = {}
+    monkeypatch.setattr(ccli, "run_demo", lambda out, **kw: seen.update(kw) or 0)
+    assert main(["demo", "--device", "cpu"]) == 0
+    assert seen["time_limit"] == DEMO_SECONDS == 60.0

@@ -59,3 +59,17 @@ def test_other_channel_mismatches_are_errors(have, want):
         CellfitError, match=f"has {have} channels but the model was trained on {want}"
     ):
         match_channels(x, want)
+
+
+def test_sample_steps_bound_the_pixels_percentiles_read(monkeypatch):
+    import cellfit.normalize as cnorm
+
+    assert cnorm.sample_steps(1, 100, 100) == (1, 1)
+    monkeypatch.setattr(cnorm, "MAX_SAMPLES", 1000)
+    step, plane_step = cnorm.sample_steps(10, 200, 300)
+    read = -(-10 // plane_step) * -(-200 // step) * -(-300 // step)
+    assert read <= 2 * 1000
+    rng = np.random.default_rng(0)
+    planes = rng.random((10, 1, 200, 300))
+    sample = planes[::plane_step, 0, ::step, ::step]
+    np.testing.assert_allclose(percentiles(planes, 1, 99)[0], np.percentile(sample, [1, 99]))

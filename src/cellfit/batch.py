@@ -32,6 +32,7 @@ from cellfit.file_prediction import (
     FileEvent,
     FileProgress,
     LoadedModel,
+    OutputWriter,  # noqa: F401  (until benchmarks/speed.py takes it from file_prediction)
     Settings,
     fingerprint,
     join_notices,
@@ -40,10 +41,7 @@ from cellfit.file_prediction import (
     run_file,
 )
 from cellfit.io import expand_inputs, open_image
-from cellfit.outputs import (
-    file_digest,
-    label_dtype,  # noqa: F401  (old home; until plugin/writers.py switches)
-)
+from cellfit.outputs import file_digest
 from cellfit.predict import DEFAULT_OVERLAP, DEFAULT_TILE
 from cellfit.starting import estimate_diameter, is_starting, needs_diameter, starting_model_path
 
@@ -59,7 +57,7 @@ __all__ = [
 ]
 
 #: the old name of :class:`~cellfit.file_prediction.LoadedModel`, until its last users
-#: (tests/test_stream.py, benchmarks/predict.py) switch
+#: (tests/test_stream.py, benchmarks/predict.py, benchmarks/speed.py) switch
 Engine = LoadedModel
 
 

@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="annotation TIFFs or a folder (paired with images by file name)")
     t.add_argument("--out", required=True, metavar="MODEL", help="model file to write")
     t.add_argument("--time-limit", type=_positive_float, metavar="SECONDS",
-                   help=f"stop after this many seconds (default {TrainConfig.time_limit or 0:g} "
+                   help=f"stop after this many seconds (default {TrainConfig.time_limit:g} "
                    "unless --steps is given)")
     t.add_argument("--steps", type=_positive_int, metavar="N", help="stop after N steps")
     t.add_argument("--init", metavar="MODEL",
