@@ -13,9 +13,8 @@ import tifffile
 from cellfit.synthetic import sparse_annotation, synthetic_cells
 from cellfit.train import TrainConfig, TrainEvent
 
-TINY = {"patch_size": 64, "val_every": 2, "warmup_steps": 1, "device": "cpu"}
+TINY = {"patch_size": 64, "val_every": 2, "warmup_steps": 1, "device": "cpu", "preview_every": 0.0}
 ONE = {"threads": 1}  # one torch thread: fast and steady on a small, shared CPU
-EVERY_STEP = {"preview_every": 0.0}  # a live preview at every step
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
@@ -125,7 +124,7 @@ def test_train_job_yields_previews_and_returns_model(tiny_data):
     img, ann = tiny_data
     config = TrainConfig(steps=3, **TINY)
     job = TrainJob([planes_of(img)], [ann[None]], config,
-                   preview=(0, planes_of(img)[0]), **EVERY_STEP, **ONE)
+                   preview=(0, planes_of(img)[0]), **ONE)
     gen = job.run()
     updates = []
     while True:
@@ -280,8 +279,7 @@ def test_train_job_preview_follows_the_slice_on_screen():
     frames = [synthetic_cells((96, 96), n_cells=8, seed=s) for s in (1, 2)]
     stack = planes_of(np.stack([f[0] for f in frames]))
     ann = np.stack([sparse_annotation(frames[0][1], fraction=0.6, seed=1), np.zeros((96, 96), np.uint16)])
-    job = TrainJob([stack], [ann], TrainConfig(steps=4, **TINY), preview=(0, stack[0]),
-                   **EVERY_STEP, **ONE)
+    job = TrainJob([stack], [ann], TrainConfig(steps=4, **TINY), preview=(0, stack[0]), **ONE)
     gen = job.run()
     first = next(gen)
     assert first.preview_plane == 0

@@ -44,18 +44,20 @@ def _n_notes() -> int:
     return len(notification_manager.records)
 
 
-def _paint(layer, annotation: np.ndarray, lead: tuple = ()) -> None:
-    """Paint an annotation into a Labels layer the way a brush does (undoable edits)."""
+def _paint(layer, annotation: np.ndarray, position: tuple = ()) -> None:
+    """Paint an annotation into a Labels layer the way a brush does (undoable edits), at
+    ``position`` in the stack axes."""
     yy, xx = np.nonzero(annotation)
-    index = (*(np.full(yy.shape, i) for i in lead), yy, xx)
+    index = (*(np.full(yy.shape, i) for i in position), yy, xx)
     layer.data_setitem(index, annotation[yy, xx].astype(layer.data.dtype))
 
 
 def _tiny_training(widget, steps: int = 4) -> None:
-    widget.train_panel.budget_unit.setCurrentIndex(widget.train_panel.budget_unit.findData("steps"))
-    widget.train_panel.budget_spin.setValue(steps)
-    widget.train_panel.patch_combo.setCurrentIndex(widget.train_panel.patch_combo.findData("128"))
-    widget.train_panel.device_combo.setCurrentIndex(widget.train_panel.device_combo.findData("cpu"))
+    train = widget.train_panel
+    train.budget_unit.setCurrentIndex(train.budget_unit.findData("steps"))
+    train.budget_spin.setValue(steps)
+    train.patch_combo.setCurrentIndex(train.patch_combo.findData("128"))
+    train.device_combo.setCurrentIndex(train.device_combo.findData("cpu"))
 
 
 def _wait_idle(qtbot, widget, timeout: float = 60.0) -> None:
@@ -104,37 +106,39 @@ def test_the_whole_loop(make_napari_viewer, qtbot, tmp_path, nuclei_crop):
     img, truth_ann = nuclei_crop
     viewer.add_image(img, name="nuclei")
     widget = _open_widget(viewer)
+    annotate, train = widget.annotate_panel, widget.train_panel
+    segment, models = widget.segment_panel, widget.model_panel
     assert widget.image_combo.currentText() == "nuclei"
-    assert not widget.train_panel.train_button.isEnabled() or widget.annotate_panel.annotation_layer() is None
+    assert not train.train_button.isEnabled() or annotate.annotation_layer() is None
 
     # annotate: one click makes the layer with painting defaults
-    widget.annotate_panel.create_button.click()
+    annotate.create_button.click()
     ann = viewer.layers["nuclei annotation"]
     assert isinstance(ann, Labels) and ann.data.shape == img.shape
     assert ann.mode == "paint" and ann.selected_label == 2 and ann.n_edit_dimensions == 2
     assert viewer.layers.selection.active is ann
-    widget.annotate_panel.bg_button.click()
+    annotate.bg_button.click()
     assert ann.selected_label == 1
     _paint(ann, truth_ann)
-    widget.annotate_panel.cell_button.click()
+    annotate.cell_button.click()
     assert ann.selected_label == int(truth_ann.max()) + 1
     n_cells = len(np.setdiff1d(np.unique(truth_ann), [0, 1]))
-    qtbot.waitUntil(lambda: f"{n_cells} cells" in widget.annotate_panel.count_label.text(), timeout=5000)
+    qtbot.waitUntil(lambda: f"{n_cells} cells" in annotate.count_label.text(), timeout=5000)
     viewer.reset_view()
     shots("1_annotate", qtbot)
 
     # train: a live preview appears while it runs; Stop ends it early
     widget.tabs.setCurrentIndex(1)
     if DOCS_MODE:  # a step budget: the same model whatever the machine's load
-        widget.train_panel.budget_unit.setCurrentIndex(widget.train_panel.budget_unit.findData("steps"))
-        widget.train_panel.budget_spin.setValue(int(os.environ.get("CELLFIT_SCREENSHOT_STEPS", "60")))
+        train.budget_unit.setCurrentIndex(train.budget_unit.findData("steps"))
+        train.budget_spin.setValue(int(os.environ.get("CELLFIT_SCREENSHOT_STEPS", "60")))
     else:
         _tiny_training(widget, steps=200)
-    assert widget.train_panel.fresh_check.isEnabled() is False
-    widget.train_panel.train_button.click()
-    assert widget.runner.kind == "train" and widget.train_panel.stop_button.isEnabled()
+    assert train.fresh_check.isEnabled() is False
+    train.train_button.click()
+    assert widget.runner.kind == "train" and train.stop_button.isEnabled()
     assert "nuclei labels" in viewer.layers  # added at once, filled by the first preview
-    qtbot.waitUntil(lambda: widget.train_panel.first_preview_seconds is not None, timeout=60_000)
+    qtbot.waitUntil(lambda: train.first_preview_seconds is not None, timeout=60_000)
     prob, lab = viewer.layers["nuclei probability"], viewer.layers["nuclei labels"]
     assert prob.data.any()
     assert isinstance(prob, Image) and isinstance(lab, Labels)
@@ -142,19 +146,19 @@ def test_the_whole_loop(make_napari_viewer, qtbot, tmp_path, nuclei_crop):
     assert prob.data.dtype == np.float32 and prob.contrast_limits == [0.0, 1.0]
     assert viewer.layers.selection.active is ann  # painting goes on undisturbed
     if DOCS_MODE:
-        qtbot.waitUntil(lambda: widget.runner.job is None or len(widget.train_panel.plot.val_steps) >= 2,
+        qtbot.waitUntil(lambda: widget.runner.job is None or len(train.plot.val_steps) >= 2,
                         timeout=200_000)
     else:
-        qtbot.waitUntil(lambda: len(widget.train_panel.plot.steps) >= 2, timeout=60_000)
+        qtbot.waitUntil(lambda: len(train.plot.steps) >= 2, timeout=60_000)
     shots("2_training", qtbot)
     if not DOCS_MODE:
-        widget.train_panel.stop_button.click()
+        train.stop_button.click()
     _wait_idle(qtbot, widget, 200)
-    res = widget.train_panel.last_result
+    res = train.last_result
     assert res.error is None and widget.state.model is not None
     assert res.stopped is (not DOCS_MODE)
-    assert widget.train_panel.stop_seconds is None or widget.train_panel.stop_seconds < 30
-    assert widget.train_panel.train_button.text() == "Train more (fine-tune)"
+    assert train.stop_seconds is None or train.stop_seconds < 30
+    assert train.train_button.text() == "Train more (fine-tune)"
     # by default a new model starts from the shipped starting model (its record first)
     assert res.record["init"] == "cellfit starting model"
     n_pretrain = len(widget.state.info.training) - 1
@@ -163,14 +167,14 @@ def test_the_whole_loop(make_napari_viewer, qtbot, tmp_path, nuclei_crop):
 
     # correct: copy the predicted cells the user keeps into the annotation
     widget.tabs.setCurrentIndex(0)
-    assert widget.annotate_panel.copy_button.isEnabled()  # there is a prediction to copy now
+    assert annotate.copy_button.isEnabled()  # there is a prediction to copy now
     keep = lab.data.copy()
     ids = np.setdiff1d(np.unique(keep), [0, *np.unique(keep[truth_ann >= 2])])
     if ids.size == 0:  # a few steps may predict no unpainted cell: stand in for a prediction
         keep = np.where(truth_ann == 0, synthetic_cells(img.shape, seed=5)[1], 0)
         lab.data = keep.astype(lab.data.dtype)
     before = int(ann.data.max())
-    copied = widget.annotate_panel.use_prediction_as_annotation()
+    copied = annotate.use_prediction_as_annotation()
     assert copied >= 1 and int(ann.data.max()) == max(before, 1) + copied
     assert np.all(ann.data[truth_ann > 0] == truth_ann[truth_ann > 0])  # painting kept
     ann.undo()
@@ -182,22 +186,22 @@ def test_the_whole_loop(make_napari_viewer, qtbot, tmp_path, nuclei_crop):
     widget.tabs.setCurrentIndex(1)
     model_before = widget.state.model
     if DOCS_MODE:
-        widget.train_panel.budget_spin.setValue(60)  # steps: a short fine-tune can set a model back
+        train.budget_spin.setValue(60)  # steps: a short fine-tune can set a model back
     else:
         _tiny_training(widget, steps=3)
-    widget.train_panel.train_button.click()
+    train.train_button.click()
     _wait_idle(qtbot, widget, 200)
-    assert widget.train_panel.last_result.error is None
+    assert train.last_result.error is None
     assert widget.state.model is model_before and len(widget.state.info.training) == n_pretrain + 2
 
     # predict the image
     widget.tabs.setCurrentIndex(2)
-    widget.segment_panel.predict_button.click()
+    segment.predict_button.click()
     _wait_idle(qtbot, widget)
-    pres = widget.segment_panel.last_predict_result
+    pres = segment.last_predict_result
     assert pres.error is None and pres.planes == [0]
     assert viewer.layers["nuclei labels"].data.shape == img.shape
-    assert "Segmented 'nuclei'" in widget.segment_panel.seg_status.text()
+    assert "Segmented 'nuclei'" in segment.seg_status.text()
     ann.visible = False  # look at the segmentation itself
     shots("4_segment", qtbot)
     ann.visible = True
@@ -207,32 +211,32 @@ def test_the_whole_loop(make_napari_viewer, qtbot, tmp_path, nuclei_crop):
     src.mkdir()
     tifffile.imwrite(src / "one.tif", img[:96, :96])
     tifffile.imwrite(src / "two.tif", np.stack([img[:96, :96], img[96:192, 96:192]]))
-    widget.segment_panel.in_edit.setText(str(src))
-    widget.segment_panel.out_edit.setText(str(out))
-    widget.segment_panel.prob_check.setChecked(True)
-    widget.segment_panel.batch_button.click()
+    segment.in_edit.setText(str(src))
+    segment.out_edit.setText(str(out))
+    segment.prob_check.setChecked(True)
+    segment.batch_button.click()
     _wait_idle(qtbot, widget)
-    bres = widget.segment_panel.last_batch_result
+    bres = segment.last_batch_result
     assert bres.error is None and bres.done == 2 and not bres.failed
     assert tifffile.imread(out / "two_labels.tif").shape == (2, 96, 96)
     assert (out / "one_prob.tif").exists()
-    assert "Folder done: 2 files segmented" in widget.segment_panel.seg_status.text()
-    first = widget.segment_panel.last_batch_result
-    widget.segment_panel.batch_button.click()  # again: finished files are kept, not redone
-    qtbot.waitUntil(lambda: widget.segment_panel.last_batch_result is not first, timeout=120_000)
+    assert "Folder done: 2 files segmented" in segment.seg_status.text()
+    first = segment.last_batch_result
+    segment.batch_button.click()  # again: finished files are kept, not redone
+    qtbot.waitUntil(lambda: segment.last_batch_result is not first, timeout=120_000)
     _wait_idle(qtbot, widget)
-    assert widget.segment_panel.last_batch_result.skipped == 2 and widget.segment_panel.last_batch_result.done == 0
-    assert "tick Replace existing results" in widget.segment_panel.seg_status.text()
+    assert segment.last_batch_result.skipped == 2 and segment.last_batch_result.done == 0
+    assert "tick Replace existing results" in segment.seg_status.text()
 
     # models: save, show the record, load it back
-    path = widget.model_panel.save_model_file(tmp_path / "cells")
+    path = models.save_model_file(tmp_path / "cells")
     assert path == tmp_path / "cells.cellfit" and path.exists()
     widget.tabs.setCurrentIndex(3)
-    text = widget.model_panel.record_view.toPlainText()
+    text = models.record_view.toPlainText()
     assert "Run 2" in text and "Run 1" in text and "fine-tuned" in text
     assert "Validation" in text and "cells" in text
     shots("5_model", qtbot)
-    assert widget.model_panel.load_model_file(path)
+    assert models.load_model_file(path)
     assert len(widget.state.info.training) == n_pretrain + 2
 
     # the labels writer of the manifest
@@ -251,21 +255,23 @@ def test_stack_annotate_one_slice_and_preview_it(make_napari_viewer, qtbot):
     stack = np.stack([f[0] for f in frames])
     viewer.add_image(stack, name="movie")
     widget = _open_widget(viewer)
+    annotate, train, segment = widget.annotate_panel, widget.train_panel, widget.segment_panel
     viewer.dims.set_current_step(0, 1)
     assert widget.state.current_plane() == 1
-    ann = widget.annotate_panel.create_annotation_layer()
+    ann = annotate.create_annotation_layer()
     assert ann.data.shape == (3, 96, 96) and ann.n_edit_dimensions == 2
-    _paint(ann, sparse_annotation(frames[1][1], fraction=0.6, seed=0), lead=(1,))
-    qtbot.waitUntil(lambda: "in 1 slice" in widget.annotate_panel.count_label.text(), timeout=5000)
-    assert "this slice:" in widget.annotate_panel.count_label.text()
+    _paint(ann, sparse_annotation(frames[1][1], fraction=0.6, seed=0), position=(1,))
+    qtbot.waitUntil(lambda: "in 1 slice" in annotate.count_label.text(), timeout=5000)
+    assert "this slice:" in annotate.count_label.text()
 
     _tiny_training(widget, steps=3)
-    widget.runner.napari_progress = True  # as with a GPU-drawn window: napari's bar in the activity dock
-    widget.train_panel.train_button.click()
+    # as with a GPU-drawn window: napari's bar in the activity dock
+    widget.runner.napari_progress = True
+    train.train_button.click()
     assert widget.runner.pbar is not None and widget.runner.pbar.total == 1000
     _wait_idle(qtbot, widget)
     assert widget.runner.pbar is None
-    assert widget.train_panel.last_result.error is None
+    assert train.last_result.error is None
     prob = viewer.layers["movie probability"]
     lab = viewer.layers["movie labels"]
     assert isinstance(lab, Labels) and prob.data.shape == lab.data.shape == (3, 96, 96)
@@ -273,20 +279,22 @@ def test_stack_annotate_one_slice_and_preview_it(make_napari_viewer, qtbot):
 
     # segment the current slice only, then all slices
     viewer.dims.set_current_step(0, 2)
-    widget.segment_panel.slices_combo.setCurrentIndex(widget.segment_panel.slices_combo.findData("current"))
-    widget.segment_panel.predict_button.click()
+    segment.slices_combo.setCurrentIndex(segment.slices_combo.findData("current"))
+    segment.predict_button.click()
     _wait_idle(qtbot, widget)
-    assert widget.segment_panel.last_predict_result.planes == [2]
+    assert segment.last_predict_result.planes == [2]
     assert prob.data[2].any() and not prob.data[0].any()
-    widget.segment_panel.slices_combo.setCurrentIndex(widget.segment_panel.slices_combo.findData("all"))
-    widget.segment_panel.predict_button.click()
+    segment.slices_combo.setCurrentIndex(segment.slices_combo.findData("all"))
+    segment.predict_button.click()
     _wait_idle(qtbot, widget)
-    assert widget.segment_panel.last_predict_result.planes == [0, 1, 2] and prob.data[0].any()
+    assert segment.last_predict_result.planes == [0, 1, 2] and prob.data[0].any()
 
 
 def test_error_paths_notify_one_sentence(make_napari_viewer, qtbot, tmp_path):
     viewer = make_napari_viewer()
     widget = _open_widget(viewer)
+    annotate, train = widget.annotate_panel, widget.train_panel
+    segment, models = widget.segment_panel, widget.model_panel
 
     def expect(action, words: str) -> None:
         n = _n_notes()
@@ -297,41 +305,41 @@ def test_error_paths_notify_one_sentence(make_napari_viewer, qtbot, tmp_path):
         assert words in errors[-1], errors
         assert errors[-1].count(". ") <= 1  # one sentence (a second short clause at most)
 
-    expect(widget.train_panel.start_training, "Open an image first")
-    expect(widget.annotate_panel.create_annotation_layer, "Open an image first")
+    expect(train.start_training, "Open an image first")
+    expect(annotate.create_annotation_layer, "Open an image first")
     img, lab = synthetic_cells((96, 96), n_cells=6, seed=4)
     viewer.add_image(img, name="cells")
-    expect(widget.train_panel.start_training, "There is no annotation yet")
-    expect(widget.segment_panel.predict_image, "There is no model yet")
-    expect(widget.segment_panel.predict_folder, "There is no model yet")
-    expect(widget.annotate_panel.use_prediction_as_annotation, "no 'cells labels' layer yet")
-    ann = widget.annotate_panel.create_annotation_layer()
-    expect(widget.train_panel.start_training, "Nothing is annotated yet")
+    expect(train.start_training, "There is no annotation yet")
+    expect(segment.predict_image, "There is no model yet")
+    expect(segment.predict_folder, "There is no model yet")
+    expect(annotate.use_prediction_as_annotation, "no 'cells labels' layer yet")
+    ann = annotate.create_annotation_layer()
+    expect(train.start_training, "Nothing is annotated yet")
     _paint(ann, np.where(sparse_annotation(lab, seed=0) > 0, 1, 0))  # background only
     _tiny_training(widget, steps=2)
-    expect(widget.train_panel.start_training, "no cell is annotated (only background)")  # from the engine
+    expect(train.start_training, "no cell is annotated (only background)")  # from the engine
     _paint(ann, sparse_annotation(lab, fraction=0.7, seed=0))
-    expect(lambda: widget.model_panel.load_model_file(tmp_path / "missing.cellfit"), "does not exist")
+    expect(lambda: models.load_model_file(tmp_path / "missing.cellfit"), "does not exist")
     bad = tmp_path / "bad.cellfit"
     bad.write_bytes(b"\x80\x04 pickled")
-    expect(lambda: widget.model_panel.load_model_file(bad), "pickled PyTorch file")
-    expect(lambda: widget.model_panel.save_model_file(tmp_path / "m.cellfit"), "no model to save yet")
+    expect(lambda: models.load_model_file(bad), "pickled PyTorch file")
+    expect(lambda: models.save_model_file(tmp_path / "m.cellfit"), "no model to save yet")
 
-    widget.train_panel.train_button.click()
+    train.train_button.click()
     _wait_idle(qtbot, widget)
-    assert widget.train_panel.last_result.error is None
-    expect(widget.segment_panel.predict_folder, "Choose the folder of TIFF images")
-    widget.segment_panel.in_edit.setText(str(tmp_path / "nowhere"))
-    expect(widget.segment_panel.predict_folder, "Choose a folder for the results")
-    widget.segment_panel.out_edit.setText(str(tmp_path / "out"))
-    expect(widget.segment_panel.predict_folder, "does not exist")  # from the engine, through the worker
+    assert train.last_result.error is None
+    expect(segment.predict_folder, "Choose the folder of TIFF images")
+    segment.in_edit.setText(str(tmp_path / "nowhere"))
+    expect(segment.predict_folder, "Choose a folder for the results")
+    segment.out_edit.setText(str(tmp_path / "out"))
+    expect(segment.predict_folder, "does not exist")  # from the engine, through the worker
     src = tmp_path / "in"
     src.mkdir()
     tifffile.imwrite(src / "ok.tif", img)
     (src / "broken.tif").write_bytes(b"nope")
-    widget.segment_panel.in_edit.setText(str(src))
-    expect(widget.segment_panel.predict_folder, "broken.tif was not segmented")
-    assert widget.segment_panel.last_batch_result.done == 1
+    segment.in_edit.setText(str(src))
+    expect(segment.predict_folder, "broken.tif was not segmented")
+    assert segment.last_batch_result.done == 1
 
 
 @pytest.mark.slow
@@ -351,16 +359,17 @@ def test_opening_the_widget_in_a_running_napari_does_not_crash(tmp_path):
             dock, widget = viewer.window.add_plugin_dock_widget(
                 "napari-cellfit", "Annotate, train & segment")
             assert sys.modules.get("triton", 0) is None, "triton must be blocked"
+            train = widget.train_panel
             ann = widget.annotate_panel.create_annotation_layer()
             ann.data[5:15, 5:15] = 2
             ann.data[30:40, 30:40] = 3
             ann.data[50:60, :] = 1
-            widget.train_panel.budget_unit.setCurrentIndex(widget.train_panel.budget_unit.findData("steps"))
-            widget.train_panel.budget_spin.setValue(2)
-            widget.train_panel.patch_combo.setCurrentIndex(0)
-            widget.train_panel.start_training()
+            train.budget_unit.setCurrentIndex(train.budget_unit.findData("steps"))
+            train.budget_spin.setValue(2)
+            train.patch_combo.setCurrentIndex(0)
+            train.start_training()
             assert widget.wait(120), "training did not finish"
-            assert widget.train_panel.last_result.error is None, widget.train_panel.last_result.error
+            assert train.last_result.error is None, train.last_result.error
             viewer.close()
             print("OPENED-AND-TRAINED")
             """
@@ -378,19 +387,20 @@ def test_opening_the_widget_in_a_running_napari_does_not_crash(tmp_path):
 def test_rgb_and_several_annotated_images(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     widget = _open_widget(viewer)
+    annotate, train = widget.annotate_panel, widget.train_panel
     img, lab = synthetic_cells((80, 90), n_cells=6, seed=8)
     rgb = np.stack([img // 16, img // 20, img // 24], axis=-1).astype(np.uint8)
     viewer.add_image(rgb, name="colour", rgb=True)
     viewer.add_image(img, name="gray")
     widget.image_combo.setCurrentText("colour")
-    ann_rgb = widget.annotate_panel.create_annotation_layer()
+    ann_rgb = annotate.create_annotation_layer()
     assert ann_rgb.data.shape == (80, 90)  # no colour axis in the annotation
     _paint(ann_rgb, sparse_annotation(lab, fraction=0.5, seed=1))
     widget.image_combo.setCurrentText("gray")
-    ann_gray = widget.annotate_panel.create_annotation_layer()
+    ann_gray = annotate.create_annotation_layer()
     assert ann_gray.name == "gray annotation"
     _paint(ann_gray, sparse_annotation(lab, fraction=0.5, seed=2))
-    images, anns, used = widget.train_panel.training_data(widget.state.image_layer(), ann_gray)
+    images, anns, used = train.training_data(widget.state.image_layer(), ann_gray)
     assert used == ["gray", "colour"]
     assert images[0].shape == (1, 1, 80, 90) and images[1].shape == (1, 3, 80, 90)
     assert anns[1].shape == (1, 80, 90)
@@ -414,61 +424,64 @@ def test_train_starts_from_the_starting_model_unless_scratch(make_napari_viewer,
     from cellfit.train import TrainConfig
 
     _viewer, widget, _ann, _lab = _painted_widget(make_napari_viewer, qtbot)
+    train, segment, models = widget.train_panel, widget.segment_panel, widget.model_panel
     n_pretrain = len(read_model_info(starting_model_path()).training)
     default_lr = TrainConfig().lr
     # the default: a new model from the starting model, with the engine's settings
-    assert widget.train_panel.start_combo.currentData() == "starting"
-    assert widget.train_panel.train_plan() == "starting" and widget.train_panel.train_button.text() == "Train"
-    assert not widget.train_panel.encoder_combo.isEnabled()  # the starting model has its own size
-    cfg = widget.train_panel.train_config(widget.train_panel.train_plan())
+    assert train.start_combo.currentData() == "starting"
+    assert train.train_plan() == "starting" and train.train_button.text() == "Train"
+    assert not train.encoder_combo.isEnabled()  # the starting model has its own size
+    cfg = train.train_config(train.train_plan())
     assert cfg.init == "starting" and cfg.lr == default_lr
-    widget.train_panel.train_button.click()
+    train.train_button.click()
     _wait_idle(qtbot, widget)
-    res = widget.train_panel.last_result
+    res = train.last_result
     assert res.error is None and res.record["init"] == "cellfit starting model"
     assert res.record["lr"] == TrainConfig().finetune_lr < default_lr
     assert len(widget.state.info.training) == n_pretrain + 1
     assert widget.state.info.cell_diameter and not needs_diameter(widget.state.info)
-    assert widget.state.model_path is None and not widget.state.model_saved  # a new model, not the file
-    assert widget.segment_panel.diameter_box.isHidden()  # it learnt the size of the painted cells
-    assert "fine-tuned from the cellfit starting model" in widget.model_panel.record_view.toPlainText()
+    # a new model, not the file
+    assert widget.state.model_path is None and not widget.state.model_saved
+    assert segment.diameter_box.isHidden()  # it learnt the size of the painted cells
+    assert "fine-tuned from the cellfit starting model" in models.record_view.toPlainText()
 
     # Train again fine-tunes the user's model, with the smaller learning rate
-    assert widget.train_panel.train_plan() == "fine-tune"
-    assert widget.train_panel.train_button.text() == "Train more (fine-tune)"
-    assert not widget.train_panel.start_combo.isEnabled()
-    cfg = widget.train_panel.train_config(widget.train_panel.train_plan())
+    assert train.train_plan() == "fine-tune"
+    assert train.train_button.text() == "Train more (fine-tune)"
+    assert not train.start_combo.isEnabled()
+    cfg = train.train_config(train.train_plan())
     assert cfg.init is None and cfg.finetune_lr < cfg.lr  # the model in memory is fine-tuned
 
     # a new model from scratch
-    widget.train_panel.fresh_check.setChecked(True)
-    widget.train_panel.start_combo.setCurrentIndex(widget.train_panel.start_combo.findData("scratch"))
-    assert widget.train_panel.train_plan() == "scratch" and widget.train_panel.encoder_combo.isEnabled()
-    widget.train_panel.train_button.click()
+    train.fresh_check.setChecked(True)
+    train.start_combo.setCurrentIndex(train.start_combo.findData("scratch"))
+    assert train.train_plan() == "scratch" and train.encoder_combo.isEnabled()
+    train.train_button.click()
     _wait_idle(qtbot, widget)
-    res = widget.train_panel.last_result
+    res = train.last_result
     assert res.error is None and res.record["init"] is None
     assert len(widget.state.info.training) == 1 and widget.state.info.cell_diameter is None
-    assert "trained from scratch" in widget.model_panel.record_view.toPlainText()
+    assert "trained from scratch" in models.record_view.toPlainText()
 
 
 def test_the_dock_says_when_the_starting_model_cannot_serve(make_napari_viewer, qtbot):
     _viewer, widget, ann, _lab = _painted_widget(make_napari_viewer, qtbot, seed=5)
+    train = widget.train_panel
     # classes (semantic) mode: the starting model segments cells, so training starts
     # from scratch and the dock says why
     classes = np.where(np.asarray(ann.data) >= 2, 2, ann.data).astype(ann.data.dtype)
     ann.data = classes
-    widget.train_panel.mode_combo.setCurrentIndex(widget.train_panel.mode_combo.findData("semantic"))
-    assert widget.train_panel.train_plan() == "starting"
+    train.mode_combo.setCurrentIndex(train.mode_combo.findData("semantic"))
+    assert train.train_plan() == "starting"
     n = _n_notes()
-    widget.train_panel.train_button.click()
+    train.train_button.click()
     _wait_idle(qtbot, widget)
-    assert widget.train_panel.last_result.error is None
+    assert train.last_result.error is None
     warnings = [m for sev, m in _notes(n) if sev == "warning"]
     assert any("semantic mode" in m and "training from scratch instead" in m for m in warnings), (
         warnings
     )
-    assert widget.state.info.mode == "semantic" and widget.train_panel.last_result.record["init"] is None
+    assert widget.state.info.mode == "semantic" and train.last_result.record["init"] is None
 
 
 def test_segment_with_the_starting_model_as_is(make_napari_viewer, qtbot, tmp_path):
@@ -477,57 +490,58 @@ def test_segment_with_the_starting_model_as_is(make_napari_viewer, qtbot, tmp_pa
 
     viewer = make_napari_viewer()
     widget = _open_widget(viewer)
+    train, segment, models = widget.train_panel, widget.segment_panel, widget.model_panel
     img, _labels, _ = scene("fluo_nuclei", (192, 192), 30, seed=3)
     viewer.add_image(img, name="nuclei")
-    assert not widget.segment_panel.starting_button.isHidden() and widget.segment_panel.diameter_box.isHidden()
-    assert not widget.segment_panel.predict_button.isEnabled()
-    assert widget.model_panel.use_starting_model()
+    assert not segment.starting_button.isHidden() and segment.diameter_box.isHidden()
+    assert not segment.predict_button.isEnabled()
+    assert models.use_starting_model()
     assert needs_diameter(widget.state.info) and widget.state.model_saved
-    assert widget.segment_panel.starting_button.isHidden() and not widget.segment_panel.diameter_box.isHidden()
+    assert segment.starting_button.isHidden() and not segment.diameter_box.isHidden()
     assert "starting model" in widget.model_label.text()
-    assert widget.train_panel.train_plan() == "adapt"  # Train would adapt it, with the engine's settings
-    assert widget.train_panel.train_config("adapt").init == "starting"
+    assert train.train_plan() == "adapt"  # Train would adapt it, with the engine's settings
+    assert train.train_config("adapt").init == "starting"
 
     # Estimate runs in the background and fills the field
     widget.tabs.setCurrentIndex(2)
-    widget.segment_panel.estimate_button.click()
+    segment.estimate_button.click()
     assert widget.runner.kind == "estimate"
     _wait_idle(qtbot, widget)
-    est = widget.segment_panel.last_diameter_result
+    est = segment.last_diameter_result
     assert est.error is None and est.diameter > 0
-    assert widget.segment_panel.diameter_spin.value() == pytest.approx(est.diameter)
-    assert "Cell diameter estimated at" in widget.segment_panel.seg_status.text()
+    assert segment.diameter_spin.value() == pytest.approx(est.diameter)
+    assert "Cell diameter estimated at" in segment.seg_status.text()
 
     # segmenting uses the diameter in the field
-    widget.segment_panel.predict_button.click()
+    segment.predict_button.click()
     _wait_idle(qtbot, widget)
-    pres = widget.segment_panel.last_predict_result
+    pres = segment.last_predict_result
     assert pres.error is None and pres.diameter is None  # given, not estimated again
     assert viewer.layers["nuclei labels"].data.shape == img.shape
-    assert f"cell diameter {est.diameter:g} pixels" in widget.segment_panel.seg_status.text()
+    assert f"cell diameter {est.diameter:g} pixels" in segment.seg_status.text()
 
     # left at "estimate", segmenting estimates it first and says so
-    widget.segment_panel.diameter_spin.setValue(0)
+    segment.diameter_spin.setValue(0)
     n = _n_notes()
-    widget.segment_panel.predict_button.click()
+    segment.predict_button.click()
     _wait_idle(qtbot, widget)
-    assert widget.segment_panel.last_predict_result.diameter == pytest.approx(est.diameter)
-    assert widget.segment_panel.diameter_spin.value() == pytest.approx(est.diameter)
+    assert segment.last_predict_result.diameter == pytest.approx(est.diameter)
+    assert segment.diameter_spin.value() == pytest.approx(est.diameter)
     assert any("Cell diameter estimated at" in m for _, m in _notes(n))
 
     # the folder batch takes it too (the shipped file itself, nothing written beside it)
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
     tifffile.imwrite(src / "a.tif", img)
-    widget.segment_panel.in_edit.setText(str(src))
-    widget.segment_panel.out_edit.setText(str(out))
-    widget.segment_panel.batch_button.click()
+    segment.in_edit.setText(str(src))
+    segment.out_edit.setText(str(out))
+    segment.batch_button.click()
     _wait_idle(qtbot, widget)
-    assert widget.segment_panel.last_batch_result.error is None and widget.segment_panel.last_batch_result.done == 1
-    assert widget.segment_panel.last_batch_result.notices == []  # the diameter was given
+    assert segment.last_batch_result.error is None and segment.last_batch_result.done == 1
+    assert segment.last_batch_result.notices == []  # the diameter was given
     assert tifffile.imread(out / "a_labels.tif").shape == img.shape
 
     # the shipped file is never overwritten
     n = _n_notes()
-    assert widget.model_panel.save_model_file(starting_model_path()) is None
+    assert models.save_model_file(starting_model_path()) is None
     assert any("starting model" in m for sev, m in _notes(n) if sev == "error")

@@ -63,6 +63,8 @@ def opengl_renderer() -> str:
     if _RENDERER is None:
         _RENDERER = ""
         try:
+            # deferred: PyOpenGL is optional (no OpenGL to ask: the except below), and
+            # this module builds no Qt objects until the dock asks
             from OpenGL import GL
             from qtpy.QtGui import QOffscreenSurface, QOpenGLContext
 

@@ -7,8 +7,10 @@ triton (no ``torch.compile``), so when a Qt application is already running and
 triton is not loaded yet, this module makes ``import triton`` fail cleanly instead
 (torch treats a missing triton as "not installed"), then imports the torch stack.
 
-Importing this module is the first thing :mod:`cellfit.plugin.widgets` and
-:mod:`cellfit.plugin.workers` do. It imports no Qt itself.
+Importing this module is the first thing every plugin module that (directly or
+through the engine) imports torch does: :mod:`cellfit.plugin.widgets`, the panels,
+:mod:`cellfit.plugin.jobs`, :mod:`cellfit.plugin._state` and
+:mod:`cellfit.plugin._layers`. It imports no Qt itself.
 """
 
 from __future__ import annotations

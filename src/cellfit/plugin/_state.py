@@ -16,7 +16,6 @@ from cellfit.plugin import _safety  # noqa: F401  (first: imports the torch stac
 # isort: on
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -29,24 +28,7 @@ from cellfit.plugin._layers import find_layer, layer_data, plane_under_cursor, p
 from cellfit.plugin.jobs import PredictJob, gui_friendly_threads
 from cellfit.starting import needs_diameter, starting_model_path
 
-__all__ = ["CellfitState", "TrainPlan"]
-
-
-class TrainPlan(str, Enum):
-    """What Train does now (see :meth:`cellfit.plugin.panels.train.TrainPanel.train_plan`)."""
-
-    #: go on training the model in memory (a smaller learning rate keeps what it learnt)
-    FINE_TUNE = "fine-tune"
-    #: first training of the model in memory, which works on cells of any size (the
-    #: starting model as loaded): the engine's settings for the starting model
-    ADAPT = "adapt"
-    #: a new model from the shipped starting model
-    STARTING = "starting"
-    #: a new model from random weights
-    SCRATCH = "scratch"
-
-    def __str__(self) -> str:
-        return self.value
+__all__ = ["CellfitState"]
 
 
 @dataclass

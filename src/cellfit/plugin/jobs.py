@@ -38,7 +38,7 @@ from cellfit.io import ImageStack
 from cellfit.model import ModelInfo
 from cellfit.normalize import match_channels
 from cellfit.plugin._tooltips import LABELS
-from cellfit.postprocess import labels_from_probs
+from cellfit.postprocess import labels_from_probs, postprocess_settings
 from cellfit.predict import (
     DEFAULT_OVERLAP,
     DEFAULT_TILE,
@@ -50,7 +50,6 @@ from cellfit.starting import apply_diameter, estimate_diameter, needs_diameter
 from cellfit.train import TrainConfig, Trainer, TrainEvent
 
 __all__ = [
-    "PREVIEW_EVERY",
     "BatchJob",
     "BatchResult",
     "DiameterJob",
@@ -68,10 +67,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: the shortest time (s) between two live previews while training
-PREVIEW_EVERY = 3.0
-
 
 # -------------------------------------------------------------------- helpers
 def cell_probability(probs: np.ndarray) -> np.ndarray:
@@ -150,13 +145,6 @@ def _log(exc: BaseException, what: str) -> None:
         log.exception("cellfit %s failed", what)
 
 
-def _cell_diameter(model: torch.nn.Module, info: ModelInfo, plane: np.ndarray) -> float:
-    """The engine's estimate of the cell diameter of a raw plane ``(C, Y, X)``, on the
-    model's own device."""
-    device = next(model.parameters()).device
-    return float(estimate_diameter(model, info, plane, device=device))
-
-
 # ---------------------------------------------------------------------- train
 @dataclass
 class TrainUpdate:
@@ -203,6 +191,7 @@ class TrainJob:
         The annotated planes of each image (already copied, so painting can go on).
     annotations : list of ndarray, each (P, Y, X)
     config : TrainConfig
+        ``config.preview_every`` is the shortest time (s) between two previews.
     model, info : optional
         The current model, to fine-tune it instead of starting fresh.
     preview : (plane number, raw plane (C, Y, X)), optional
@@ -211,8 +200,6 @@ class TrainJob:
         Torch CPU threads while training (restored afterwards).
     postprocess : dict, optional
         Overrides of the model's post-processing settings for the preview labels.
-    preview_every : float
-        The shortest time (s) between two previews.
 
     The preview is computed here between two training steps with the engine's
     :func:`~cellfit.predict.predict_plane` and the current weights, on one tile where the
@@ -232,7 +219,6 @@ class TrainJob:
         preview: tuple[int, np.ndarray] | None = None,
         threads: int | None = None,
         postprocess: dict | None = None,
-        preview_every: float = PREVIEW_EVERY,
     ) -> None:
         self.images = list(images)
         self.annotations = list(annotations)
@@ -245,8 +231,7 @@ class TrainJob:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._preview = preview
-        self.min_preview_every = float(preview_every)
-        self.preview_every = float(preview_every)  # grows when previews are slow
+        self.preview_every = float(config.preview_every)  # grows when previews are slow
         self.preview_seconds: list[float] = []  # time of each preview
         self.step_seconds: list[float] = []  # time of each engine step (validation included)
         self.stop_requested_at: float | None = None
@@ -294,9 +279,8 @@ class TrainJob:
             return False
         update.preview_plane, probs = shown
         update.probability = cell_probability(probs)
-        update.labels = labels_from_probs(
-            probs, trainer.info.mode, **{**trainer.info.postprocess, **self.postprocess}
-        )
+        post = postprocess_settings(trainer.info.postprocess, self.postprocess)
+        update.labels = labels_from_probs(probs, trainer.info.mode, **post)
         return True
 
     def run(self) -> Generator[TrainUpdate, None, TrainResult]:
@@ -350,7 +334,7 @@ class TrainJob:
                 wanted = due and not event.done and not self._stop.is_set()
                 if wanted and self._add_preview(update, trainer):
                     cost = time.perf_counter() - now
-                    self.preview_every = max(self.min_preview_every, 3.0 * cost)
+                    self.preview_every = max(self.config.preview_every, 3.0 * cost)
                     last_preview = time.perf_counter()
                 yield update
         finally:
@@ -392,7 +376,7 @@ class DiameterJob:
         result = DiameterResult()
         try:
             yield Progress(text="Estimating the cell diameter…")
-            result.diameter = _cell_diameter(self.model, self.info, self.plane)
+            result.diameter = estimate_diameter(self.model, self.info, self.plane)
         except Exception as exc:
             _log(exc, "diameter estimate")
             result.error = user_message(exc, "estimating the cell diameter")
@@ -482,7 +466,7 @@ class PredictJob:
         d = self.diameter
         if d is None:
             yield Progress(text="Estimating the cell diameter…")
-            d = _cell_diameter(self.model, info, np.asarray(self.planes[self.which[0]]))
+            d = estimate_diameter(self.model, info, np.asarray(self.planes[self.which[0]]))
             result.diameter = d
             yield Progress(
                 text=f"Cell diameter estimated at {d:g} pixels.",
@@ -499,7 +483,7 @@ class PredictJob:
         labels = np.zeros((n, h, w), np.int32)
         yield Progress(text=f"Segmenting {_planes_text(n)}…")
         tile = fast_tile(sel.shape[-2:], info.scale)
-        post = {**info.postprocess, **self.postprocess}
+        post = postprocess_settings(info.postprocess, self.postprocess)
         for ev in iter_predict(
             self.model, info, sel, stats, tile=tile,
             batch_size=_tile_batch(tile, self.batch_size),

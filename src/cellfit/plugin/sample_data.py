@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from cellfit.data import nuclei_dsb2018, sample_path
 from cellfit.synthetic import synthetic_cells
 
 __all__ = ["nuclei_sample", "synthetic_sample", "synthetic_timelapse_sample"]
@@ -23,8 +24,6 @@ NUCLEI_LICENCE = (
 
 def nuclei_sample() -> list[tuple]:
     """A real fluorescence image of nuclei, 512 x 512, uint16 (DSB 2018, BSD-3-Clause)."""
-    from cellfit.data import nuclei_dsb2018, sample_path
-
     image, _truth = nuclei_dsb2018()
     meta = {
         "source": NUCLEI_SOURCE,

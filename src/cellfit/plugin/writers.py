@@ -11,6 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from cellfit.io import atomic_write_tiff
+from cellfit.outputs import label_dtype
+
 __all__ = ["write_labels_tiff"]
 
 
@@ -19,9 +22,6 @@ def write_labels_tiff(path: str, data: Any, attributes: dict) -> list[str]:
 
     Returns the list of written paths (empty when the data cannot be written as labels).
     """
-    from cellfit.batch import label_dtype
-    from cellfit.io import atomic_write_tiff
-
     arr = np.asarray(data[0] if attributes.get("multiscale") else data)
     if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
         return []

@@ -14,6 +14,7 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QPushButton, QTextBrowser, QVBoxLayout
 
+from cellfit.devices import resolve_device
 from cellfit.errors import CellfitError
 from cellfit.model import load_model, save_model
 from cellfit.plugin._display import encoder_name, model_record_html, user_runs
@@ -21,7 +22,6 @@ from cellfit.plugin._runner import JobRunner
 from cellfit.plugin._state import CellfitState
 from cellfit.plugin._tooltips import TIPS
 from cellfit.plugin.panels._base import Panel
-from cellfit.predict import resolve_device
 from cellfit.starting import starting_model_path
 
 __all__ = ["ModelPanel", "model_line"]

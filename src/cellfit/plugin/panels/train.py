@@ -30,7 +30,7 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
 )
 
-from cellfit.devices import device_label
+from cellfit.devices import device_label, resolve_device
 from cellfit.errors import CellfitError
 from cellfit.plugin._display import ENCODERS
 from cellfit.plugin._layers import (
@@ -45,11 +45,11 @@ from cellfit.plugin._layers import (
 )
 from cellfit.plugin._plot import TrainingPlot
 from cellfit.plugin._runner import JobRunner
-from cellfit.plugin._state import CellfitState, TrainPlan
+from cellfit.plugin._state import CellfitState
 from cellfit.plugin._tooltips import CHOICES, TIPS, train_button_tip
-from cellfit.plugin.jobs import PREVIEW_EVERY, PredictResult, TrainJob, TrainResult, TrainUpdate
+from cellfit.plugin.jobs import PredictResult, TrainJob, TrainResult, TrainUpdate
 from cellfit.plugin.panels._base import NO_IMAGE, Panel, combo, row_label, shrinkable
-from cellfit.predict import resolve_device
+from cellfit.starting import TrainPlan
 from cellfit.train import TrainConfig
 
 __all__ = ["TrainPanel"]
@@ -59,8 +59,10 @@ PATCH_SIZES = [128, 192, 256, 384, 512]
 # comes early; a GPU takes larger patches in its stride (see docs/plugin.md)
 DEFAULT_PATCH_CPU = 128
 DEFAULT_PATCH_GPU = 256
-#: the "Train for" default: the engine's one training-length default
-DEFAULT_SECONDS = int(TrainConfig().time_limit or 0) or 300
+#: the engine's defaults: "Train for" (its one training-length default, in seconds)
+#: and the shortest time between two live previews
+DEFAULT_SECONDS = int(TrainConfig().time_limit)
+PREVIEW_EVERY = TrainConfig().preview_every
 VAL_EVERY = 25  # validation points on the live plot (and best-model checkpoints)
 
 
@@ -193,7 +195,18 @@ class TrainPanel(Panel):
         """The engine's settings for ``plan`` from the controls of this tab."""
         amount = int(self.budget_spin.value())
         by_time = self.budget_unit.currentData() == "seconds"
-        config = TrainConfig(
+        # fine-tuning (the user's model or the starting model) runs at the engine's
+        # smaller fine-tuning learning rate, which keeps what the model knows
+        init = None  # the model in memory, trained in place
+        if plan == TrainPlan.STARTING or (
+            plan == TrainPlan.ADAPT and self.state.is_shipped_starting_model()
+        ):
+            # the engine's settings for fine-tuning the starting model; the engine loads
+            # it (and trains from scratch instead, with a notice, where it cannot serve)
+            init = TrainPlan.STARTING
+        elif plan == TrainPlan.SCRATCH:
+            init = TrainPlan.SCRATCH
+        return TrainConfig(
             mode=self.training_mode(),
             encoder=self.encoder_combo.currentData(),
             loss=self.loss_combo.currentData(),
@@ -202,19 +215,10 @@ class TrainPanel(Panel):
             time_limit=float(amount) if by_time else None,
             steps=None if by_time else amount,
             device=self.device_choice(),
+            preview_every=PREVIEW_EVERY,
             val_every=VAL_EVERY,
+            init=init,
         )
-        # fine-tuning (the user's model or the starting model) runs at the engine's
-        # smaller fine-tuning learning rate, which keeps what the model knows
-        if plan == TrainPlan.STARTING or (
-            plan == TrainPlan.ADAPT and self.state.is_shipped_starting_model()
-        ):
-            # the engine's settings for fine-tuning the starting model; the engine loads
-            # it (and trains from scratch instead, with a notice, where it cannot serve)
-            config.init = "starting"
-        elif plan == TrainPlan.SCRATCH:
-            config.init = "scratch"
-        return config
 
     def training_data(self, image: Image, annotation: Labels) -> tuple[list, list, list[str]]:
         """Annotated planes of ``image``, and of every other image layer that has a
@@ -291,7 +295,6 @@ class TrainPanel(Panel):
             preview=preview,
             threads=self.state.threads(device),
             postprocess=self.state.postprocess_overrides(),
-            preview_every=PREVIEW_EVERY,
         )
         self.plot.clear()
         self.first_preview_seconds = None
