@@ -49,7 +49,8 @@ START, END = "<!-- predict:start -->", "<!-- predict:end -->"
 # ------------------------------------------------------------------ shared bits
 def _setup(args):
     from cellfit.model import ModelInfo, build_model
-    from cellfit.predict import TileRunner, resolve_device
+    from cellfit.devices import resolve_device
+    from cellfit.predict import TileRunner
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,7 +102,8 @@ class _Clock:
 
 def _cellfit(info, model, runner, dev, img, tile, overlap):
     from cellfit.io import ImageStack, InMemoryImage
-    from cellfit.stream import PlanePredictor, stack_stats
+    from cellfit.predict import PlanePredictor
+    from cellfit.stream import stack_stats
 
     stack = InMemoryImage(ImageStack(img[None, None], (), "YX"))
     stats = stack_stats(stack, info)
@@ -109,8 +111,8 @@ def _cellfit(info, model, runner, dev, img, tile, overlap):
     probs = None
     with _Clock(dev) as clock:
         for res in pred.predict([(0, stack.plane(0))], stats):
-            if res.probs is not None:
-                probs = res.probs
+            if res.probabilities is not None:
+                probs = res.probabilities
     return clock, probs, stats
 
 
@@ -124,7 +126,7 @@ def bench_speed(args, monai: bool = True, bare: bool = True) -> dict:
     """cellfit, the bare network and MONAI on one plane, interleaved ``--repeats``
     times; each keeps its best time (a shared machine only ever slows a run down)."""
     from cellfit.normalize import normalize
-    from cellfit.stream import plane_geometry
+    from cellfit.predict import plane_geometry
 
     info, model, runner, dev = _setup(args)
     _warm(info, model, runner, dev, args.tile, args.overlap)
@@ -208,8 +210,7 @@ def _standin_engine_class():
     from torch import nn
 
     from cellfit.batch import Engine
-    from cellfit.predict import TileRunner
-    from cellfit.stream import PlanePredictor
+    from cellfit.predict import PlanePredictor, TileRunner
 
     class Blob(nn.Module):
         def __init__(self):

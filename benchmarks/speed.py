@@ -7,7 +7,7 @@
 Every figure is a ratio of two things measured in the same run, so a loaded machine
 moves both alike:
 
-1. *training*: :meth:`cellfit.train.Trainer._train_step` (sampling, augmentation,
+1. *training*: :meth:`cellfit.train.Trainer.train_step` (sampling, augmentation,
    transfer, forward, focal + dice loss, backward, AdamW) ÷ the bare smp step (forward,
    cross-entropy, backward, AdamW) of the same model, optimizer, AMP and memory format
    on an identical batch already on the device. Steps alternate in blocks (cellfit,
@@ -106,7 +106,7 @@ def make_trainer(device: str, batch_size: int | None, patch: int, steps: int = 1
 
     img, lab = synthetic_cells((1024, 1024), n_cells=300, seed=0)
     ann = sparse_annotation(lab, 0.3, seed=0)
-    cfg = TrainConfig(steps=steps, val_every=10**9, scale=1.0, device=device,
+    cfg = TrainConfig(steps=steps, time_limit=None, val_every=10**9, scale=1.0, device=device,
                       batch_size=batch_size, patch_size=patch)
     return Trainer([img], [ann], cfg)
 
@@ -163,10 +163,7 @@ def _time(fn, device: torch.device) -> float:
 
 
 def _drop_pending(trainer) -> None:
-    pending = getattr(trainer, "_pending", None)
-    if pending is not None:
-        pending[0].join()
-    trainer._pending = None
+    trainer.batches.discard()
 
 
 def measure_training(trainer, rounds: int, block: int, warmup: int = 2) -> dict:
@@ -174,7 +171,7 @@ def measure_training(trainer, rounds: int, block: int, warmup: int = 2) -> dict:
     dev = trainer.device
     bare, xt, yt = bare_step_fn(trainer)
     for _ in range(warmup):
-        trainer._train_step()
+        trainer.train_step()
         bare()
     _drop_pending(trainer)
     times: dict[str, list[float]] = {"cellfit": [], "no_prefetch": [], "bare": []}
@@ -183,7 +180,7 @@ def measure_training(trainer, rounds: int, block: int, warmup: int = 2) -> dict:
             trainer.prefetch = name != "no_prefetch"
             _drop_pending(trainer)
             for _ in range(block):
-                fn = bare if name == "bare" else trainer._train_step
+                fn = bare if name == "bare" else trainer.train_step
                 times[name].append(_time(fn, dev))
     trainer.prefetch = True
     _drop_pending(trainer)
@@ -266,7 +263,7 @@ def quick_model(path: Path, device: torch.device, steps: int) -> Path:
 
     img, lab = synthetic_cells((512, 512), n_cells=100, seed=0)
     t = Trainer([img], [sparse_annotation(lab, 0.5, seed=0)],
-                TrainConfig(steps=steps, patch_size=128, batch_size=8, val_every=10**9,
+                TrainConfig(steps=steps, time_limit=None, patch_size=128, batch_size=8, val_every=10**9,
                             val_fraction=0, device=str(device)))
     for _ in t.run():
         pass
@@ -392,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--write-docs", action="store_true", help=f"update {DOCS.name}")
     args = ap.parse_args(argv)
-    from cellfit.predict import resolve_device
+    from cellfit.devices import resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -411,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         table(rows),
         "",
-        "How to read it: the training ratio compares `Trainer._train_step` (sampling, "
+        "How to read it: the training ratio compares `Trainer.train_step` (sampling, "
         "augmentation, transfer, forward, focal + dice loss, backward, AdamW) with the bare "
         "smp step (forward, cross-entropy, backward, AdamW) of the same model and optimizer "
         "on one batch already on the device; steps alternate in blocks, medians of the "

@@ -125,7 +125,7 @@ def _instances_reference(probs, fg_threshold=0.5, seed_threshold=0.5, min_size=1
     from scipy import ndimage as ndi
     from skimage.segmentation import watershed
 
-    from cellfit.postprocess import _drop_small
+    from cellfit.postprocess import drop_small_objects
 
     p_bg, p_in = probs[0], probs[1]
     fg = (1.0 - p_bg) > fg_threshold
@@ -133,10 +133,10 @@ def _instances_reference(probs, fg_threshold=0.5, seed_threshold=0.5, min_size=1
     if n == 0:
         return np.zeros(p_bg.shape, dtype=np.int32)
     if min_size > 1:
-        markers = _drop_small(markers, max(1, min_size // 4))
+        markers = drop_small_objects(markers, max(1, min_size // 4))
     labels = watershed(-p_in, markers, mask=fg)
     if min_size > 1:
-        labels = _drop_small(labels, min_size, max(1, min_size // 4))
+        labels = drop_small_objects(labels, min_size, max(1, min_size // 4))
     ids = np.unique(labels)
     ids = ids[ids != 0]
     lut = np.zeros(int(labels.max()) + 1, dtype=np.int32)
@@ -222,7 +222,7 @@ def test_out_of_memory_on_one_patch_is_one_clear_sentence(data):
     img, ann = data
     t = Trainer([img], [ann], TrainConfig(steps=4, val_every=100, **TINY))
     _oom_above(t.model, 0, [])
-    with pytest.raises(CellfitError, match=r"single patch of 64x64 pixels: use a smaller --patch-size"):
+    with pytest.raises(CellfitError, match=r"single patch of 64x64 pixels: make the patch size smaller"):
         list(t.run())
 
 
@@ -403,4 +403,4 @@ def test_training_measurement_runs_on_the_cpu(data):
     assert all(r[k] > 0 for k in ("cellfit", "no_prefetch", "bare", "sample"))
     # a small U-Net++ forward + backward on 4 x 64 x 64 pixels: well above 0.1 GFLOP
     assert 1e8 < r["flops"] < 1e11
-    assert t.prefetch and getattr(t, "_pending", None) is None
+    assert t.prefetch and not t.batches.pending
