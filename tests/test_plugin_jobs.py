@@ -412,6 +412,7 @@ def test_every_setting_label_is_a_setting_the_engine_names():
 
 def test_jobs_word_engine_errors_with_the_dock_labels(monkeypatch, tiny_data, tmp_path):
     from cellfit.errors import CellfitError
+    from cellfit.file_prediction import FileEvent
     from cellfit.model import ModelInfo, build_model, save_model
     from cellfit.plugin import jobs
     from cellfit.plugin._layers import planes_of
@@ -438,4 +439,13 @@ def test_jobs_word_engine_errors_with_the_dock_labels(monkeypatch, tiny_data, tm
     path = save_model(tmp_path / "m.cellfit", model, info)
     res = _drain(jobs.BatchJob(path, [tmp_path], tmp_path).run())
     assert res.error == "Results to (Segment tab) is the input folder: choose another."
+
+    def one_fails(*_args, **_kwargs):  # a file's failure names a setting too
+        err = CellfitError("the GPU ran out of memory: set {setting} to CPU.", setting="device")
+        yield FileEvent(0, 1, tmp_path / "a.tif", "failed", error=err)
+
+    monkeypatch.setattr(jobs, "predict_files", one_fails)
+    res = _drain(jobs.BatchJob(path, [tmp_path], tmp_path / "out").run())
+    assert res.error is None
+    assert res.failed == [("a.tif", "the GPU ran out of memory: set Device (Train tab) to CPU.")]
 

@@ -31,9 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cellfit.batch import FileEvent, predict_files
+from cellfit.batch import predict_files
 from cellfit.errors import CellfitError, worded
 from cellfit.events import Progress
+from cellfit.file_prediction import FileEvent
 from cellfit.io import ImageStack
 from cellfit.model import ModelInfo
 from cellfit.normalize import match_channels
@@ -578,7 +579,7 @@ class BatchJob:
                     notice = ev.notice[:1].upper() + ev.notice[1:] + "."
                     result.notices.append(notice)
                 _count(result, ev)
-                yield Progress(fraction=_batch_fraction(ev), text=_batch_text(ev), notice=notice)
+                yield Progress(fraction=ev.fraction, text=ev.text, notice=notice)
                 if self._cancel.is_set():
                     result.cancelled = True
                     break
@@ -599,17 +600,5 @@ def _count(result: BatchResult, ev: FileEvent) -> None:
     elif ev.status == "skipped":
         result.skipped += 1
     elif ev.status == "failed":
-        result.failed.append((ev.path.name, ev.error or "unknown error"))
-
-
-def _batch_fraction(ev: FileEvent) -> float:
-    inner = ev.plane / max(1, ev.n_planes) if ev.status == "plane" else 1.0
-    return min(1.0, (ev.index + inner) / max(1, ev.n_files))
-
-
-def _batch_text(ev: FileEvent) -> str:
-    head = f"File {ev.index + 1} of {ev.n_files}: {ev.path.name}"
-    if ev.status == "plane":
-        return head + (f", slice {ev.plane} of {ev.n_planes}" if ev.n_planes > 1 else "")
-    return head + {"done": ", done", "skipped": ", skipped (results exist)",
-                   "failed": ", failed"}.get(ev.status, "")
+        reason = worded(ev.error, LABELS) if ev.error is not None else "unknown error"
+        result.failed.append((ev.path.name, reason))
