@@ -180,16 +180,13 @@ def task_finalize(model_path, path, work, labels_path, prob_path, settings, fp, 
 
 
 def _check_access(model_path: str, out_dir: str, some_input: str) -> str | None:
-    """On a worker: None when it sees the model, an input and the output folder."""
+    """On a worker: None when it sees the model, an input and the output folder. (A
+    worker without cellfit cannot even run this function: dask reports that.)"""
     for what, p in (("the model", model_path), ("the input", some_input)):
         if not os.path.isfile(p):
             return f"cannot see {what} {p}"
     if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
         return f"cannot write into the output folder {out_dir}"
-    try:
-        import cellfit  # noqa: F401
-    except ImportError:  # pragma: no cover - the task could not even be sent
-        return "has no cellfit installed"
     return None
 
 
