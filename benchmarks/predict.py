@@ -48,8 +48,8 @@ START, END = "<!-- predict:start -->", "<!-- predict:end -->"
 
 # ------------------------------------------------------------------ shared bits
 def _setup(args):
-    from cellfit.model import ModelInfo, build_model
     from cellfit.devices import resolve_device
+    from cellfit.model import ModelInfo, build_model
     from cellfit.predict import TileRunner
 
     if args.threads:
@@ -206,10 +206,10 @@ def _monai(runner, padded, args, dev, geo, bs):
 
 # ---------------------------------------------------------------------- 3. memory
 def _standin_engine_class():
-    """An Engine whose network is a per-pixel stand-in (see the module docstring)."""
+    """A LoadedModel whose network is a per-pixel stand-in (see the module docstring)."""
     from torch import nn
 
-    from cellfit.batch import Engine
+    from cellfit.file_prediction import LoadedModel
     from cellfit.predict import PlanePredictor, TileRunner
 
     class Blob(nn.Module):
@@ -222,9 +222,10 @@ def _standin_engine_class():
             m = self.pool(x)
             return torch.cat([8 * (0.3 - m), 8 * (x - 0.45), 24 * (m - x).abs() - 1], 1) + self.w
 
-    class StandIn(Engine):
+    class StandIn(LoadedModel):
         def __init__(self, model_path, settings):
             from cellfit.model import read_model_info
+            from cellfit.postprocess import postprocess_settings
 
             self.model_path = Path(model_path)
             self.device = torch.device("cpu")
@@ -233,7 +234,7 @@ def _standin_engine_class():
             self.runner = TileRunner(self.model, "cpu", batch_size=settings.batch_size)
             self.predictor = PlanePredictor(self.model, self.info, self.runner,
                                             tile=settings.tile, overlap=settings.overlap)
-            self.postprocess = {**self.info.postprocess, **(settings.postprocess or {})}
+            self.postprocess = postprocess_settings(self.info.postprocess, settings.postprocess)
 
     return StandIn
 
@@ -244,7 +245,7 @@ def _rss_child(argv) -> None:
 
     model, out, *inputs = argv
     torch.set_num_threads(1)
-    cb.Engine = _standin_engine_class()
+    cb.LoadedModel = _standin_engine_class()
     t0 = time.perf_counter()
     n = 0
     for ev in cb.predict_files(model, inputs, out, overwrite=True, device="cpu"):

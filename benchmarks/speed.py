@@ -294,15 +294,15 @@ def timed(cls, name: str, bucket: list[float], device: torch.device):
 def predict_profile(model_path: Path, tif: Path, out: Path, device: torch.device,
                     batch_size: int | None) -> dict:
     """Seconds of one end-to-end ``predict_files`` run, and of its parts."""
-    from cellfit import batch
+    from cellfit import batch, file_prediction
     from cellfit.predict import TileRunner
 
     net: list[float] = []
     lab: list[float] = []
     write: list[float] = []
-    with (timed(TileRunner, "__call__", net, device), timed(batch.Engine, "labels", lab, device),
-          timed(batch.OutputWriter, "put", write, device),
-          timed(batch.OutputWriter, "close", write, device)):
+    with (timed(TileRunner, "__call__", net, device), timed(file_prediction.LoadedModel, "labels", lab, device),
+          timed(file_prediction.OutputWriter, "put", write, device),
+          timed(file_prediction.OutputWriter, "close", write, device)):
         cpu0 = time.process_time()
         t0 = time.perf_counter()
         events = list(batch.predict_files(model_path, [tif], out, device=str(device),

@@ -303,7 +303,7 @@ def nuclei_30px():
     How close the estimated diameter comes is the engine's test (tests/test_starting.py);
     these tests check that the plugin's jobs estimate it, use it and report it.
     """
-    from cellfit.scenes import scene
+    from cellfit.synthetic import scene
 
     img, labels, _ = scene("fluo_nuclei", (192, 192), 30, seed=3)
     return img, labels

@@ -485,8 +485,8 @@ def test_the_dock_says_when_the_starting_model_cannot_serve(make_napari_viewer, 
 
 
 def test_segment_with_the_starting_model_as_is(make_napari_viewer, qtbot, tmp_path):
-    from cellfit.scenes import scene
     from cellfit.starting import needs_diameter, starting_model_path
+    from cellfit.synthetic import scene
 
     viewer = make_napari_viewer()
     widget = _open_widget(viewer)

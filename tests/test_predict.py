@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from cellfit.devices import resolve_device
 from cellfit.errors import CellfitError
 from cellfit.model import ModelInfo, build_model
 from cellfit.normalize import normalize, percentiles
-from cellfit.devices import resolve_device
 from cellfit.predict import (
     blend_window,
     iter_predict,

@@ -7,9 +7,9 @@ import pytest
 import tifffile
 import torch
 
-from cellfit.errors import CellfitError
+from cellfit.console import FLAGS
+from cellfit.errors import CellfitError, worded
 from cellfit.model import ModelInfo, build_model, load_model, read_model_info, save_model
-from cellfit.scenes import KINDS, layout, scene
 from cellfit.starting import (
     apply_diameter,
     estimate_diameter,
@@ -20,7 +20,7 @@ from cellfit.starting import (
     starting_model_path,
     starting_model_problem,
 )
-from cellfit.synthetic import sparse_annotation
+from cellfit.synthetic import KINDS, layout, scene, sparse_annotation
 from cellfit.targets import IGNORE
 from cellfit.train import TrainConfig, Trainer
 
@@ -201,7 +201,8 @@ def test_predicting_with_the_starting_model_estimates_or_takes_the_diameter(tmp_
     out = tmp_path / "out"
     events = list(predict_files(path, [tmp_path / "in"], out, device="cpu"))
     assert events[-1].status == "done"
-    assert "cell diameter estimated at" in events[0].notice  # said once, first
+    assert "cell diameter estimated at" in str(events[0].notice)  # said once, first
+    assert "to choose it yourself, set --diameter" in worded(events[0].notice, FLAGS)
     lab = tifffile.imread(out / "a_labels.tif")
     assert lab.shape == img.shape and lab.max() > 3
     # a given diameter changes the result's fingerprint: the file is redone, not skipped

@@ -15,8 +15,7 @@ from torch import nn
 
 import cellfit.io as cio
 import cellfit.normalize as cnorm
-import cellfit.stream as cstream
-from cellfit.batch import Engine, Settings, run_file
+from cellfit.file_prediction import LoadedModel, Settings, run_file
 from cellfit.io import ImageStack, InMemoryImage, LazyImage, open_image, read_image
 from cellfit.model import ModelInfo
 from cellfit.normalize import resize_plane
@@ -54,10 +53,10 @@ class BlobModel(nn.Module):
         return torch.cat([bg, interior, rim], dim=1) + self.dummy
 
 
-def blob_engine(settings: Settings | None = None, scale: float = 1.0) -> Engine:
-    """An :class:`Engine` around :class:`BlobModel` (no model file needed)."""
+def blob_engine(settings: Settings | None = None, scale: float = 1.0) -> LoadedModel:
+    """A :class:`LoadedModel` around :class:`BlobModel` (no model file needed)."""
     settings = settings or Settings()
-    eng = Engine.__new__(Engine)
+    eng = LoadedModel.__new__(LoadedModel)
     eng.model = BlobModel().eval()
     eng.info = ModelInfo(encoder="none", scale=scale, postprocess={"min_size": 8})
     eng.device = torch.device("cpu")
@@ -95,7 +94,6 @@ def test_lazy_reading_is_lazy(tmp_path, compression, monkeypatch):
     fixed cost whatever the stack's size; lowered here so the bound shows the reading.)
     """
     monkeypatch.setattr(cnorm, "MAX_SAMPLES", 100_000)
-    monkeypatch.setattr(cstream, "MAX_SAMPLES", 100_000)
     rng = np.random.default_rng(0)
     stack = rng.integers(0, 4000, (64, 256, 512), dtype=np.uint16)  # 16 MB
     path = tmp_path / "big.tif"
@@ -126,7 +124,6 @@ def test_streamed_prediction_of_a_stack_stays_within_a_memory_bound(tmp_path, mo
     a few planes at a time: peak memory under 6 MB (it stays flat from 16 to 128 planes)."""
     monkeypatch.setattr(cio, "LAZY_BYTES", 2**20)
     monkeypatch.setattr(cnorm, "MAX_SAMPLES", 100_000)
-    monkeypatch.setattr(cstream, "MAX_SAMPLES", 100_000)
     cells = synthetic_cells((128, 256), n_cells=12, seed=1)[0].astype(np.float32)
     stack = np.stack([np.roll(cells, 3 * i, axis=1) for i in range(64)])  # 8 MB
     path = tmp_path / "in" / "s.tif"
@@ -144,7 +141,7 @@ def test_streamed_prediction_of_a_stack_stays_within_a_memory_bound(tmp_path, mo
     finally:
         tracemalloc.stop()
     assert peak < 6 * 2**20 < stack.nbytes, f"peak {peak / 2**20:.1f} MB"
-    assert [i for i in items if i[0] == "plane"][-1] == ("plane", 64, 64)
+    assert [(i.plane, i.n_planes) for i in items if not i.tiles_total][-1] == (64, 64)
     labels = tifffile.imread(outputs[0])
     assert labels.shape == (64, 128, 256) and labels[5].max() > 5
     with tifffile.TiffFile(outputs[1]) as tif:
@@ -267,8 +264,8 @@ def test_huge_plane_path_equals_the_ordinary_path(tmp_path, scale):
         )
         outs[name] = [tifffile.imread(p) for p in outputs]
         if name == "huge":
-            tiles = [i for i in items if i[0] == "tiles"]
-            assert tiles and tiles[-1][1] == tiles[-1][2]  # progress over tiles
+            tiles = [i for i in items if i.tiles_total]
+            assert tiles and tiles[-1].tiles_done == tiles[-1].tiles_total  # progress over tiles
             with tifffile.TiffFile(outputs[0]) as tif:
                 assert tif.pages[0].is_tiled
     (lab_o, prob_o), (lab_h, prob_h) = outs["ordinary"], outs["huge"]

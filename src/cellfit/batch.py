@@ -25,14 +25,13 @@ from pathlib import Path
 from cellfit import model as model_files
 from cellfit.devices import resolve_device
 from cellfit.distributed import predict_files_distributed
-from cellfit.errors import CellfitError
+from cellfit.errors import CellfitError, Notice
 from cellfit.file_prediction import (
     FORMATS,
     HUGE_PIXELS,
     FileEvent,
     FileProgress,
     LoadedModel,
-    OutputWriter,  # noqa: F401  (until benchmarks/speed.py takes it from file_prediction)
     Settings,
     fingerprint,
     join_notices,
@@ -55,11 +54,6 @@ __all__ = [
     "predict_files",
     "run_file",
 ]
-
-#: the old name of :class:`~cellfit.file_prediction.LoadedModel`, until its last users
-#: (tests/test_stream.py, benchmarks/predict.py, benchmarks/speed.py) switch
-Engine = LoadedModel
-
 
 def _check_out_dir(files: Sequence[Path], out_dir: Path) -> None:
     out_r = out_dir.resolve()
@@ -185,7 +179,7 @@ def predict_files(
         yield ev
 
 
-def _estimate_diameter(model_path, files, settings) -> tuple[float, str]:
+def _estimate_diameter(model_path, files, settings) -> tuple[float, Notice]:
     """The cell diameter of the first readable file (middle plane), and a notice."""
     device = resolve_device(settings.device)
     model, info = model_files.load_model(model_path, device)
@@ -196,9 +190,10 @@ def _estimate_diameter(model_path, files, settings) -> tuple[float, str]:
         except CellfitError:
             continue  # reported when the file's turn comes
         d = estimate_diameter(model, info, plane, device=device)
-        return d, (
-            f"cell diameter estimated at {d:g} pixels from {f.name}; give --diameter to "
-            "set it"
+        return d, Notice(
+            f"cell diameter estimated at {d:g} pixels from {f.name}; to choose it yourself, "
+            "set {setting}",
+            setting="diameter_option",
         )
     raise CellfitError("none of the input files could be read: check the inputs.")
 

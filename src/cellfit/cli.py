@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from cellfit import __version__
 from cellfit.batch import predict_files
-from cellfit.console import run_training
+from cellfit.console import FLAGS, run_training
 from cellfit.demo import DEMO_SECONDS, run_demo
 from cellfit.devices import describe_devices
 from cellfit.errors import CellfitError, worded
@@ -33,26 +33,6 @@ from cellfit.targets import annotation_from_mask, looks_like_mask
 from cellfit.train import TrainConfig, Trainer
 
 __all__ = ["FLAGS", "main"]
-
-#: how the command line names each setting an engine error can ask to change (keys of
-#: :data:`cellfit.errors.SETTING_WORDS`): errors are printed with ``exc.worded(FLAGS)``
-FLAGS: dict[str, str] = {
-    "batch_size": "--batch-size",
-    "device": "--device",
-    "diameter": "--diameter PIXELS",
-    "diameter_option": "--diameter",
-    "encoder": "--encoder",
-    "encoder_weights": "--encoder-weights",
-    "init": "--init",
-    "labels": "--labels",
-    "mode": "--mode",
-    "out": "--out",
-    "patch_size": "--patch-size",
-    "scheduler": "--scheduler",
-    "steps": "--steps",
-    "tile": "--tile",
-    "time_limit": "--time-limit",
-}
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED_FILES = 1
@@ -329,7 +309,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 inner = tqdm(total=0, desc="slices", unit="slice", position=1, leave=False,
                              disable=None)
             if ev.notice:
-                tqdm.write(f"cellfit: note: {ev.path.name}: {ev.notice}", file=sys.stderr)
+                tqdm.write(f"cellfit: note: {ev.path.name}: {worded(ev.notice, FLAGS)}",
+                           file=sys.stderr)
             if ev.status == "plane":
                 if spread:  # one bar over the slices of all files
                     if ev.index not in planes_done:

@@ -1,5 +1,6 @@
-"""Progress on the terminal for the command-line front ends (``cellfit train`` and
-``cellfit demo``): a training run drained with a progress bar."""
+"""The command line's words and progress on the terminal (``cellfit train`` and
+``cellfit demo``): the flags that name each setting in messages, and a training run
+drained with a progress bar."""
 
 from __future__ import annotations
 
@@ -7,7 +8,29 @@ import sys
 
 from tqdm import tqdm
 
-__all__ = ["run_training"]
+from cellfit.errors import worded
+
+__all__ = ["FLAGS", "run_training"]
+
+#: how the command line names each setting an engine error can ask to change (keys of
+#: :data:`cellfit.errors.SETTING_WORDS`): errors are printed with ``exc.worded(FLAGS)``
+FLAGS: dict[str, str] = {
+    "batch_size": "--batch-size",
+    "device": "--device",
+    "diameter": "--diameter PIXELS",
+    "diameter_option": "--diameter",
+    "encoder": "--encoder",
+    "encoder_weights": "--encoder-weights",
+    "init": "--init",
+    "labels": "--labels",
+    "mode": "--mode",
+    "out": "--out",
+    "patch_size": "--patch-size",
+    "scheduler": "--scheduler",
+    "steps": "--steps",
+    "tile": "--tile",
+    "time_limit": "--time-limit",
+}
 
 
 def run_training(trainer, desc: str = "training") -> bool:
@@ -20,7 +43,7 @@ def run_training(trainer, desc: str = "training") -> bool:
     try:
         for ev in gen:
             if ev.notice:
-                tqdm.write(f"cellfit: note: {ev.notice}", file=sys.stderr)
+                tqdm.write(f"cellfit: note: {worded(ev.notice, FLAGS)}", file=sys.stderr)
             bar.n = int(ev.fraction * 1000)
             post["step"] = ev.step
             post["loss"] = f"{ev.loss:.3f}"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-__all__ = ["SETTING_WORDS", "CellfitError", "worded"]
+__all__ = ["SETTING_WORDS", "CellfitError", "Notice", "worded"]
 
 #: plain words for each setting an error can name; front ends map the same keys to
 #: their own names (``cellfit.cli.FLAGS``, ``cellfit.plugin._tooltips.LABELS``)
@@ -64,10 +64,7 @@ class CellfitError(Exception):
     def worded(self, names: Mapping[str, str] | None = None) -> str:
         """The message with the setting named from ``names`` (a front end's names of
         the settings), falling back to :data:`SETTING_WORDS`."""
-        if self.setting is None or "{setting}" not in self.message:
-            return self.message
-        name = (names or {}).get(self.setting) or SETTING_WORDS.get(self.setting, self.setting)
-        return self.message.replace("{setting}", name)
+        return _word(self.message, self.setting, names)
 
     def __str__(self) -> str:
         return self.worded()
@@ -80,9 +77,70 @@ def _rebuild(message: str, setting: str | None) -> CellfitError:
     return CellfitError(message, setting=setting)
 
 
-def worded(exc: BaseException, names: Mapping[str, str] | None = None) -> str:
-    """The message of ``exc`` in a front end's words: a :class:`CellfitError` worded
-    with ``names``, any other exception as ``str(exc)``."""
-    if isinstance(exc, CellfitError):
-        return exc.worded(names)
-    return str(exc)
+def _word(message: str, setting: str | None, names: Mapping[str, str] | None) -> str:
+    if setting is None or "{setting}" not in message:
+        return message
+    name = (names or {}).get(setting) or SETTING_WORDS.get(setting, setting)
+    return message.replace("{setting}", name)
+
+
+class Notice:
+    """A message for the user that is not an error (e.g. that the cell diameter was
+    estimated), worded as :class:`CellfitError` is: ``{setting}`` in ``message``
+    stands for the setting's name in the front end's words.
+
+    Notices join (:meth:`join`) without losing the setting each part names.
+
+    >>> n = Notice("cell diameter estimated at 31 pixels; to choose it, set {setting}",
+    ...            setting="diameter_option")
+    >>> Notice.join(n, "outputs replaced").worded({"diameter_option": "--diameter"})
+    'cell diameter estimated at 31 pixels; to choose it, set --diameter; outputs replaced'
+    """
+
+    def __init__(self, message: str, *, setting: str | None = None) -> None:
+        self.parts: tuple[tuple[str, str | None], ...] = ((message, setting),)
+
+    @classmethod
+    def join(cls, *notices: Notice | str | None) -> Notice | None:
+        """The notices that are set, as one (None when none is)."""
+        parts = []
+        for n in notices:
+            if isinstance(n, Notice):
+                parts.extend(n.parts)
+            elif n:
+                parts.append((str(n), None))
+        if not parts:
+            return None
+        out = cls.__new__(cls)
+        out.parts = tuple(parts)
+        return out
+
+    def worded(self, names: Mapping[str, str] | None = None) -> str:
+        """The message with each setting named from ``names`` (see
+        :meth:`CellfitError.worded`)."""
+        return "; ".join(_word(m, s, names) for m, s in self.parts)
+
+    def __str__(self) -> str:
+        return self.worded()
+
+    def __repr__(self) -> str:
+        return f"Notice({self.worded()!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Notice):
+            return self.parts == other.parts
+        return isinstance(other, str) and self.worded() == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def worded(
+    message: BaseException | Notice | str | None, names: Mapping[str, str] | None = None
+) -> str | None:
+    """A message in a front end's words: a :class:`CellfitError` or :class:`Notice`
+    worded with ``names``, any other exception or text as ``str()``; None stays None."""
+    if message is None:
+        return None
+    if isinstance(message, (CellfitError, Notice)):
+        return message.worded(names)
+    return str(message)

@@ -29,7 +29,7 @@ import numpy as np
 
 from cellfit import model as model_files
 from cellfit.devices import resolve_device
-from cellfit.errors import CellfitError
+from cellfit.errors import CellfitError, Notice
 from cellfit.events import Progress
 from cellfit.io import ImageMeta, open_image
 from cellfit.link import SliceLinker
@@ -41,7 +41,7 @@ from cellfit.outputs import (
     remove_stale_temporaries,
     tmp_name,
 )
-from cellfit.postprocess import classes_from_probs, labels_from_probs
+from cellfit.postprocess import classes_from_probs, labels_from_probs, postprocess_settings
 from cellfit.predict import DEFAULT_OVERLAP, DEFAULT_TILE, PlanePredictor, TileRunner
 from cellfit.starting import apply_diameter, needs_diameter
 from cellfit.stream import BlockLabeller, NormRows, ResizeRows, RowStream, stack_stats
@@ -130,9 +130,11 @@ class FileEvent(Progress):
                                 "failed": ", failed"}.get(self.status, "")
 
 
-def join_notices(*notices: str | None) -> str | None:
-    """The notices that are set, joined with "; " (None when none is)."""
-    return "; ".join(n for n in notices if n) or None
+def join_notices(*notices: Notice | str | None) -> Notice | str | None:
+    """The notices that are set, as one (None when none is); plain text stays text."""
+    if not any(isinstance(n, Notice) for n in notices):
+        return "; ".join(n for n in notices if n) or None
+    return Notice.join(*notices)
 
 
 # -------------------------------------------------------------------------- settings
@@ -190,7 +192,7 @@ class LoadedModel:
         self.predictor = PlanePredictor(
             self.model, self.info, self.runner, tile=settings.tile, overlap=settings.overlap
         )
-        self.postprocess = {**self.info.postprocess, **(settings.postprocess or {})}
+        self.postprocess = postprocess_settings(self.info.postprocess, settings.postprocess)
 
     def labels(self, probs: np.ndarray) -> np.ndarray:
         """Labels (instances or classes) of one plane's probabilities ``(K, Y, X)``."""

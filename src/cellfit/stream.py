@@ -22,7 +22,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from cellfit.model import ModelInfo
-from cellfit.normalize import MAX_SAMPLES, match_channels, normalize
+from cellfit.normalize import match_channels, normalize, sample_steps
 
 __all__ = [
     "BlockLabeller",
@@ -46,8 +46,7 @@ def stack_stats(img, info: ModelInfo) -> np.ndarray | None:
         return np.zeros((info.in_channels, 2))
     p = img.n_planes
     h, w = img.plane_shape
-    step = max(1, int(np.ceil(np.sqrt(p * h * w / MAX_SAMPLES))))
-    pstep = max(1, int(np.ceil(p * h * w / (step * step) / MAX_SAMPLES)))
+    step, pstep = sample_steps(p, h, w)
     band = max(step, (2**24 // max(1, w * img.n_channels)) // step * step)
     parts = []
     for q in range(0, p, pstep):

@@ -38,6 +38,7 @@ ROWS: dict[str, str] = {
 #: plain words.
 LABELS: dict[str, str] = {
     "diameter": f"{ROWS['diameter']} (Segment tab)",
+    "diameter_option": f"{ROWS['diameter']} (Segment tab)",
     "device": f"{ROWS['device']} (Train tab)",
     "encoder": f"{ROWS['encoder']} (Train tab)",
     "init": f"{ROWS['start']} (Train tab)",

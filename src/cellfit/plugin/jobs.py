@@ -576,7 +576,8 @@ class BatchJob:
             for ev in gen:
                 notice = None
                 if ev.notice:
-                    notice = ev.notice[:1].upper() + ev.notice[1:] + "."
+                    text = worded(ev.notice, LABELS)
+                    notice = text[:1].upper() + text[1:] + "."
                     result.notices.append(notice)
                 _count(result, ev)
                 yield Progress(fraction=ev.fraction, text=ev.text, notice=notice)

@@ -31,7 +31,7 @@ from qtpy.QtWidgets import (
 )
 
 from cellfit.devices import device_label, resolve_device
-from cellfit.errors import CellfitError
+from cellfit.errors import CellfitError, worded
 from cellfit.plugin._display import ENCODERS
 from cellfit.plugin._layers import (
     annotated_planes,
@@ -46,7 +46,7 @@ from cellfit.plugin._layers import (
 from cellfit.plugin._plot import TrainingPlot
 from cellfit.plugin._runner import JobRunner
 from cellfit.plugin._state import CellfitState
-from cellfit.plugin._tooltips import CHOICES, TIPS, train_button_tip
+from cellfit.plugin._tooltips import CHOICES, LABELS, TIPS, train_button_tip
 from cellfit.plugin.jobs import PredictResult, TrainJob, TrainResult, TrainUpdate
 from cellfit.plugin.panels._base import NO_IMAGE, Panel, combo, row_label, shrinkable
 from cellfit.starting import TrainPlan
@@ -328,7 +328,7 @@ class TrainPanel(Panel):
     def _on_update(self, up: TrainUpdate) -> None:
         ev = up.event
         if ev.notice:
-            show_warning(f"Training: {ev.notice}.")
+            show_warning(f"Training: {worded(ev.notice, LABELS)}.")
         self.plot.add_loss(ev.step, ev.loss, redraw=False)
         v = ev.validation
         if v:
