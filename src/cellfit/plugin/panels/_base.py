@@ -3,7 +3,7 @@ builders of controls."""
 
 from __future__ import annotations
 
-from napari.utils.notifications import show_info
+from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QComboBox, QLabel, QWidget
 
@@ -42,6 +42,16 @@ class Panel(QWidget):
     def on_model_changed(self) -> None:
         """The model in memory changed (by this panel or another one)."""
         self.update_controls()
+
+    def image_for_a_job(self):
+        """The chosen image layer when a job may start now; None (after saying why)
+        when a job runs or no image is open."""
+        if self.refuse_while_busy():
+            return None
+        image = self.state.image_layer()
+        if image is None:
+            show_error(NO_IMAGE)
+        return image
 
     def refuse_while_busy(self) -> bool:
         """True (and a notice) when a job runs: one job at a time."""

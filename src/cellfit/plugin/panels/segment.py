@@ -51,7 +51,7 @@ from cellfit.plugin.jobs import (
     DiameterResult,
     PredictResult,
 )
-from cellfit.plugin.panels._base import NO_IMAGE, Panel, combo, row_label
+from cellfit.plugin.panels._base import Panel, combo, row_label
 
 __all__ = ["SegmentPanel"]
 
@@ -196,11 +196,8 @@ class SegmentPanel(Panel):
     # ---------------------------------------------------------- the chosen image
     def predict_image(self) -> None:
         """Segment the selected image (all slices or the current one) in the background."""
-        if self.refuse_while_busy():
-            return
-        image = self.state.image_layer()
+        image = self.image_for_a_job()
         if image is None:
-            show_error(NO_IMAGE)
             return
         if not self._has_model():
             return
@@ -256,11 +253,8 @@ class SegmentPanel(Panel):
     # ----------------------------------------------------------- cell diameter
     def estimate_diameter(self) -> None:
         """Estimate the cell diameter on the slice on screen, in the background."""
-        if self.refuse_while_busy():
-            return
-        image = self.state.image_layer()
+        image = self.image_for_a_job()
         if image is None:
-            show_error(NO_IMAGE)
             return
         if not self._has_model():
             return

@@ -48,7 +48,7 @@ from cellfit.plugin._runner import JobRunner
 from cellfit.plugin._state import CellfitState
 from cellfit.plugin._tooltips import CHOICES, LABELS, TIPS, train_button_tip
 from cellfit.plugin.jobs import PredictResult, TrainJob, TrainResult, TrainUpdate
-from cellfit.plugin.panels._base import NO_IMAGE, Panel, combo, row_label, shrinkable
+from cellfit.plugin.panels._base import Panel, combo, row_label, shrinkable
 from cellfit.starting import TrainPlan
 from cellfit.train import TrainConfig
 
@@ -247,11 +247,8 @@ class TrainPanel(Panel):
     # -------------------------------------------------------------------- train
     def start_training(self) -> None:
         """Train (or fine-tune the current model) in the background."""
-        if self.refuse_while_busy():
-            return
-        image = self.state.image_layer()
+        image = self.image_for_a_job()
         if image is None:
-            show_error(NO_IMAGE)
             return
         annotation = self.state.annotation_layer()
         if annotation is None:
