@@ -380,7 +380,7 @@ def test_out_of_memory_halves_the_batch_and_says_so():
 
     with pytest.raises(CellfitError) as err:
         TileRunner(OOMAbove(net, limit=0), "cpu", batch_size=4)(x)
-    assert "smaller --tile" in err.value.worded(FLAGS)
+    assert "make --tile smaller" in err.value.worded(FLAGS)
 
 
 def test_out_of_memory_during_a_batch_run_is_reported_in_the_cli(tmp_path, model_file, capsys,
@@ -498,12 +498,12 @@ def test_a_failed_file_keeps_its_error_and_the_cli_names_the_flag(tmp_path, mode
     (ev,) = run(model_file, [tmp_path / "in"], tmp_path / "o")
     assert ev.status == "failed" and isinstance(ev.error, CellfitError)
     assert ev.error.setting == "tile"
-    assert ev.error.worded({"tile": "TILE"}).endswith("use a smaller TILE or split the stack.")
+    assert ev.error.worded({"tile": "TILE"}).endswith("make TILE smaller or split the stack.")
     assert str(ev.error).startswith("f0.tif is too large for this machine's memory")
     code, err = cli(capsys, "predict", model_file, tmp_path / "in", "--out", tmp_path / "o",
                     "--device", "cpu")
     assert code == 1
-    assert "f0.tif is too large for this machine's memory: use a smaller --tile or split " \
+    assert "f0.tif is too large for this machine's memory: make --tile smaller or split " \
            "the stack." in err
 
 

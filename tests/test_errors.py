@@ -30,10 +30,10 @@ def test_a_message_without_a_setting_is_left_as_it_is():
 
 def test_an_error_keeps_its_setting_through_pickling():
     """Cluster workers send errors back pickled: the setting must survive."""
-    err = CellfitError("use a smaller {setting}.", setting="tile")
+    err = CellfitError("make {setting} smaller.", setting="tile")
     back = pickle.loads(pickle.dumps(err))
     assert isinstance(back, CellfitError) and back.setting == "tile"
-    assert back.worded(FLAGS) == "use a smaller --tile."
+    assert back.worded(FLAGS) == "make --tile smaller."
 
 
 def test_notices_join_and_keep_each_parts_setting():

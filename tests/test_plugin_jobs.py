@@ -256,8 +256,8 @@ def test_user_message():
     # an engine error that names a setting is worded as the dock labels its control
     err = CellfitError("no cells were found: set {setting}.", setting="diameter")
     assert user_message(err, "x") == "no cells were found: set Cell diameter (Segment tab)."
-    err = CellfitError("use a smaller {setting}.", setting="tile")  # no control: plain words
-    assert user_message(err, "x") == "use a smaller the tile size."
+    err = CellfitError("make {setting} smaller.", setting="tile")  # no control: plain words
+    assert user_message(err, "x") == "make the tile size smaller."
     assert "ran out of memory" in user_message(MemoryError(), "training")
     msg = user_message(RuntimeError("boom"), "training")
     assert msg.startswith("training stopped on an unexpected error (RuntimeError: boom)")

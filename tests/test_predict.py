@@ -242,3 +242,32 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(CellfitError, match="no CUDA GPU"):
             resolve_device("cuda")
+
+
+class OutOfMemoryModel(nn.Module):
+    """Runs out of device memory on any batch larger than ``fits`` tiles."""
+
+    def __init__(self, fits: int) -> None:
+        super().__init__()
+        self.fits = fits
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        if x.shape[0] > self.fits:
+            raise torch.OutOfMemoryError("out of memory (simulated)")
+        return torch.zeros((x.shape[0], 3, *x.shape[2:])) + self.w
+
+
+def test_the_tile_batch_is_halved_on_out_of_memory_and_a_single_tile_names_the_setting():
+    from cellfit.console import FLAGS
+    from cellfit.predict import TileRunner
+
+    runner = TileRunner(OutOfMemoryModel(fits=1), "cpu", batch_size=4)
+    out = runner(torch.zeros((3, 1, 32, 32)))
+    assert out.shape == (3, 3, 32, 32) and runner.batch_size == 1
+    assert "retrying with 2" in runner.pop_notice()
+    runner = TileRunner(OutOfMemoryModel(fits=0), "cpu", batch_size=2)
+    with pytest.raises(CellfitError) as err:
+        runner(torch.zeros((2, 1, 32, 32)))
+    assert err.value.setting == "tile"
+    assert "single tile of 32x32 pixels: make --tile smaller (e.g. 256)" in err.value.worded(FLAGS)

@@ -241,7 +241,7 @@ def _predict_or_skip(model: LoadedModel, i: int, n_files: int, f: Path, out_dir:
         yield FileEvent(
             i, n_files, f, "failed",
             error=CellfitError(
-                f"{f.name} is too large for this machine's memory: use a smaller {{setting}} "
+                f"{f.name} is too large for this machine's memory: make {{setting}} smaller "
                 "or split the stack.",
                 setting="tile",
             ),

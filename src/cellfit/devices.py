@@ -33,13 +33,13 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise CellfitError(
-            "{setting} cuda was asked for but PyTorch sees no CUDA GPU: choose auto or cpu "
+            "{setting} is cuda, but PyTorch sees no CUDA GPU: choose auto or cpu "
             "(run `cellfit devices` to see what PyTorch finds).",
             setting="device",
         )
     if name == "mps" and not _mps_available():
         raise CellfitError(
-            "{setting} mps was asked for but this machine has no Apple GPU available: "
+            "{setting} is mps, but this machine has no Apple GPU available: "
             "choose auto or cpu.",
             setting="device",
         )

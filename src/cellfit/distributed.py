@@ -92,8 +92,8 @@ def task_file(model_path, path, labels_path, prob_path, settings, fp) -> dict:
     except MemoryError:
         return {"status": "failed",
                 "error": CellfitError(f"{Path(path).name} is too large for the worker's "
-                                      "memory: use a smaller {setting} or workers with more "
-                                      "memory.", setting="tile")}
+                                      "memory: make {setting} smaller or use workers with "
+                                      "more memory.", setting="tile")}
     return {"status": "done", "outputs": [str(p) for p in outputs], "notices": notices}
 
 

@@ -277,7 +277,7 @@ class TileRunner:
                 if n <= 1:
                     raise CellfitError(
                         f"the {self.device.type.upper()} device ran out of memory on a single "
-                        f"tile of {xt.shape[-2]}x{xt.shape[-1]} pixels: use a smaller {{setting}} "
+                        f"tile of {xt.shape[-2]}x{xt.shape[-1]} pixels: make {{setting}} smaller "
                         "(e.g. 256) or run on the CPU.",
                         setting="tile",
                     ) from None
