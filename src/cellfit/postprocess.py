@@ -207,9 +207,6 @@ def drop_small_objects(labels: np.ndarray, min_size: int, at_edge: int | None = 
     return labels
 
 
-#: the old private name (tests/test_speed.py imports it; use drop_small_objects)
-_drop_small = drop_small_objects
-
 
 def _relabel(labels: np.ndarray) -> np.ndarray:
     present = np.bincount(labels.ravel()) > 0  # the ids in use, without sorting pixels

@@ -699,17 +699,6 @@ class Trainer:
     def prefetch(self, value: bool) -> None:
         self.batches.enabled = bool(value)
 
-    @property
-    def _pending(self):
-        """The batch drawn ahead (old name, read and reset by benchmarks/speed.py; use
-        ``batches.pending`` and ``batches.discard()``)."""
-        return self.batches._pending
-
-    @_pending.setter
-    def _pending(self, value) -> None:
-        if value is None:
-            self.batches.discard()
-
     def _to_tensors(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """A drawn batch as CPU tensors, pinned on CUDA (runs in the prefetch thread)."""
         xt, yt = torch.from_numpy(x), torch.from_numpy(y)
@@ -749,9 +738,6 @@ class Trainer:
                 f"out of {kind} memory with batches of {n} patches: "
                 f"continuing with {self.batch_size}"
             )
-
-    #: the old name of :meth:`train_step` (benchmarks/speed.py)
-    _train_step = train_step
 
     def _pop_notice(self) -> str | None:
         notices, self._notices = self._notices, []
