@@ -65,3 +65,27 @@ def test_annotated_planes_and_counts():
     assert counts["cells"] == 2 and counts["planes"] == 2
     assert counts["background_pixels"] == 16
 
+
+
+def test_prediction_layers_are_kept_or_replaced_by_shape_and_put_below_the_annotation(
+    make_napari_viewer,
+):
+    from cellfit.plugin._layers import prediction_layers
+
+    viewer = make_napari_viewer()
+    image = viewer.add_image(np.zeros((20, 30), np.float32), name="img")
+    annotation = viewer.add_labels(np.zeros((20, 30), np.uint16), name="img annotation")
+    prob, lab = prediction_layers(viewer, image, annotation)
+    assert prob.data.shape == lab.data.shape == (20, 30) and lab.contour == 1
+    names = [layer.name for layer in viewer.layers]
+    assert names.index("img probability") < names.index("img annotation")
+    assert names.index("img labels") < names.index("img annotation")
+    assert viewer.layers.selection.active is annotation  # the selection stays
+    # the same shape again: the same layers
+    assert prediction_layers(viewer, image, annotation) == (prob, lab)
+    # the image now has another shape: both layers are made again, at the new shape
+    image.data = np.zeros((24, 16), np.float32)
+    prob2, lab2 = prediction_layers(viewer, image, annotation)
+    assert prob2 is not prob and lab2 is not lab
+    assert prob2.data.shape == lab2.data.shape == (24, 16)
+    assert prob not in viewer.layers and lab not in viewer.layers

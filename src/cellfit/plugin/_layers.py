@@ -225,11 +225,9 @@ def prediction_layers(
     """
     shape = labels_shape(image)
     active = viewer.layers.selection.active
-    prob_layer = find_layer(viewer, f"{image.name} probability", Image)
-    if prob_layer is None or tuple(prob_layer.data.shape) != shape:
-        if prob_layer is not None:
-            viewer.layers.remove(prob_layer)
-        prob_layer = viewer.add_image(
+    prob_layer = _layer_of_shape(
+        viewer, f"{image.name} probability", Image, shape, annotation,
+        lambda: viewer.add_image(
             np.zeros(shape, np.float32),
             name=f"{image.name} probability",
             colormap=probability_colormap(),
@@ -239,13 +237,11 @@ def prediction_layers(
             scale=image.scale,
             translate=image.translate,
             metadata={"cellfit": "probability", "image": image.name},
-        )
-        _place_below(viewer, prob_layer, annotation)
-    lab_layer = find_layer(viewer, f"{image.name} labels", Labels)
-    if lab_layer is None or tuple(lab_layer.data.shape) != shape:
-        if lab_layer is not None:
-            viewer.layers.remove(lab_layer)
-        lab_layer = viewer.add_labels(
+        ),
+    )
+
+    def add_labels() -> Labels:
+        layer = viewer.add_labels(
             np.zeros(shape, np.int32),
             name=f"{image.name} labels",
             opacity=0.8,
@@ -253,11 +249,28 @@ def prediction_layers(
             translate=image.translate,
             metadata={"cellfit": "prediction", "image": image.name},
         )
-        lab_layer.contour = 1
-        _place_below(viewer, lab_layer, annotation)
+        layer.contour = 1
+        return layer
+
+    lab_layer = _layer_of_shape(
+        viewer, f"{image.name} labels", Labels, shape, annotation, add_labels
+    )
     if active is not None and active in viewer.layers:
         viewer.layers.selection.active = active
     return prob_layer, lab_layer
+
+
+def _layer_of_shape(viewer, name: str, kind: type, shape: tuple, annotation, add):
+    """Layer ``name`` of ``kind`` with data of ``shape``: the existing one, or else one
+    made by ``add()`` (replacing a layer of another shape) and put below ``annotation``."""
+    layer = find_layer(viewer, name, kind)
+    if layer is not None and tuple(layer.data.shape) == shape:
+        return layer
+    if layer is not None:
+        viewer.layers.remove(layer)
+    layer = add()
+    _place_below(viewer, layer, annotation)
+    return layer
 
 
 def _place_below(viewer, layer, annotation: Labels | None) -> None:
