@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Progress"]
+__all__ = ["Progress", "share_done"]
 
 
 @dataclass(kw_only=True)
@@ -36,3 +36,15 @@ class Progress:
     fraction: float = 0.0
     text: str = ""
     notice: str | None = None
+
+
+def share_done(done: int, total: int, part_done: int = 0, part_total: int = 0) -> float:
+    """The share (0 to 1) of ``total`` items done when ``done`` are finished and the
+    next one is ``part_done`` of ``part_total`` parts through (planes and their tiles,
+    files and their planes).
+
+    >>> share_done(2, 8, 1, 2)
+    0.3125
+    """
+    inner = part_done / part_total if part_total else 0.0
+    return min(1.0, (done + inner) / max(1, total))

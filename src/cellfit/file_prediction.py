@@ -30,7 +30,7 @@ import numpy as np
 from cellfit import model as model_files
 from cellfit.devices import resolve_device
 from cellfit.errors import CellfitError, Notice
-from cellfit.events import Progress
+from cellfit.events import Progress, share_done
 from cellfit.io import ImageMeta, open_image
 from cellfit.link import SliceLinker
 from cellfit.outputs import (
@@ -82,8 +82,7 @@ class FileProgress(Progress):
     tiles_total: int = 0
 
     def __post_init__(self) -> None:
-        inner = self.tiles_done / self.tiles_total if self.tiles_total else 0.0
-        self.fraction = min(1.0, (self.plane + inner) / max(1, self.n_planes))
+        self.fraction = share_done(self.plane, self.n_planes, self.tiles_done, self.tiles_total)
         self.text = f"plane {self.plane} of {self.n_planes}"
 
 
@@ -118,8 +117,9 @@ class FileEvent(Progress):
 
     def __post_init__(self) -> None:
         if self.status == "plane":
-            inner = self.tiles_done / self.tiles_total if self.tiles_total else 0.0
-            self.file_fraction = min(1.0, (self.plane + inner) / max(1, self.n_planes))
+            self.file_fraction = share_done(
+                self.plane, self.n_planes, self.tiles_done, self.tiles_total
+            )
         self.fraction = min(1.0, (self.index + self.file_fraction) / max(1, self.n_files))
         head = f"File {self.index + 1} of {self.n_files}: {Path(self.path).name}"
         if self.status == "plane":

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from torch import nn
 
 from cellfit.devices import is_out_of_memory, resolve_device
 from cellfit.errors import CellfitError
-from cellfit.events import Progress
+from cellfit.events import Progress, share_done
 from cellfit.io import ImageStack, to_planes
 from cellfit.model import STRIDE, ModelInfo
 from cellfit.normalize import (
@@ -304,7 +304,6 @@ class _Plane:
     acc: torch.Tensor
     next: int = 0
     done: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class PlanePredictor:
@@ -604,7 +603,7 @@ def iter_predict(
     n = planes.shape[0]
     core = PlanePredictor(model, info, runner, tile=tile, overlap=overlap)
     for ev in core.predict(((p, planes[p]) for p in range(n)), stats):
-        ev.fraction = (ev.plane + ev.tiles_done / max(1, ev.tiles_total)) / max(1, n)
+        ev.fraction = share_done(ev.plane, n, ev.tiles_done, ev.tiles_total)
         yield ev
 
 
