@@ -1,0 +1,560 @@
+"""Generalisation benchmark: sparse painting, zero-shot and the correction loop on every
+kind of image we have, beside the peers.
+
+Per set (every 2D set of ``../shared/data`` with several images, and synthetic scenes of
+three looks) and per seed:
+
+- **sparse protocol**: 10% of the cells of 4 training images painted whole (at least 3
+  per image), a 4-pixel background ring around them and 5 background strokes per image,
+  everything else unannotated;
+- **zero-shot**: the shipped starting model with the diameter estimated per image;
+- **peers** with the same annotation and the same size information: Otsu + distance
+  watershed (its polarity, bright or dark cells, from the painted cells against the
+  painted background) and a random-forest pixel classifier on multiscale features
+  (ilastik's approach);
+- **the correction loop**, as a user works: round 0 trains from the starting model
+  (``--round0-steps``, 5 CPU-minutes by default); after each round a simulated user
+  looks at the prediction on the training images and fixes the ``--corrections``
+  largest errors from the truth (false objects painted as background, missed or merged
+  cells painted whole: :mod:`cellfit.simulate`), and the model in memory is trained
+  again on the whole annotation (``--round-steps``, 2 CPU-minutes), as the plugin's
+  Train does. The random forest goes through the same loop with its own errors.
+
+AP@0.5 (TP / (TP + FP + FN), pooled) on the test images after each round, with the
+effort (cells and strokes added) and the training time. Training lengths are counted in
+steps of 4 patches of 256² at the idle 2-core rate (70 steps a minute, as in
+``benchmarks/finetune.py``), so a busy or faster machine trains the same amount.
+
+``--variant`` names training settings to compare (see :data:`VARIANTS`); each runs
+the whole loop.
+
+Usage::
+
+    .venv/bin/python benchmarks/generalise.py --sets nuclei-u2os --seeds 0   # one set
+    .venv/bin/python benchmarks/generalise.py --smoke                        # minutes
+    .venv/bin/python benchmarks/generalise.py --report results/*.json        # docs only
+
+Each (set, seed) writes ``<out>/<set>-<seed>.json`` as it goes; ``--report`` merges
+result files into ``docs/benchmarks.md`` (between ``<!-- generalise:start -->`` and
+``<!-- generalise:end -->``), ``docs/generalise.json`` and ``docs/generalise.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quality import distance_watershed, engine_version, machine, write_section  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+MARK_START = "<!-- generalise:start -->"
+MARK_END = "<!-- generalise:end -->"
+#: sets of ../shared/data: (training images, test images at most)
+REAL_SETS = {"nuclei-u2os": (4, 10), "nuclei-he-monuseg": (4, 8), "cells-phase-usiigaci": (4, 10)}
+#: synthetic looks (cellfit.synthetic.scene), 4 + 6 images of 384²
+SYNTHETIC_SETS = {"synthetic-fluo_nuclei": (4, 6), "synthetic-he": (4, 6), "synthetic-phase": (4, 6)}
+KIND = {
+    "nuclei-u2os": "fluorescence nuclei",
+    "nuclei-he-monuseg": "H&E nuclei",
+    "cells-phase-usiigaci": "phase-contrast cells",
+    "synthetic-fluo_nuclei": "fluorescence nuclei (synthetic)",
+    "synthetic-he": "H&E nuclei (synthetic)",
+    "synthetic-phase": "phase-contrast cells (synthetic)",
+}
+FRACTION, MIN_CELLS, RING, STROKES = 0.1, 3, 4, 5
+STEPS_PER_MINUTE = 70
+
+#: training settings compared by the loop (TrainConfig keywords, for every round or, under
+#: "later", for the rounds after the first)
+VARIANTS: dict[str, dict] = {
+    "today": {},
+}
+
+
+@dataclass
+class Sample:
+    name: str
+    image: np.ndarray  # (Y, X) or (Y, X, 3)
+    mask: np.ndarray  # (Y, X) int32
+
+
+# ------------------------------------------------------------------------------ data
+def _names(data: Path, set_name: str) -> list[str]:
+    d = data / set_name
+    if (d / "images").is_dir():
+        return sorted(p.stem for p in (d / "images").glob("*.tif") if (d / "masks" / p.name).exists())
+    packed = data / f"{set_name}.npz"
+    with np.load(packed) as z:
+        return sorted({k.split("/")[0] for k in z.files})
+
+
+def _read(data: Path, set_name: str, name: str) -> Sample:
+    d = data / set_name
+    if (d / "images").is_dir():
+        import tifffile
+
+        img = tifffile.imread(d / "images" / f"{name}.tif")
+        mask = tifffile.imread(d / "masks" / f"{name}.tif").astype(np.int32)
+    else:
+        with np.load(data / f"{set_name}.npz") as z:
+            img, mask = z[f"{name}/image"], z[f"{name}/mask"].astype(np.int32)
+    if img.ndim == 3 and img.shape[-1] == 4:
+        img = img[..., :3]
+    return Sample(name, img, mask)
+
+
+def pick(data: Path, set_name: str, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """The training and test images of a set for a seed (disjoint)."""
+    n_train, n_test = (REAL_SETS | SYNTHETIC_SETS)[set_name]
+    if set_name.startswith("synthetic-"):
+        from cellfit.synthetic import scene
+
+        kind = set_name.split("-", 1)[1]
+        rng = np.random.default_rng(1000 + seed)
+        out: list[Sample] = []
+        while len(out) < n_train + n_test:
+            img, lab, _ = scene(kind, (384, 384), diameter=float(rng.uniform(18, 30)), seed=rng)
+            if out and img.ndim != out[0].image.ndim:
+                continue  # one camera per set: colour or grey, as a lab's files are
+            out.append(Sample(f"s{len(out)}", img, lab.astype(np.int32)))
+        return out[:n_train], out[n_train:]
+    names = _names(data, set_name)
+    n_test = min(n_test, len(names) - n_train)
+    order = np.random.default_rng(seed).permutation(len(names))
+    chosen = [names[i] for i in order[: n_train + n_test]]
+    samples = [_read(data, set_name, n) for n in chosen]
+    return samples[:n_train], samples[n_train:]
+
+
+def pack(data: Path, out: Path, sets: list[str], seeds: list[int]) -> None:
+    """Write the images the given seeds use as ``<out>/<set>.npz`` (to carry them)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for s in sets:
+        if s.startswith("synthetic-"):
+            continue
+        arrays = {}
+        for seed in seeds:
+            tr, te = pick(data, s, seed)
+            for smp in tr + te:
+                arrays[f"{smp.name}/image"] = smp.image
+                arrays[f"{smp.name}/mask"] = smp.mask.astype(np.uint16)
+        np.savez_compressed(out / f"{s}.npz", **arrays)
+        print(f"packed {s}: {len(arrays) // 2} images")
+
+
+def paint(train: list[Sample], seed: int) -> list[np.ndarray]:
+    """The first annotation: 10% of the cells of each training image (at least 3)."""
+    from cellfit.synthetic import sparse_annotation
+
+    return [
+        sparse_annotation(s.mask, FRACTION, ring=RING, strokes=STROKES, seed=seed + i,
+                          min_cells=MIN_CELLS)
+        for i, s in enumerate(train)
+    ]
+
+
+def gray(image: np.ndarray) -> np.ndarray:
+    img = image.astype(np.float32)
+    return img.mean(-1) if img.ndim == 3 else img
+
+
+def ap(labels: list[np.ndarray], samples: list[Sample]) -> dict:
+    from cellfit.metrics import aggregate_instance_metrics, instance_metrics
+
+    agg = aggregate_instance_metrics(
+        [instance_metrics(p, s.mask, (0.5,)) for p, s in zip(labels, samples)]
+    )
+    return {"ap50": round(agg["ap50"], 4), "precision": round(agg["precision_50"], 4),
+            "recall": round(agg["recall_50"], 4)}
+
+
+def min_size_from(anns: list[np.ndarray]) -> int:
+    """A quarter of the median painted cell (cellfit's own rule), for the peers too."""
+    from cellfit.starting import MIN_SIZE_FRACTION
+
+    areas = []
+    for a in anns:
+        sizes = np.bincount(np.where(a >= 2, a, 0).ravel().astype(np.int64))[2:]
+        areas.extend(sizes[sizes > 0].tolist())
+    return max(16, int(MIN_SIZE_FRACTION * np.median(areas))) if areas else 16
+
+
+# ----------------------------------------------------------------------------- peers
+def otsu(train, anns, test) -> list[np.ndarray]:
+    """Otsu threshold + distance watershed; cells bright or dark as the painting says."""
+    from skimage.filters import gaussian, threshold_otsu
+
+    cell = np.concatenate([gray(s.image)[a >= 2] for s, a in zip(train, anns)])
+    bg = np.concatenate([gray(s.image)[a == 1] for s, a in zip(train, anns)])
+    bright = np.median(cell) >= np.median(bg)
+    out = []
+    for s in test:
+        img = gaussian(gray(s.image), sigma=1.0, preserve_range=True)
+        fg = img > threshold_otsu(img) if bright else img < threshold_otsu(img)
+        out.append(distance_watershed(fg, min_size_from(anns)))
+    return out
+
+
+class Forest:
+    """A random-forest pixel classifier on multiscale features, features cached per image."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._feats: dict[int, np.ndarray] = {}
+
+    def features(self, s: Sample) -> np.ndarray:
+        key = id(s)
+        if key not in self._feats:
+            from skimage.feature import multiscale_basic_features
+
+            img = s.image.astype(np.float32)
+            lo, hi = np.percentile(img, (1.0, 99.8))
+            img = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1)
+            self._feats[key] = multiscale_basic_features(
+                img, intensity=True, edges=True, texture=True, sigma_min=1, sigma_max=16,
+                channel_axis=-1 if img.ndim == 3 else None,
+            ).astype(np.float32)
+        return self._feats[key]
+
+    def fit(self, train, anns) -> None:
+        from sklearn.ensemble import RandomForestClassifier
+
+        xs, ys = [], []
+        for s, a in zip(train, anns):
+            keep = a > 0
+            xs.append(self.features(s)[keep])
+            ys.append(np.where(a[keep] >= 2, 2, 1))
+        self.clf = RandomForestClassifier(n_estimators=50, max_depth=10, n_jobs=-1,
+                                          random_state=self.seed)
+        self.clf.fit(np.concatenate(xs), np.concatenate(ys))
+        self.min_size = min_size_from(anns)
+
+    def predict(self, samples) -> list[np.ndarray]:
+        out = []
+        for s in samples:
+            f = self.features(s)
+            seg = self.clf.predict(f.reshape(-1, f.shape[-1])).reshape(f.shape[:2])
+            out.append(distance_watershed(seg == 2, self.min_size))
+        return out
+
+
+# --------------------------------------------------------------------------- cellfit
+def cellfit_predict(model, info, samples, device) -> list[np.ndarray]:
+    from cellfit.postprocess import labels_from_probs
+    from cellfit.predict import predict_stack
+
+    return [
+        labels_from_probs(predict_stack(model, info, s.image, device=device)[0], info.mode,
+                          **info.postprocess)
+        for s in samples
+    ]
+
+
+def zero_shot(test, device) -> dict:
+    from cellfit.model import load_model
+    from cellfit.starting import apply_diameter, estimate_diameter, starting_model_path
+
+    model, info = load_model(starting_model_path())
+    model.to(device)
+    labels, est = [], []
+    for s in test:
+        try:
+            plane = np.moveaxis(s.image, -1, 0) if s.image.ndim == 3 else s.image[None]
+            d = estimate_diameter(model, info, plane, device=device)
+        except Exception as exc:  # noqa: BLE001 - the estimate's failure is a result
+            est.append(str(exc))
+            labels.append(np.zeros(s.mask.shape, np.int32))
+            continue
+        est.append(round(float(d), 1))
+        labels += cellfit_predict(model, apply_diameter(info, d), [s], device)
+    return {**ap(labels, test), "diameters": est}
+
+
+def train_round(images, anns, settings, seed, steps, device, model=None, info=None):
+    """One round of training (the model in memory trained in place, as the plugin does)."""
+    from cellfit.train import TrainConfig, Trainer
+
+    cfg = TrainConfig(init="starting" if model is None else None, steps=steps, time_limit=None,
+                      seed=seed, device=device, batch_size=4, **settings)
+    t0 = time.perf_counter()
+    trainer = Trainer(images, anns, cfg, model=model, info=info)
+    notices = []
+    for ev in trainer.run():
+        if ev.notice:
+            notices.append(ev.notice)
+    record = trainer.info.training[-1]
+    return trainer.model, trainer.info, {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "steps": record["steps"],
+        "kept": record.get("kept"),
+        "validation": (record.get("validation") or {}).get("ap50"),
+        "validated_on": record.get("validated_on"),
+        "notices": notices + ([record["guard"]] if record.get("guard") else []),
+        "postprocess": dict(trainer.info.postprocess),
+    }
+
+
+def loop(train, test, anns0, method, rounds, n_corr, log, **kw) -> list[dict]:
+    """The correction loop of one method: AP on ``test`` after each round."""
+    from cellfit.simulate import correct, find_errors
+
+    anns = [a.copy() for a in anns0]
+    out, state = [], None
+    cells = strokes = 0
+    for r in range(rounds + 1):
+        t0 = time.perf_counter()
+        if method == "rf":
+            forest = kw["forest"]
+            forest.fit(train, anns)
+            fit = {"seconds": round(time.perf_counter() - t0, 1)}
+            pred_test, pred_train = forest.predict(test), forest.predict(train)
+        else:
+            settings = dict(kw["settings"])
+            later = settings.pop("later", {})
+            if r > 0:
+                settings.update(later)
+            steps = kw["round0_steps"] if r == 0 else kw["round_steps"]
+            model, info = state or (None, None)
+            model, info, fit = train_round([s.image for s in train], anns, settings, kw["seed"],
+                                           steps, kw["device"], model, info)
+            state = (model, info)
+            pred_test = cellfit_predict(model, info, test, kw["device"])
+            pred_train = cellfit_predict(model, info, train, kw["device"])
+        row = {"round": r, **ap(pred_test, test), "cells_added": cells, "strokes_added": strokes,
+               "painted_cells": int(sum(len(np.unique(a[a >= 2])) for a in anns)), **fit,
+               "train_ap50": ap(pred_train, train)["ap50"]}
+        out.append(row)
+        log(f"  {method} round {r}: AP50 {row['ap50']:.3f} (P {row['precision']:.2f} "
+            f"R {row['recall']:.2f}) train-images AP50 {row['train_ap50']:.3f}, "
+            f"{row['painted_cells']} painted cells, {fit['seconds']:.0f} s"
+            + (f"; {'; '.join(fit['notices'])}" if fit.get("notices") else ""))
+        if r == rounds:
+            break
+        added_c = added_s = 0
+        # the largest errors over all training images, wherever they are
+        errors = []
+        for i, (s, p) in enumerate(zip(train, pred_train)):
+            errors += [(e.area, i) for e in find_errors(p, s.mask, anns[i])]
+        errors.sort(reverse=True)
+        per_image = np.bincount([i for _a, i in errors[:n_corr]], minlength=len(train))
+        for i, (s, p) in enumerate(zip(train, pred_train)):
+            if per_image[i]:
+                c = correct(anns[i], p, s.mask, int(per_image[i]), ring=RING)
+                anns[i] = c.annotation
+                added_c += c.cells
+                added_s += c.strokes
+        cells += added_c
+        strokes += added_s
+    return out
+
+
+# ------------------------------------------------------------------------------- run
+def run_one(args, set_name: str, seed: int, log) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    train, test = pick(args.data, set_name, seed)
+    anns = paint(train, seed)
+    n_cells = int(sum(len(np.unique(a[a >= 2])) for a in anns))
+    total = int(sum(len(np.unique(s.mask)) - 1 for s in train))
+    res = {"set": set_name, "kind": KIND[set_name], "seed": seed,
+           "train": [s.name for s in train], "test": [s.name for s in test],
+           "painted_cells": n_cells, "cells_in_training_images": total,
+           "round0_steps": args.round0_steps, "round_steps": args.round_steps,
+           "corrections": args.corrections, "device": args.device}
+    log(f"{set_name} seed {seed}: {n_cells} of {total} cells painted; test {len(test)} images")
+    out_path = args.out / f"{set_name}-{seed}.json"
+
+    def save():
+        out_path.write_text(json.dumps(res, indent=1, default=str))
+
+    if "zero" in args.parts:
+        res["zero_shot"] = zero_shot(test, args.device)
+        log(f"  zero-shot AP50 {res['zero_shot']['ap50']:.3f} diameters {res['zero_shot']['diameters']}")
+        save()
+    if "peers" in args.parts:
+        res["otsu"] = ap(otsu(train, anns, test), test)
+        log(f"  otsu AP50 {res['otsu']['ap50']:.3f}")
+        res["rf"] = loop(train, test, anns, "rf", args.rounds, args.corrections, log,
+                         forest=Forest(seed))
+        save()
+    for v in args.variant:
+        log(f"  cellfit, {v}: {VARIANTS[v]}")
+        res.setdefault("cellfit", {})[v] = loop(
+            train, test, anns, "cellfit", args.rounds, args.corrections, log,
+            settings=VARIANTS[v], seed=seed, device=args.device,
+            round0_steps=args.round0_steps, round_steps=args.round_steps)
+        save()
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--sets", nargs="+", default=list(REAL_SETS) + list(SYNTHETIC_SETS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--variant", nargs="+", default=["today"], choices=list(VARIANTS))
+    p.add_argument("--parts", nargs="+", default=["zero", "peers", "cellfit"])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--corrections", type=int, default=10)
+    p.add_argument("--round0-steps", type=int, default=5 * STEPS_PER_MINUTE)
+    p.add_argument("--round-steps", type=int, default=2 * STEPS_PER_MINUTE)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--smoke", action="store_true", help="tiny run: 1 round, few steps")
+    p.add_argument("--pack", type=Path, help="only write the images the seeds use here")
+    p.add_argument("--report", type=Path, nargs="+", metavar="JSON",
+                   help="only merge these result files into the docs")
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    if args.pack:
+        pack(args.data, args.pack, args.sets, args.seeds)
+        return 0
+    if args.report:
+        return report(args.report, not args.no_write)
+    if args.smoke:
+        args.rounds, args.round0_steps, args.round_steps = 1, 10, 5
+    if "cellfit" not in args.parts:
+        args.variant = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:6.0f}s] {msg}", flush=True)
+
+    for set_name in args.sets:
+        for seed in args.seeds:
+            res = run_one(args, set_name, seed, log)
+            res["command"] = "python benchmarks/generalise.py " + " ".join(
+                shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+            res["machine"] = machine()
+            res["engine"] = engine_version()
+            (args.out / f"{set_name}-{seed}.json").write_text(json.dumps(res, indent=1, default=str))
+    return 0
+
+
+# ---------------------------------------------------------------------------- report
+def report(paths: list[Path], write: bool) -> int:
+    results = [json.loads(p.read_text()) for p in paths]
+    text = section(results)
+    print(text)
+    if write:
+        (REPO / "docs" / "generalise.json").write_text(json.dumps(results, indent=1))
+        write_section(REPO / "docs" / "benchmarks.md", text, MARK_START, MARK_END)
+        plot(results, REPO / "docs" / "generalise.png")
+    return 0
+
+
+def _mean(vals):
+    vals = [v for v in vals if v is not None]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def section(results: list[dict]) -> str:
+    by_set: dict[str, list[dict]] = {}
+    for r in results:
+        by_set.setdefault(r["set"], []).append(r)
+    variants = sorted({v for r in results for v in r.get("cellfit", {})})
+    rounds = max(len(rows) for r in results for rows in r.get("cellfit", {}).values())
+    lines = [MARK_START, "## Generalisation and the correction loop (`benchmarks/generalise.py`)", ""]
+    lines.append(
+        f"Per set: {int(FRACTION * 100)}% of the cells of 4 training images painted whole (at "
+        f"least {MIN_CELLS} per image) with a {RING}-pixel background ring and {STROKES} "
+        "background strokes; AP@0.5 (pooled) on the set's other images, the mean over seeds "
+        "(the spread, max − min, in brackets). Round 0 trains from the starting model; each "
+        "later round a simulated user paints the largest errors on the training images from "
+        "the truth (false objects as background, missed or merged cells whole) and the model "
+        "in memory is trained again. The random forest learns from the same kind of "
+        "corrections of its own errors."
+    )
+    lines.append("")
+    head = "| set | seeds | zero-shot | Otsu | " + " | ".join(
+        f"RF r{k}" for k in range(rounds)) + " | " + " | ".join(
+        f"{v} r{k}" for v in variants for k in range(rounds)) + " |"
+    lines += [head, "|---" * (head.count("|") - 1) + "|"]
+
+    def cell(vals):
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return "–"
+        spread = f" ({max(vals) - min(vals):.2f})" if len(vals) > 1 else ""
+        return f"{np.mean(vals):.3f}{spread}"
+
+    for name, rs in by_set.items():
+        row = [name, str(len(rs)), cell([r.get("zero_shot", {}).get("ap50") for r in rs]),
+               cell([r.get("otsu", {}).get("ap50") for r in rs])]
+        row += [cell([r["rf"][k]["ap50"] if len(r.get("rf", [])) > k else None for r in rs])
+                for k in range(rounds)]
+        for v in variants:
+            row += [cell([r["cellfit"][v][k]["ap50"] if len(r.get("cellfit", {}).get(v, [])) > k
+                          else None for r in rs]) for k in range(rounds)]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    eff = [(r["cellfit"][v][k]["cells_added"], r["cellfit"][v][k]["strokes_added"])
+           for r in results for v in r.get("cellfit", {}) for k in range(len(r["cellfit"][v]))]
+    if eff:
+        lines.append(f"Effort: at most {max(e[1] for e in eff)} corrections added in all "
+                     f"(of which at most {max(e[0] for e in eff)} cells painted whole).")
+    r0 = results[0]
+    lines += [
+        "",
+        f"- training: round 0 {r0['round0_steps']} steps, later rounds {r0['round_steps']} "
+        f"steps (70 steps = one idle 2-core CPU-minute); {r0['corrections']} corrections a "
+        f"round; device {r0['device']}",
+        f"- command: `{r0.get('command', '')}`",
+        f"- machine: {r0.get('machine', '')}; engine: cellfit at commit {r0.get('engine', '')}",
+        "",
+        "![AP@0.5 against corrections](generalise.png)",
+        MARK_END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = sorted({r["set"] for r in results})
+    fig, axes = plt.subplots(1, len(sets), figsize=(4 * len(sets), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], sets):
+        rs = [r for r in results if r["set"] == name]
+        series = {"random forest": [r.get("rf", []) for r in rs]}
+        for v in sorted({v for r in rs for v in r.get("cellfit", {})}):
+            series[f"cellfit ({v})"] = [r["cellfit"][v] for r in rs if v in r.get("cellfit", {})]
+        for label, runs in series.items():
+            runs = [x for x in runs if x]
+            if not runs:
+                continue
+            n = min(len(x) for x in runs)
+            effort = [_mean([x[k]["strokes_added"] for x in runs]) for k in range(n)]
+            ys = [_mean([x[k]["ap50"] for x in runs]) for k in range(n)]
+            ax.plot(effort, ys, marker="o", label=label)
+        z = _mean([r.get("zero_shot", {}).get("ap50") for r in rs])
+        o = _mean([r.get("otsu", {}).get("ap50") for r in rs])
+        ax.axhline(o, color="gray", ls="--", lw=1, label="Otsu")
+        ax.axhline(z, color="gray", ls=":", lw=1, label="zero-shot")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("corrections added")
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("AP@0.5 on test images")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
