@@ -192,17 +192,24 @@ def min_size_from(anns: list[np.ndarray]) -> int:
 
 # ----------------------------------------------------------------------------- peers
 def otsu(train, anns, test) -> list[np.ndarray]:
-    """Otsu threshold + distance watershed; cells bright or dark as the painting says."""
+    """Otsu threshold + distance watershed on one grey value per pixel: for colour images
+    the mix of channels that best separates the painted cells from the painted background
+    (Fisher's direction), and cells bright or dark as the painting says."""
     from skimage.filters import gaussian, threshold_otsu
 
-    cell = np.concatenate([gray(s.image)[a >= 2] for s, a in zip(train, anns)])
-    bg = np.concatenate([gray(s.image)[a == 1] for s, a in zip(train, anns)])
-    bright = np.median(cell) >= np.median(bg)
+    def px(img):
+        return img.reshape(-1, img.shape[-1]).astype(np.float64) if img.ndim == 3 \
+            else img.reshape(-1, 1).astype(np.float64)
+
+    cell = np.concatenate([px(s.image)[(a >= 2).ravel()] for s, a in zip(train, anns)])
+    bg = np.concatenate([px(s.image)[(a == 1).ravel()] for s, a in zip(train, anns)])
+    cov = np.atleast_2d(np.cov(cell.T) + np.cov(bg.T)) + 1e-6 * np.eye(cell.shape[1])
+    w = np.linalg.solve(cov, cell.mean(0) - bg.mean(0))  # cells project higher
     out = []
     for s in test:
-        img = gaussian(gray(s.image), sigma=1.0, preserve_range=True)
-        fg = img > threshold_otsu(img) if bright else img < threshold_otsu(img)
-        out.append(distance_watershed(fg, min_size_from(anns)))
+        img = (px(s.image) @ w).reshape(s.mask.shape)
+        img = gaussian(img, sigma=1.0, preserve_range=True)
+        out.append(distance_watershed(img > threshold_otsu(img), min_size_from(anns)))
     return out
 
 
@@ -272,8 +279,8 @@ def zero_shot(test, device) -> dict:
         try:
             plane = np.moveaxis(s.image, -1, 0) if s.image.ndim == 3 else s.image[None]
             d = estimate_diameter(model, info, plane, device=device)
-        except Exception as exc:  # noqa: BLE001 - the estimate's failure is a result
-            est.append(str(exc))
+        except Exception:  # noqa: BLE001 - the estimate's failure is a result
+            est.append("none found")
             labels.append(np.zeros(s.mask.shape, np.int32))
             continue
         est.append(round(float(d), 1))
@@ -446,8 +453,25 @@ def main(argv=None) -> int:
 
 
 # ---------------------------------------------------------------------------- report
+def merge(parts: list[dict]) -> list[dict]:
+    """One result per (set, seed) from result files of separate runs (peers on one
+    machine, cellfit on another); the cellfit variants of all runs are kept."""
+    out: dict[tuple, dict] = {}
+    for part in parts:
+        key = (part["set"], part["seed"])
+        have = out.setdefault(key, {})
+        variants = {**have.get("cellfit", {}), **part.get("cellfit", {})}
+        for k, v in part.items():
+            if k in ("zero_shot", "otsu", "rf", "cellfit") or k not in have:
+                have[k] = v
+        if variants:
+            have["cellfit"] = variants
+        have.setdefault("runs", []).append({k: part.get(k) for k in ("command", "machine", "device")})
+    return list(out.values())
+
+
 def report(paths: list[Path], write: bool) -> int:
-    results = [json.loads(p.read_text()) for p in paths]
+    results = merge([json.loads(p.read_text()) for p in paths])
     text = section(results)
     print(text)
     if write:
