@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import shlex
 import sys
 import time
@@ -73,12 +74,25 @@ KIND = {
     "synthetic-phase": "phase-contrast cells (synthetic)",
 }
 FRACTION, MIN_CELLS, RING, STROKES = 0.1, 3, 4, 5
+#: sets whose images are cut to their central square of this side, to keep the data that
+#: travels to a GPU machine small (the same crop for every method)
+CROP = {"cells-phase-usiigaci": 768}
 STEPS_PER_MINUTE = 70
 
 #: training settings compared by the loop (TrainConfig keywords, for every round or, under
 #: "later", for the rounds after the first)
 VARIANTS: dict[str, dict] = {
-    "today": {},
+    # the behaviour before this benchmark
+    "today": {"guard": False},
+    # later rounds keep what the user did not correct: distillation toward the model the
+    # round starts from, on the unannotated pixels
+    "keep": {"guard": False, "later": {"distill": 1.0}},
+    # later rounds take smaller steps
+    "gentle": {"guard": False, "later": {"finetune_lr": 3e-4}},
+    # thresholds chosen on the held-back annotation
+    "calibrate": {"guard": False, "calibrate": True},
+    # the guard, calibration and keeping what was not corrected
+    "all": {"guard": True, "calibrate": True, "later": {"distill": 1.0}},
 }
 
 
@@ -111,6 +125,10 @@ def _read(data: Path, set_name: str, name: str) -> Sample:
             img, mask = z[f"{name}/image"], z[f"{name}/mask"].astype(np.int32)
     if img.ndim == 3 and img.shape[-1] == 4:
         img = img[..., :3]
+    side = CROP.get(set_name)
+    if side and min(mask.shape) > side:
+        y0, x0 = (mask.shape[0] - side) // 2, (mask.shape[1] - side) // 2
+        img, mask = img[y0 : y0 + side, x0 : x0 + side], mask[y0 : y0 + side, x0 : x0 + side]
     return Sample(name, img, mask)
 
 
@@ -381,7 +399,7 @@ def run_one(args, set_name: str, seed: int, log) -> dict:
            "round0_steps": args.round0_steps, "round_steps": args.round_steps,
            "corrections": args.corrections, "device": args.device}
     log(f"{set_name} seed {seed}: {n_cells} of {total} cells painted; test {len(test)} images")
-    out_path = args.out / f"{set_name}-{seed}.json"
+    out_path = args.out / f"{set_name}-{seed}{args.tag}.json"
 
     def save():
         out_path.write_text(json.dumps(res, indent=1, default=str))
@@ -420,6 +438,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--tag", default="", help="added to the result files' names")
     p.add_argument("--smoke", action="store_true", help="tiny run: 1 round, few steps")
     p.add_argument("--pack", type=Path, help="only write the images the seeds use here")
     p.add_argument("--report", type=Path, nargs="+", metavar="JSON",
@@ -447,8 +466,10 @@ def main(argv=None) -> int:
             res["command"] = "python benchmarks/generalise.py " + " ".join(
                 shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
             res["machine"] = machine()
-            res["engine"] = engine_version()
-            (args.out / f"{set_name}-{seed}.json").write_text(json.dumps(res, indent=1, default=str))
+            # a copy of the tree without its git history names the commit in ENGINE_COMMIT
+            res["engine"] = os.environ.get("ENGINE_COMMIT") or engine_version()
+            (args.out / f"{set_name}-{seed}{args.tag}.json").write_text(
+                json.dumps(res, indent=1, default=str))
     return 0
 
 

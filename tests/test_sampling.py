@@ -230,6 +230,33 @@ def test_split_is_reproducible_with_a_seed():
         np.testing.assert_array_equal(x, y)
 
 
+def _row_of_cells(n: int, width: int = 200) -> np.ndarray:
+    ann = np.ones((40, width), np.uint16)
+    for k in range(n):
+        x0 = 2 + 10 * k
+        ann[10:16, x0 : x0 + 6] = k + 2
+    return ann
+
+
+def test_cells_held_back_stay_held_back_when_more_are_painted():
+    """A correction round paints more cells; the cells that checked the last round's
+    model are still held back, so the next check is on cells no round trained on."""
+    before = _row_of_cells(10)
+    after = _row_of_cells(10)
+    for k in range(10, 19):  # nine more cells painted
+        x0 = 2 + 10 * k
+        after[10:16, x0 : x0 + 6] = k + 2
+    first = split_annotations([before], val_fraction=0.2, seed=5)
+    second = split_annotations([after], val_fraction=0.2, seed=5)
+    held_first = set(np.unique(first.val[0][first.val[0] >= 2]).tolist())
+    held_second = set(np.unique(second.val[0][second.val[0] >= 2]).tolist())
+    assert len(held_first) == 2 and len(held_second) == 4
+    assert held_first <= held_second
+    # and another seed holds back other cells
+    other = split_annotations([after], val_fraction=0.2, seed=6)
+    assert set(np.unique(other.val[0][other.val[0] >= 2]).tolist()) != held_second
+
+
 # ------------------------------------------------------------------ prefetching
 def _sampler(seed: int = 0) -> PatchSampler:
     rng = np.random.default_rng(seed)

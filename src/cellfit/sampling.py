@@ -271,26 +271,39 @@ def split_annotations(
         Share of annotated objects (connected regions of one value >= 2) held back.
     min_cells : int
         With fewer objects than this, nothing is held back and ``on_training`` is True.
+    seed : int or numpy Generator
+        Which objects are held back. With an int the choice is *stable*: each object
+        gets a rank from the seed, its image, its value and where it lies (not from the
+        other objects), and the lowest ranks are held back. Painting more cells and
+        training again then holds back the same cells as before (and a few more), so a
+        model trained in an earlier round has never seen the cells that check the next
+        one. A Generator draws the rank at random.
 
     Returns
     -------
     ValidationSplit
         Training and validation annotations (copies; the inputs are not modified).
     """
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    rng = seed if isinstance(seed, np.random.Generator) else None
     units = []
+    ranks = []
     comps = []
     for i, ann in enumerate(annotations):
         cells = np.where(ann >= 2, ann, 0)
         comp = cc_label(cells, background=0, connectivity=1)
         comps.append(comp)
-        units.extend((i, u) for u in range(1, int(comp.max()) + 1))
+        n = int(comp.max())
+        units.extend((i, u) for u in range(1, n + 1))
+        if rng is not None:
+            ranks.extend(rng.random(n).tolist())
+        elif n:
+            ranks.extend(_stable_ranks(int(seed), i, cells, comp, n))
     n_val = int(round(val_fraction * len(units)))
     if len(units) < min_cells or n_val == 0 or val_fraction <= 0:
         return ValidationSplit(
             [a.copy() for a in annotations], [a.copy() for a in annotations], 0, True
         )
-    chosen = rng.choice(len(units), size=n_val, replace=False)
+    chosen = np.argsort(np.asarray(ranks), kind="stable")[:n_val]
     val_units: dict[int, set[int]] = {}
     for c in chosen:
         i, u = units[c]
@@ -310,3 +323,17 @@ def split_annotations(
         train.append(tr)
         val.append(va)
     return ValidationSplit(train, val, n_val, False)
+
+
+def _stable_ranks(seed: int, image: int, values: np.ndarray, comp: np.ndarray, n: int) -> list[float]:
+    """A rank in [0, 1) for each of the ``n`` objects of ``comp`` that depends only on
+    the seed, the image, the object's value and its centre (in 1/200ths of the image's
+    height and width, so resizing the image keeps it)."""
+    h, w = comp.shape
+    centres = ndi.center_of_mass(np.ones_like(comp), comp, range(1, n + 1))
+    firsts = ndi.labeled_comprehension(values, comp, range(1, n + 1), np.max, np.int64, 0)
+    return [
+        float(np.random.default_rng([seed, image, int(v), int(cy * 200 / h), int(cx * 200 / w)])
+              .random())
+        for (cy, cx), v in zip(centres, firsts)
+    ]
