@@ -460,6 +460,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     if info.postprocess.get("min_size"):
         print(f"min. size   objects under {info.postprocess['min_size']} pixels are dropped "
               "(under a quarter of that on the image edge)")
+    if "fg_threshold" in info.postprocess or "seed_threshold" in info.postprocess:
+        print(f"thresholds  a pixel is cell above {info.postprocess.get('fg_threshold', 0.5):g} "
+              f"probability, a cell's centre above {info.postprocess.get('seed_threshold', 0.5):g}")
     if info.postprocess.get("split_area"):
         print(f"touching    the painted cells are convex: a blob larger than one cell "
               f"({info.postprocess['split_area']} pixels) with a waist is cut in two")
@@ -472,6 +475,17 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"{rec.get('device')}; {ann.get('cells')} cells annotated; validation: {figs or 'n/a'}")
         if rec.get("purpose"):
             print(f"            {rec['purpose']}")
+        if rec.get("guard"):
+            print(f"            {rec['guard']}")
+        elif rec.get("guard_scores"):
+            g = rec["guard_scores"]
+            print(f"            checked on the held-back cells: score {g['trained']:.3f} against "
+                  f"{g['start']:.3f} for the model it started from, so the trained model was kept")
+        if rec.get("calibration"):
+            c = rec["calibration"]
+            chosen = ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in c["chosen"].items())
+            print(f"            post-processing chosen on the held-back cells: {chosen} "
+                  f"(AP@0.5 {c['score']:.3f} against {c['default_score']:.3f} before)")
         for item in rec.get("data", []):
             print(f"            data: {item.get('name')} (licence: {item.get('licence')})")
     return 0

@@ -16,12 +16,13 @@ Semantic mode: the most probable class per pixel.
 
 The settings of these rules travel with a model (``ModelInfo.postprocess``, learned
 from the painted cells by :func:`settings_from_cells`); :func:`postprocess_settings`
-puts a user's overrides on top of them.
+puts a user's overrides on top of them, and :func:`calibrate` chooses the thresholds
+that score best on cells held back from training.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -29,9 +30,15 @@ from skimage.feature import peak_local_max
 from skimage.measure import regionprops
 from skimage.segmentation import watershed
 
+from cellfit.metrics import aggregate_instance_metrics, instance_metrics
+
 __all__ = [
     "DEFAULT_MIN_SIZE",
+    "MIN_SIZE_FACTORS",
     "SPLIT_SOLIDITY",
+    "THRESHOLDS",
+    "annotated_instance_metrics",
+    "calibrate",
     "classes_from_probs",
     "drop_small_objects",
     "instances_from_probs",
@@ -51,6 +58,10 @@ SPLIT_MIN_AREA = 1.1
 SPLIT_MIN_DISTANCE = 0.4
 #: Centres this shallow (distance to the edge, fraction of a diameter) are no cell.
 SPLIT_MIN_DEPTH = 0.15
+#: The foreground and seed thresholds :func:`calibrate` tries.
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+#: ... and the multiples of the learned ``min_size``.
+MIN_SIZE_FACTORS = (0.5, 1.0, 2.0)
 
 
 def instances_from_probs(
@@ -320,3 +331,119 @@ def postprocess_settings(
         if settings.get("split_area"):
             settings["split_area"] = max(4, int(settings["split_area"] * scale**2))
     return settings
+
+
+def annotated_instance_metrics(probs: np.ndarray, annotation: np.ndarray, settings: Mapping) -> dict:
+    """Instance figures at IoU 0.5 of one plane's prediction against a partial annotation.
+
+    Parameters
+    ----------
+    probs : ndarray, shape (3, Y, X)
+        Background / interior / boundary probabilities.
+    annotation : ndarray of int, shape (Y, X)
+        0 not annotated, 1 background, 2, 3, ... one id per cell.
+    settings : mapping
+        Keyword arguments of :func:`instances_from_probs`, in the plane's pixels.
+
+    Returns
+    -------
+    dict
+        :func:`cellfit.metrics.instance_metrics` at 0.5; predicted objects lying mostly
+        on unannotated pixels are not counted (they may be cells nobody painted).
+    """
+    truth = np.where(annotation >= 2, annotation, 0)
+    pred = instances_from_probs(probs, **settings)
+    return instance_metrics(pred, truth, (0.5,), region=annotation != 0)
+
+
+def calibrate(
+    probs_list: Sequence[np.ndarray],
+    annotations: Sequence[np.ndarray],
+    base: Mapping,
+    *,
+    scale: float | None = None,
+    thresholds: Sequence[float] = THRESHOLDS,
+    min_size_factors: Sequence[float] = MIN_SIZE_FACTORS,
+) -> dict:
+    """The ``fg_threshold``, ``seed_threshold`` and ``min_size`` that score best
+    (AP@0.5) on annotated planes, the network's probabilities computed once.
+
+    Parameters
+    ----------
+    probs_list : list of ndarray, each (3, Y, X)
+        Probabilities of each plane (e.g. the crops around cells held back from training).
+    annotations : list of ndarray, each (Y, X)
+        Their partial annotations (0 not annotated, 1 background, >= 2 cells).
+    base : mapping
+        The model's settings (``ModelInfo.postprocess``); ``min_size`` (default
+        :data:`DEFAULT_MIN_SIZE`) is the one learned from the painted cells.
+    scale : float, optional
+        The planes were resized by ``scale`` (as during validation): the areas are
+        converted with :func:`postprocess_settings` to score, and the settings returned
+        stay in the model's units, as ``base`` is.
+    thresholds : sequence of float
+        The values tried for both thresholds.
+    min_size_factors : sequence of float
+        The multiples of ``base``'s ``min_size`` tried.
+
+    Returns
+    -------
+    dict
+        ``settings`` (``base`` with the chosen values), ``chosen`` (``fg_threshold``,
+        ``seed_threshold``, ``min_size``), ``score`` (AP@0.5 with them) and
+        ``default_score`` (with ``base``'s own values, 0.5 / 0.5 where it has none). A
+        tie keeps the value nearest ``base``'s, so only a real gain changes the model.
+
+    Examples
+    --------
+    >>> probs = np.zeros((3, 20, 20)); probs[0] = 1.0
+    >>> probs[:, 5:15, 5:15] = np.array([0.6, 0.4, 0.0])[:, None, None]  # a dim cell
+    >>> ann = np.ones((20, 20), int); ann[5:15, 5:15] = 2
+    >>> out = calibrate([probs], [ann], {"min_size": 16})
+    >>> out["chosen"]["fg_threshold"], out["chosen"]["seed_threshold"], out["score"]
+    (0.3, 0.3, 1.0)
+    >>> out["default_score"]
+    0.0
+    """
+    current = {
+        "fg_threshold": float(base.get("fg_threshold", 0.5)),
+        "seed_threshold": float(base.get("seed_threshold", 0.5)),
+        "min_size": int(base.get("min_size", DEFAULT_MIN_SIZE)),
+    }
+    sizes = sorted({max(1, int(round(current["min_size"] * f))) for f in min_size_factors})
+    candidates = [
+        {"fg_threshold": float(fg), "seed_threshold": float(seed), "min_size": size}
+        for fg in thresholds
+        for seed in thresholds
+        for size in sizes
+    ]
+
+    def distance(c: dict) -> tuple:
+        """How far a candidate is from the current values (ties go to the nearest)."""
+        changed = sum(c[k] != current[k] for k in current)
+        return (
+            changed,
+            abs(c["fg_threshold"] - current["fg_threshold"])
+            + abs(c["seed_threshold"] - current["seed_threshold"]),
+            abs(np.log2(c["min_size"] / current["min_size"])) if current["min_size"] > 0 else 0,
+        )
+
+    def score(c: dict) -> float:
+        settings = postprocess_settings({**base, **c}, scale=scale)
+        per_plane = [annotated_instance_metrics(p, a, settings) for p, a in zip(probs_list, annotations)]
+        return float(aggregate_instance_metrics(per_plane)["ap50"]) if per_plane else 0.0
+
+    default_score = score(current)
+    best, best_score = current, default_score
+    for c in sorted(candidates, key=distance):
+        if c == current:
+            continue
+        s = score(c)
+        if s > best_score:
+            best, best_score = c, s
+    return {
+        "settings": {**base, **best},
+        "chosen": dict(best),
+        "score": best_score,
+        "default_score": default_score,
+    }

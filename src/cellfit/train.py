@@ -25,7 +25,10 @@ The trainer is built in named stages (the shape of nnU-Net's trainer), which
 
 :meth:`Trainer.run` then repeats :meth:`Trainer.train_step` (with the learning-rate
 schedule), :meth:`Trainer.validate` every ``val_every`` steps, and yields a
-:class:`TrainEvent` per step; the record of the run is built by
+:class:`TrainEvent` per step. Before the last event :meth:`~Trainer._settle` chooses the
+weights to keep (the best validated ones; the guard puts back the starting ones when
+fine-tuning made the model worse on the held-back cells) and, when asked, calibrates
+the post-processing thresholds on those cells; the record of the run is built by
 :func:`cellfit.model.training_record`.
 """
 
@@ -49,7 +52,7 @@ from cellfit.errors import CellfitError
 from cellfit.events import Progress
 from cellfit.io import ImageStack, to_planes
 from cellfit.losses import DEFAULT_LOSS, balanced_class_weights, build_loss
-from cellfit.metrics import aggregate_instance_metrics, instance_metrics, pixel_metrics
+from cellfit.metrics import aggregate_instance_metrics, pixel_metrics
 from cellfit.model import (
     DEFAULT_DECODER_CHANNELS,
     DEFAULT_ENCODER,
@@ -67,7 +70,8 @@ from cellfit.normalize import (
     scaled_shape,
 )
 from cellfit.postprocess import (
-    instances_from_probs,
+    annotated_instance_metrics,
+    calibrate,
     postprocess_settings,
     settings_from_cells,
     solidity,
@@ -127,7 +131,10 @@ class TrainConfig:
     min_val_cells_for_best : int
         The best validated weights are kept only when at least this many cells were
         held back; with fewer, validation is too noisy to pick a checkpoint and the
-        final weights are kept.
+        final weights are kept. The same number decides whether ``guard`` and
+        ``calibrate`` act: on fewer than 10 cells one cell found or missed moves AP@0.5
+        by 0.1 or more, so a difference between two models (or two thresholds) is as
+        likely luck as a real change.
     encoder_lr_scale : float
         Learning rate of the encoder relative to the decoder (below 1 keeps a
         pretrained encoder close to where it started).
@@ -158,6 +165,18 @@ class TrainConfig:
     preview_every : float
         Shortest time (s) between two live previews of the plugin (the trainer itself
         computes none).
+    guard : bool
+        When training starts from existing weights (a model file, the starting model or
+        a model in memory) and at least ``min_val_cells_for_best`` cells were held back,
+        score the starting and the trained weights on those cells at the end, and keep
+        the starting ones (with their post-processing) when training made the model
+        worse; the last :class:`TrainEvent`'s ``notice`` and the training record
+        (``"guard"``) then say so in one sentence.
+    calibrate : bool
+        In instance mode, with at least ``min_val_cells_for_best`` cells held back,
+        choose ``fg_threshold``, ``seed_threshold`` and ``min_size`` of the model's
+        post-processing (after the guard) to score best on the held-back cells
+        (:func:`cellfit.postprocess.calibrate`; recorded as ``"calibration"``).
 
     A :class:`Trainer` never changes its config.
     """
@@ -196,6 +215,8 @@ class TrainConfig:
     min_size_fraction: float = MIN_SIZE_FRACTION
     split_solidity: float = 0.93
     distill: float = 0.0
+    guard: bool = True
+    calibrate: bool = False
 
 
 
@@ -398,6 +419,10 @@ class Trainer:
         self.best_state: dict | None = None
         self.best_step = 0
         self._notices: list[str] = []
+        #: the weights (CPU) and post-processing a run started from, for the guard
+        self._start: tuple[dict, dict] | None = None
+        #: how the current run ended (:meth:`_settle`): the record's "kept", "guard"...
+        self._outcome: dict | None = None
         #: the one stop flag: set by :meth:`stop` (from any thread), read between steps
         self._stop = threading.Event()
         self.initialize(images, annotations, model, info)
@@ -818,11 +843,15 @@ class Trainer:
         Stops at the step or time limit (whichever comes first), when :meth:`stop` is
         called (before the next step), or when the consumer stops iterating; the best
         validated weights are then kept (when enough cells were held back) and the run
-        is added to ``info.training``.
+        is added to ``info.training``. A run that reaches its last event is also
+        guarded and calibrated (:meth:`_settle`): its last event's ``notice`` says when
+        the starting weights were put back.
         """
         cfg = self.config
         torch.manual_seed(cfg.seed)
         self._stop.clear()
+        self._start = self._snapshot() if cfg.guard and self.fine_tuning else None
+        self._outcome = None
         t0 = time.perf_counter()
         losses: list[float] = []
         start_step = self.step
@@ -838,6 +867,8 @@ class Trainer:
                 val = None
                 if done or self.step % max(1, cfg.val_every) == 0:
                     val = self._validate_and_keep_best()
+                if done:  # before the last event, which carries the guard's sentence
+                    self._settle()
                 yield TrainEvent(
                     step=self.step,
                     loss=losses[-1],
@@ -857,15 +888,113 @@ class Trainer:
         finally:
             self._finish(losses, time.perf_counter() - t0, reached_end)
 
-    def _finish(self, losses: list[float], seconds: float, reached_end: bool) -> None:
-        """Keep the best weights (when enough cells were held back to trust them), put
-        the model in eval mode and add the run's record to ``info.training``."""
-        keep_best = (
+    def _settle(self) -> None:
+        """Choose the weights the run ends with: the best validated ones (when enough
+        cells were held back to trust them), unless the guard finds them worse than
+        those the run started from; then calibrate the post-processing. Sets
+        :attr:`_outcome` (the record's ``kept``, ``guard``, ``guard_scores``,
+        ``calibration``)."""
+        kept = self._keep_best()
+        crops = []
+        if self._enough_held_back():
+            crops = list(validation_crops(self.val_images, self.val_annotations))
+        sentence, scores = self._guard(crops)
+        if sentence:
+            kept = "starting weights (training made them worse)"
+        self._outcome = {
+            "kept": kept,
+            "guard": sentence,
+            "guard_scores": scores,
+            "calibration": self._calibrate(crops),
+        }
+        self.model.eval()
+
+    def _enough_held_back(self) -> bool:
+        """Enough cells were held back to tell two models apart (``min_val_cells_for_best``)."""
+        return not self.split.on_training and (
+            self.split.n_val_cells >= self.config.min_val_cells_for_best
+        )
+
+    def _keep_best(self) -> str:
+        """Load the best validated weights when enough cells were held back; says which
+        weights are kept."""
+        if (
             self.best_state is not None
             and self.split.n_val_cells >= self.config.min_val_cells_for_best
-        )
-        if keep_best:
+        ):
             self.model.load_state_dict(self.best_state)
+            return "best validated weights"
+        return "final weights"
+
+    def _snapshot(self) -> tuple[dict, dict]:
+        """The model's weights (a CPU copy) and post-processing settings now."""
+        state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        return state, copy.deepcopy(self.info.postprocess)
+
+    def _score(self, crops: list) -> float:
+        """The validation score (AP@0.5, F1 in semantic mode) of the model as it is."""
+        return float(validation_scores(self.model, self.info, crops, self.device).get("score", 0.0))
+
+    def _guard(self, crops: list) -> tuple[str | None, dict | None]:
+        """Compare the trained weights with those the run started from on the held-back
+        crops; restore the starting ones (weights and post-processing) if they score
+        higher.
+
+        Returns
+        -------
+        sentence : str or None
+            For the user, when the starting weights were restored (also queued as the
+            last event's notice).
+        scores : dict or None
+            ``{"start", "trained"}``; None when the guard did not run (training from
+            scratch, ``guard`` off, or too few cells held back).
+        """
+        if self._start is None or not crops:
+            return None, None
+        trained = self._score(crops)
+        trained_state, trained_post = self._snapshot()
+        start_state, start_post = self._start
+        self.model.load_state_dict(start_state)
+        self.info.postprocess = copy.deepcopy(start_post)
+        start = self._score(crops)
+        scores = {"start": round(start, 4), "trained": round(trained, 4)}
+        if trained >= start:
+            self.model.load_state_dict(trained_state)
+            self.info.postprocess = trained_post
+            return None, scores
+        metric = "AP@0.5" if self.info.mode == "instances" else "F1"
+        notice = (
+            f"this round of training made the model worse on the {self.split.n_val_cells} "
+            f"cells held back for checking ({metric} {trained:.2f} against {start:.2f} "
+            "before), so the model it started from was kept: paint more cells or correct "
+            "more errors and train again"
+        )
+        self._notices.append(notice)
+        return notice[0].upper() + notice[1:] + ".", scores
+
+    def _calibrate(self, crops: list) -> dict | None:
+        """In instance mode with ``calibrate`` on, set the thresholds and ``min_size`` of
+        ``info.postprocess`` that score best on the held-back crops
+        (:func:`cellfit.postprocess.calibrate`); returns the record's ``calibration``
+        (None when it did not run)."""
+        if not self.config.calibrate or self.info.mode != "instances" or not crops:
+            return None
+        probs = [_crop_probabilities(self.model, self.info, img, self.device) for img, _ in crops]
+        found = calibrate(probs, [a for _, a in crops], self.info.postprocess, scale=self.info.scale)
+        self.info.postprocess = found["settings"]
+        return {
+            "chosen": found["chosen"],
+            "score": round(found["score"], 4),
+            "default_score": round(found["default_score"], 4),
+        }
+
+    def _finish(self, losses: list[float], seconds: float, reached_end: bool) -> None:
+        """Put the model in eval mode and add the run's record to ``info.training``; a
+        run broken off before its last event (by its consumer or an error) keeps its best
+        weights (when enough cells were held back to trust them), unchecked."""
+        outcome = self._outcome or {
+            "kept": self._keep_best(), "guard": None, "guard_scores": None, "calibration": None,
+        }
         self.model.eval()
         cfg = self.config
         if is_starting(cfg.init) and self.init is not None:
@@ -888,7 +1017,7 @@ class Trainer:
             if self.split.on_training
             else f"{self.split.n_val_cells} held-back cells",
             best_step=self.best_step,
-            kept="best validated weights" if keep_best else "final weights",
+            kept=outcome["kept"],
             best_score=self.best_score,
             annotation=self.summary,
             scale=self.info.scale,
@@ -898,6 +1027,7 @@ class Trainer:
             encoder_weights=cfg.encoder_weights,
             seed=cfg.seed,
         )
+        record.update({k: v for k, v in outcome.items() if k != "kept"})
         self.info.training.append(record)
 
     def save(self, path: str | Path) -> Path:
@@ -953,22 +1083,17 @@ def validation_scores(
         {} without annotated crops.
     """
     instances = info.mode == "instances"
-    probe = copy.copy(info)
-    probe.normalization = {"method": "none"}
-    probe.scale = 1.0  # validation planes are already scaled
     post = postprocess_settings(info.postprocess, scale=info.scale)
     preds, targs, inst = [], [], []
     for img, a in crops:
-        probs = predict_plane(model, probe, img, tile=512, overlap=64, device=device)
+        probs = _crop_probabilities(model, info, img, device)
         t = make_targets(a, info.mode, info.n_classes, info.boundary_width)
         pred_cls = probs.argmax(0)
         if instances:
             # cell (interior or boundary) against background
             t = np.where(t == IGNORE, IGNORE, (t > 0).astype(np.uint8))
             pred_cls = (pred_cls > 0).astype(np.uint8)
-            truth = np.where(a >= 2, a, 0)
-            pred_lab = instances_from_probs(probs, **post)
-            inst.append(instance_metrics(pred_lab, truth, (0.5,), region=a != 0))
+            inst.append(annotated_instance_metrics(probs, a, post))
         preds.append(pred_cls.ravel())
         targs.append(t.ravel())
     if not preds:
@@ -987,6 +1112,17 @@ def validation_scores(
         out["score"] = out["f1"]
     out["on_training"] = on_training
     return out
+
+
+def _crop_probabilities(
+    model: nn.Module, info: ModelInfo, img: np.ndarray, device: torch.device
+) -> np.ndarray:
+    """The model's probabilities ``(K, Y, X)`` on a validation crop, which is already
+    normalised and resized to the model's scale."""
+    probe = copy.copy(info)
+    probe.normalization = {"method": "none"}
+    probe.scale = 1.0
+    return predict_plane(model, probe, img, tile=512, overlap=64, device=device)
 
 
 def _brief(val: dict | None) -> dict:

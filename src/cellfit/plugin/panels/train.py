@@ -398,7 +398,10 @@ class TrainPanel(Panel):
         text = f"{head}: {rec.get('steps', 0)} steps in {rec.get('seconds', 0):.0f} s"
         if scores:
             text += f". Validation on {rec.get('validated_on', 'the annotation')}: {scores}"
-        text += ". Correct the worst mistakes and press Train to fine-tune, or segment."
+        if rec.get("guard"):  # the model it started from was kept
+            text += f". {rec['guard']}"
+        else:
+            text += ". Correct the worst mistakes and press Train to fine-tune, or segment."
         self.train_status.setText(text)
         show_info(text)
         self.model_changed.emit()
