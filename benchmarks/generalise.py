@@ -327,6 +327,9 @@ def train_round(images, anns, settings, seed, steps, device, model=None, info=No
         "validated_on": record.get("validated_on"),
         "notices": notices + ([record["guard"]] if record.get("guard") else []),
         "postprocess": dict(trainer.info.postprocess),
+        "scale": round(float(trainer.info.scale), 3),
+        "guard_scores": record.get("guard_scores"),
+        "calibration": record.get("calibration"),
     }
 
 

@@ -576,7 +576,7 @@ class Trainer:
                     a = resize_plane(a[None], shape, order=0)[0]
                 norm_planes.append(np.ascontiguousarray(img))
                 train_anns.append(a)
-        self.split = split_annotations(train_anns, cfg.val_fraction, seed=self.rng)
+        self.split = split_annotations(train_anns, cfg.val_fraction, seed=cfg.seed)
         self.train_targets = [self._targets(a) for a in self.split.train]
         self.val_annotations = self.split.val
         self.val_images = norm_planes
