@@ -93,6 +93,10 @@ VARIANTS: dict[str, dict] = {
     "calibrate": {"guard": False, "calibrate": True},
     # the guard, calibration and keeping what was not corrected
     "all": {"guard": True, "calibrate": True, "later": {"distill": 1.0}},
+    # the defaults now (the guard on, the cell size kept over correction rounds)
+    "default": {},
+    # the defaults with the cell size refitted to the painted cells every round, as before
+    "refit-size": {"_size_tolerance": 1.0},
 }
 
 
@@ -308,8 +312,11 @@ def zero_shot(test, device) -> dict:
 
 def train_round(images, anns, settings, seed, steps, device, model=None, info=None):
     """One round of training (the model in memory trained in place, as the plugin does)."""
+    import cellfit.train
     from cellfit.train import TrainConfig, Trainer
 
+    settings = dict(settings)
+    cellfit.train.SIZE_TOLERANCE = settings.pop("_size_tolerance", 1.5)
     cfg = TrainConfig(init="starting" if model is None else None, steps=steps, time_limit=None,
                       seed=seed, device=device, batch_size=4, **settings)
     t0 = time.perf_counter()

@@ -229,3 +229,36 @@ def test_the_shipped_starting_model_reads_and_describes_itself_as_before():
     assert summary["mode"] == "instances" and summary["channels"] == 3
     assert summary["training runs"] == len(info.training) >= 1
     assert set(summary["last run"]) == {"date", "steps", "best_score", "validation"}
+
+
+# ---------------------------------------------------------- cell size kept
+def _squares(side: int, n: int = 4, shape=(96, 96)) -> tuple[np.ndarray, np.ndarray]:
+    """An image of ``n`` bright squares of ``side`` pixels, all painted, with background."""
+    img = np.zeros(shape, np.float32)
+    ann = np.ones(shape, np.uint16)
+    for k in range(n):
+        y, x = 4 + (k // 2) * 46, 4 + (k % 2) * 46
+        img[y : y + side, x : x + side] = 1.0
+        ann[y : y + side, x : x + side] = k + 2
+    return img + np.random.default_rng(side).normal(0, 0.05, shape).astype(np.float32), ann
+
+
+@pytest.mark.parametrize("side, kept", [(14, True), (32, False)])
+def test_a_correction_round_keeps_the_cell_size_the_model_was_fitted_to(side, kept):
+    """Going on training a model fitted to 20-pixel cells: painting cells 1.4 times
+    larger keeps its scale and size rules (a drift of the painted median, not other
+    cells); cells 3 times larger refit them."""
+    cfg = TrainConfig(steps=1, scale=0.5, **TINY)
+    first = Trainer(*map(lambda a: [a], _squares(20)), cfg)
+    for _ in first.run():
+        pass
+    before = (first.info.scale, dict(first.info.postprocess))
+    img, ann = _squares(side)
+    again = Trainer([img], [ann], TrainConfig(steps=1, scale=0.5, **TINY),
+                    model=first.model, info=first.info)
+    assert again.plan is TrainPlan.FINE_TUNE
+    after = (again.info.scale, dict(again.info.postprocess))
+    if kept:
+        assert after == before
+    else:
+        assert after[1]["min_size"] > before[1]["min_size"]

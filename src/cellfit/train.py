@@ -98,6 +98,9 @@ __all__ = [
 
 #: margin (pixels) around each annotated region cropped for validation
 VAL_MARGIN = 32
+#: a model fitted to cells of one size keeps it while the painted cells' median diameter
+#: stays within this factor of it (cells of one kind seldom differ twofold in diameter)
+SIZE_TOLERANCE = 1.5
 
 
 @dataclass
@@ -543,6 +546,8 @@ class Trainer:
         """In instance mode, the smallest object kept and whether merged cells are cut,
         from the painted cells (stored in the model)."""
         cfg = self.config
+        if self._keeps_cell_size():
+            return
         if cfg.mode == "instances" and self.summary["median_cell_area"] > 0:
             self.info.postprocess = settings_from_cells(
                 self.info.postprocess,
@@ -655,8 +660,11 @@ class Trainer:
     # ------------------------------------------------------------------ helpers
     def _fit_cell_size(self) -> None:
         """A model for cells of any size: resize so the painted cells are the size it
-        was trained for."""
+        was trained for; a model already fitted to these cells keeps its size
+        (:meth:`_keeps_cell_size`)."""
         diameter = self.summary["median_cell_diameter"]
+        if self._keeps_cell_size():
+            return
         if self.info.cell_diameter and diameter > 0:
             self.info.diameter = diameter
             self.info.scale = (
@@ -664,6 +672,28 @@ class Trainer:
                 if self.config.scale == "auto"
                 else scale_setting(self.config, diameter)
             )
+
+    def _keeps_cell_size(self) -> bool:
+        """True when going on training a model already fitted to cells of this size: its
+        scale and its size rules (``min_size``, ``split_area``) stay as they were.
+
+        A correction round adds the cells the model got wrong, which are seldom typical
+        ones (the largest errors catch the eye first), so the median of the painted
+        cells drifts from round to round; refitting the size to it would show the model
+        its images at another scale than it was just trained at, and move the smallest
+        object kept with it. Only a change of more than :data:`SIZE_TOLERANCE` times in
+        median diameter (other images, another magnification) refits the size.
+        """
+        fitted = self.info.diameter  # what its scale was set for, else what it was painted
+        if not fitted and self.info.training:
+            fitted = (self.info.training[-1].get("annotation") or {}).get("median_cell_diameter")
+        diameter = self.summary["median_cell_diameter"]
+        if self.plan is not TrainPlan.FINE_TUNE or not fitted or diameter <= 0:
+            return False
+        if "min_size" not in (self.info.postprocess or {}):
+            return False
+        ratio = diameter / float(fitted)
+        return 1 / SIZE_TOLERANCE <= ratio <= SIZE_TOLERANCE
 
     def _targets(self, ann: np.ndarray) -> np.ndarray:
         return make_targets(ann, self.info.mode, self.info.n_classes, self.info.boundary_width)
