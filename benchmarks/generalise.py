@@ -559,24 +559,26 @@ def section(results: list[dict]) -> str:
     )
     lines.append("")
     head = ("| set | method | seeds | " + " | ".join(f"round {k}" for k in range(rounds))
-            + " | largest drop | cells + strokes added |")
+            + " | largest drop | cells + strokes added | wall s a round |")
     lines += [head, "|---" * (head.count("|") - 1) + "|"]
     for name, rs in by_set.items():
         z = [r["zero_shot"]["ap50"] for r in rs if r.get("zero_shot")]
         o = [r["otsu"]["ap50"] for r in rs if r.get("otsu")]
         lines.append(f"| {name} | starting model, zero-shot | {len(z)} | {_cell(z)} |"
-                     + " |" * (rounds + 1))
-        lines.append(f"| {name} | Otsu + watershed | {len(o)} | {_cell(o)} |" + " |" * (rounds + 1))
+                     + " |" * (rounds + 2))
+        lines.append(f"| {name} | Otsu + watershed | {len(o)} | {_cell(o)} |" + " |" * (rounds + 2))
         for label, runs in [("random forest", _runs(rs, "rf"))] + [
                 (f"cellfit, {v}", _runs(rs, "cellfit", v)) for v in variants]:
             if not runs:
                 continue
             cols = [_cell([x[k]["ap50"] for x in runs if len(x) > k]) for k in range(rounds)]
             drops = [x[k - 1]["ap50"] - x[k]["ap50"] for x in runs for k in range(1, len(x))]
-            drop = f"{max(drops):.3f}" if drops else "–"
+            drop = "–" if not drops else f"{max(drops):.3f}" if max(drops) > 0 else "none"
             effort = max((x[-1]["cells_added"], x[-1]["strokes_added"]) for x in runs)
+            secs = [x[k]["seconds"] for x in runs for k in range(len(x))]
             lines.append(f"| {name} | {label} | {len(runs)} | " + " | ".join(cols)
-                         + f" | {drop} | {effort[0]} cells, {effort[1]} in all |")
+                         + f" | {drop} | {effort[0]} cells, {effort[1]} in all "
+                         f"| {np.mean(secs):.0f} |")
     lines.append("")
     r0 = results[0]
     devices = sorted({run.get("device") or "" for r in results for run in r.get("runs", [])})
