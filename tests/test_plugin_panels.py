@@ -133,3 +133,25 @@ def test_the_shared_state_follows_the_controls(dock):
     seg.diameter_spin.setValue(0)
     assert state.diameter is None
     assert np.asarray(layer.data).shape == (64, 64)
+
+
+def test_the_guard_sentence_ends_the_training_status(dock, monkeypatch):
+    """When the guard put back the model a round started from, the dock's status says so
+    (and does not invite the next correction as if training had helped)."""
+    from cellfit.model import ModelInfo, build_model
+    from cellfit.plugin.jobs import TrainResult
+
+    shown = []
+    monkeypatch.setattr("cellfit.plugin.panels.train.show_info", shown.append)
+    info = ModelInfo(encoder="mobilenet_v2", decoder_channels=[16, 16, 16, 16, 16])
+    sentence = ("This round of training made the model worse on the 12 cells held back for "
+                "checking (AP@0.5 0.63 against 0.72 before), so the model it started from was "
+                "kept: paint more cells or correct more errors and train again.")
+    panel = dock.train_panel
+    panel._on_result(TrainResult(build_model(info), info, {"steps": 5, "seconds": 2,
+                                                           "guard": sentence}))
+    assert panel.train_status.text().endswith(sentence)
+    assert "Correct the worst mistakes" not in panel.train_status.text()
+    assert shown and shown[-1].endswith(sentence)
+    panel._on_result(TrainResult(build_model(info), info, {"steps": 5, "seconds": 2}))
+    assert "Correct the worst mistakes" in panel.train_status.text()
