@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import cellfit.train as ctrain
+from _nets import TinyNet
 from cellfit.cli import main
 from cellfit.postprocess import DEFAULT_MIN_SIZE, calibrate
 from cellfit.starting import TrainPlan
@@ -20,18 +21,6 @@ TINY = {
     "patch_size": 32, "batch_size": 2, "device": "cpu", "warmup_steps": 1, "steps": 3,
     "time_limit": None, "val_every": 100, "min_val_cells_for_best": 2,
 }
-
-
-class TinyNet(nn.Module):
-    """A two-convolution stand-in for the U-Net++ (an ``encoder`` and the rest)."""
-
-    def __init__(self, in_channels: int, n_classes: int) -> None:
-        super().__init__()
-        self.encoder = nn.Conv2d(in_channels, 4, 3, padding=1)
-        self.head = nn.Conv2d(4, n_classes, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.encoder(x)))
 
 
 class FineTuner(Trainer):

@@ -10,8 +10,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
+from _nets import TinyNet
 from cellfit.errors import CellfitError
 from cellfit.events import Progress
 from cellfit.model import ModelInfo, build_model, model_summary, read_model_info, save_model
@@ -22,18 +22,6 @@ from cellfit.train import TrainConfig, Trainer, TrainEvent, config_dict, new_mod
 TINY = {"patch_size": 32, "batch_size": 2, "device": "cpu", "val_every": 2, "warmup_steps": 1}
 #: the real U-Net++, small
 SMALL_NET = {"decoder_channels": (16, 16, 16, 16, 16), "patch_size": 64}
-
-
-class TinyNet(nn.Module):
-    """A two-convolution stand-in for the U-Net++ (an ``encoder`` and the rest)."""
-
-    def __init__(self, in_channels: int, n_classes: int) -> None:
-        super().__init__()
-        self.encoder = nn.Conv2d(in_channels, 4, 3, padding=1)
-        self.head = nn.Conv2d(4, n_classes, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.encoder(x)))
 
 
 class FakeNetTrainer(Trainer):
