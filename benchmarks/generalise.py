@@ -42,7 +42,6 @@ result files into ``docs/benchmarks.md`` (between ``<!-- generalise:start -->`` 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import shlex
@@ -55,7 +54,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import distance_watershed, engine_version, machine, write_section  # noqa: E402
+from quality import distance_watershed, engine_version, machine, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -304,7 +303,7 @@ def zero_shot(test, device) -> dict:
         try:
             plane = np.moveaxis(s.image, -1, 0) if s.image.ndim == 3 else s.image[None]
             d = estimate_diameter(model, info, plane, device=device)
-        except Exception:  # noqa: BLE001 - the estimate's failure is a result
+        except Exception:
             est.append("none found")
             labels.append(np.zeros(s.mask.shape, np.int32))
             continue
