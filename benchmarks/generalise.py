@@ -519,6 +519,21 @@ def _mean(vals):
     return float(np.mean(vals)) if vals else float("nan")
 
 
+#: what each variant is, for the report
+VARIANT_WORDS = {
+    "today": "the trainer before the guard (the cell size refitted to the painted cells every "
+             "round); the held-back cells already stable from round to round",
+    "keep": "as `today`, and later rounds distil toward the model they start from on the "
+            "pixels nobody painted (keep what the user did not correct)",
+    "gentle": "as `today`, later rounds at a learning rate of 3e-4",
+    "calibrate": "as `today`, thresholds calibrated on the held-back cells",
+    "all": "the guard, calibrated thresholds and later rounds distilled (the cell size still "
+           "refitted every round)",
+    "default": "the defaults now: the guard on, the cell size kept over correction rounds, "
+               "no calibration, no distillation",
+    "refit-size": "the defaults now, but the cell size refitted every round",
+}
+
 #: AP@0.5 targets after the correction rounds, by kind of image
 TARGETS = {"fluorescence nuclei": 0.85, "H&E nuclei": 0.75, "phase-contrast cells": 0.70}
 
@@ -534,6 +549,13 @@ def _cell(vals: list[float]) -> str:
         return "–"
     spread = f" ({min(vals):.2f}–{max(vals):.2f})" if len(vals) > 1 else ""
     return f"{np.mean(vals):.3f}{spread}"
+
+
+def _command(cmd: str) -> str:
+    """A run's command; the GPU runner's one-process-per-job commands as one."""
+    if "--device cuda" in cmd:
+        return "`benchmarks/generalise_gpu.sh` (one process per set, seed and variant)"
+    return f"`{cmd}`"
 
 
 def section(results: list[dict]) -> str:
@@ -579,13 +601,15 @@ def section(results: list[dict]) -> str:
                          + f" | {drop} | {effort[0]} cells, {effort[1]} in all "
                          f"| {np.mean(secs):.0f} |")
     lines.append("")
+    lines += [f"- `{v}`: {VARIANT_WORDS.get(v, json.dumps(VARIANTS.get(v)))}" for v in variants]
+    lines.append("")
     r0 = results[0]
     devices = sorted({run.get("device") or "" for r in results for run in r.get("runs", [])})
     lines += [
         f"- training: round 0 {r0['round0_steps']} steps, later rounds {r0['round_steps']} "
         f"steps of 4 patches of 256² (70 steps = one idle 2-core CPU-minute); "
         f"{r0['corrections']} corrections a round; devices: {', '.join(devices)}",
-        "- commands: " + "; ".join(sorted({f"`{run.get('command')}`" for r in results
+        "- commands: " + "; ".join(sorted({_command(run.get("command")) for r in results
                                            for run in r.get("runs", []) if run.get("command")})),
         f"- engine: cellfit at commit {r0.get('engine', '')}",
         "",
