@@ -626,6 +626,9 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sets = sorted({r["set"] for r in results})
+    every = ["random forest"] + [f"cellfit ({v})" for v in
+                                 sorted({v for r in results for v in r.get("cellfit", {})})]
+    colour = {label: f"C{i}" for i, label in enumerate(every)}
     fig, axes = plt.subplots(1, len(sets), figsize=(4 * len(sets), 3.4), squeeze=False)
     for ax, name in zip(axes[0], sets):
         rs = [r for r in results if r["set"] == name]
@@ -639,7 +642,7 @@ def plot(results: list[dict], path: Path) -> None:
             n = min(len(x) for x in runs)
             effort = [_mean([x[k]["strokes_added"] for x in runs]) for k in range(n)]
             ys = [_mean([x[k]["ap50"] for x in runs]) for k in range(n)]
-            ax.plot(effort, ys, marker="o", label=label)
+            ax.plot(effort, ys, marker="o", label=label, color=colour[label])
         z = _mean([r.get("zero_shot", {}).get("ap50") for r in rs])
         o = _mean([r.get("otsu", {}).get("ap50") for r in rs])
         ax.axhline(o, color="gray", ls="--", lw=1, label="Otsu")
