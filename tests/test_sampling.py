@@ -257,6 +257,13 @@ def test_cells_held_back_stay_held_back_when_more_are_painted():
     assert set(np.unique(other.val[0][other.val[0] >= 2]).tolist()) != held_second
 
 
+def test_split_without_a_seed_is_the_seed_0_split():
+    anns = [_row_of_cells(10)]
+    a = split_annotations(anns, seed=None)
+    b = split_annotations(anns, seed=0)
+    np.testing.assert_array_equal(a.val[0], b.val[0])
+
+
 # ------------------------------------------------------------------ prefetching
 def _sampler(seed: int = 0) -> PatchSampler:
     rng = np.random.default_rng(seed)

@@ -297,7 +297,7 @@ def split_annotations(
         if rng is not None:
             ranks.extend(rng.random(n).tolist())
         elif n:
-            ranks.extend(_stable_ranks(int(seed), i, cells, comp, n))
+            ranks.extend(_stable_ranks(int(seed or 0), i, cells, comp, n))
     n_val = int(round(val_fraction * len(units)))
     if len(units) < min_cells or n_val == 0 or val_fraction <= 0:
         return ValidationSplit(
