@@ -71,3 +71,14 @@ def test_a_merged_pair_is_two_missed_cells():
     pred[30:32, 10:50] = 1  # IoU under 0.5 with each
     errors = find_errors(pred, truth, np.zeros(shape, np.uint16))
     assert sorted((e.kind, e.label) for e in errors) == [("missed", 1), ("missed", 2)]
+
+
+def test_an_object_covering_the_whole_image_is_an_error_too():
+    """No pixel of background in the prediction (or the truth) loses no object."""
+    shape = (20, 20)
+    pred = np.ones(shape, np.int32)  # one false object over the whole empty image
+    errors = find_errors(pred, np.zeros(shape, np.int32), np.zeros(shape, np.uint16))
+    assert [(e.kind, e.label, e.area) for e in errors] == [("false", 1, 400)]
+    truth = np.ones(shape, np.int32)  # one cell over the whole image, not found
+    errors = find_errors(np.zeros(shape, np.int32), truth, np.zeros(shape, np.uint16))
+    assert [(e.kind, e.label) for e in errors] == [("missed", 1)]

@@ -108,13 +108,13 @@ def find_errors(pred: np.ndarray, truth: np.ndarray, annotation: np.ndarray) -> 
         truth[annotation >= 2].astype(np.int64), minlength=len(t_area)
     )
     errors = []
-    for p in np.flatnonzero(p_area)[1:] if len(p_area) > 1 else []:
+    for p in np.flatnonzero(p_area):
         if p == 0 or p in matched_pred:
             continue
         # mostly background, and background that is not yet painted as such
         if on_bg[p] * 2 >= p_area[p] and painted_bg[p] < on_bg[p]:
             errors.append(ErrorObject("false", int(p), int(p_area[p])))
-    for t in np.flatnonzero(t_area)[1:] if len(t_area) > 1 else []:
+    for t in np.flatnonzero(t_area):
         if t == 0 or t in matched_true:
             continue
         if painted_cell[t] * 2 < t_area[t]:
