@@ -331,9 +331,9 @@ def _stable_ranks(seed: int, image: int, values: np.ndarray, comp: np.ndarray, n
     height and width, so resizing the image keeps it)."""
     h, w = comp.shape
     centres = ndi.center_of_mass(np.ones_like(comp), comp, range(1, n + 1))
-    firsts = ndi.labeled_comprehension(values, comp, range(1, n + 1), np.max, np.int64, 0)
+    ids = ndi.maximum(values, comp, range(1, n + 1))
     return [
         float(np.random.default_rng([seed, image, int(v), int(cy * 200 / h), int(cx * 200 / w)])
               .random())
-        for (cy, cx), v in zip(centres, firsts)
+        for (cy, cx), v in zip(centres, ids)
     ]

@@ -928,7 +928,8 @@ class Trainer:
         crops = []
         if self._enough_held_back():
             crops = list(validation_crops(self.val_images, self.val_annotations))
-        sentence, scores = self._guard(crops)
+        # the kept best weights were scored on these crops by the last validation
+        sentence, scores = self._guard(crops, self.best_score if kept.startswith("best") else None)
         if sentence:
             kept = "starting weights (training made them worse)"
         self._outcome = {
@@ -948,10 +949,7 @@ class Trainer:
     def _keep_best(self) -> str:
         """Load the best validated weights when enough cells were held back; says which
         weights are kept."""
-        if (
-            self.best_state is not None
-            and self.split.n_val_cells >= self.config.min_val_cells_for_best
-        ):
+        if self.best_state is not None and self._enough_held_back():
             self.model.load_state_dict(self.best_state)
             return "best validated weights"
         return "final weights"
@@ -965,10 +963,11 @@ class Trainer:
         """The validation score (AP@0.5, F1 in semantic mode) of the model as it is."""
         return float(validation_scores(self.model, self.info, crops, self.device).get("score", 0.0))
 
-    def _guard(self, crops: list) -> tuple[str | None, dict | None]:
+    def _guard(self, crops: list, trained: float | None = None) -> tuple[str | None, dict | None]:
         """Compare the trained weights with those the run started from on the held-back
         crops; restore the starting ones (weights and post-processing) if they score
-        higher.
+        higher. ``trained`` is the trained weights' score on those crops when it is
+        already known (None: scored here).
 
         Returns
         -------
@@ -981,7 +980,8 @@ class Trainer:
         """
         if self._start is None or not crops:
             return None, None
-        trained = self._score(crops)
+        if trained is None:
+            trained = self._score(crops)
         trained_state, trained_post = self._snapshot()
         start_state, start_post = self._start
         self.model.load_state_dict(start_state)
