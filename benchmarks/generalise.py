@@ -54,7 +54,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import distance_watershed, engine_version, machine, write_section
+from quality import (
+    annotated_min_size,
+    distance_watershed,
+    engine_version,
+    machine,
+    write_section,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -203,17 +209,6 @@ def ap(labels: list[np.ndarray], samples: list[Sample]) -> dict:
             "recall": round(agg["recall_50"], 4)}
 
 
-def min_size_from(anns: list[np.ndarray]) -> int:
-    """A quarter of the median painted cell (cellfit's own rule), for the peers too."""
-    from cellfit.starting import MIN_SIZE_FRACTION
-
-    areas = []
-    for a in anns:
-        sizes = np.bincount(np.where(a >= 2, a, 0).ravel().astype(np.int64))[2:]
-        areas.extend(sizes[sizes > 0].tolist())
-    return max(16, int(MIN_SIZE_FRACTION * np.median(areas))) if areas else 16
-
-
 # ----------------------------------------------------------------------------- peers
 def otsu(train, anns, test) -> list[np.ndarray]:
     """Otsu threshold + distance watershed on one grey value per pixel: for colour images
@@ -233,7 +228,7 @@ def otsu(train, anns, test) -> list[np.ndarray]:
     for s in test:
         img = (px(s.image) @ w).reshape(s.mask.shape)
         img = gaussian(img, sigma=1.0, preserve_range=True)
-        out.append(distance_watershed(img > threshold_otsu(img), min_size_from(anns)))
+        out.append(distance_watershed(img > threshold_otsu(img), annotated_min_size(anns)))
     return out
 
 
@@ -269,7 +264,7 @@ class Forest:
         self.clf = RandomForestClassifier(n_estimators=50, max_depth=10, n_jobs=-1,
                                           random_state=self.seed)
         self.clf.fit(np.concatenate(xs), np.concatenate(ys))
-        self.min_size = min_size_from(anns)
+        self.min_size = annotated_min_size(anns)
 
     def predict(self, samples) -> list[np.ndarray]:
         out = []
@@ -334,7 +329,7 @@ def train_round(images, anns, settings, seed, steps, device, model=None, info=No
         "kept": record.get("kept"),
         "validation": (record.get("validation") or {}).get("ap50"),
         "validated_on": record.get("validated_on"),
-        "notices": notices + ([record["guard"]] if record.get("guard") else []),
+        "notices": notices,  # the guard's sentence among them
         "postprocess": dict(trainer.info.postprocess),
         "scale": round(float(trainer.info.scale), 3),
         "guard_scores": record.get("guard_scores"),
