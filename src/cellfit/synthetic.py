@@ -146,11 +146,11 @@ def sparse_annotation(
 
 # ------------------------------------------------------- scenes for pretraining
 KINDS: dict[str, float] = {
-    "fluo_nuclei": 0.55,
-    "fluo_cells": 0.1,
+    "fluo_nuclei": 0.35,
+    "fluo_cells": 0.12,
     "brightfield": 0.1,
-    "phase": 0.1,
-    "he": 0.15,
+    "phase": 0.18,
+    "he": 0.25,
 }
 """The looks :func:`scene` draws from, and how often (``kind=None``)."""
 
@@ -250,6 +250,34 @@ def layout(
     return labels, cells
 
 
+def _specks(rng, shape, n: int, radius: tuple[float, float]) -> np.ndarray:
+    """``n`` small round blobs (debris, blood cells, granules): a float map in [0, 1]."""
+    h, w = shape
+    out = np.zeros(shape)
+    if n <= 0:
+        return out
+    ys = rng.integers(0, h, n)
+    xs = rng.integers(0, w, n)
+    rs = rng.uniform(*radius, n)
+    for y, x, r in zip(ys, xs, rs):
+        R = int(np.ceil(r)) + 1
+        y0, y1, x0, x1 = max(0, y - R), min(h, y + R + 1), max(0, x - R), min(w, x + R + 1)
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        disc = np.clip(r + 0.5 - np.hypot(yy - y, xx - x), 0, 1)
+        out[y0:y1, x0:x1] = np.maximum(out[y0:y1, x0:x1], disc)
+    return out
+
+
+def _streaks(rng, shape, sigma: float) -> np.ndarray:
+    """Fibres: noise smoothed much more along one direction than across, in [0, 1]."""
+    n = rng.standard_normal(shape)
+    across = max(0.7, sigma / rng.uniform(3, 8))
+    n = ndi.gaussian_filter(n, (across, sigma), mode="wrap")
+    n = ndi.rotate(n, rng.uniform(0, 180), reshape=False, mode="wrap", order=1)
+    n = n / max(n.std(), 1e-9)
+    return np.clip(np.abs(n) / 2.5, 0, 1)
+
+
 def _interior(labels: np.ndarray) -> np.ndarray:
     """0 at a cell's border, rising to 1 at its centre (per cell)."""
     inside = labels > 0
@@ -289,6 +317,21 @@ def _quantise(rng, img: np.ndarray) -> np.ndarray:
     return q.astype(np.uint8 if depth == "uint8" else np.uint16)
 
 
+def _unlabelled(rng, shape, d, n, inside) -> np.ndarray:
+    """What a fluorescence image shows besides its labelled cells (added, not labelled):
+    small bright debris and dim, blurred cells out of the focal plane."""
+    out = np.zeros(shape)
+    if rng.random() < 0.6:  # debris: much smaller than a cell, dim to very bright
+        k = int(rng.integers(1, 4 + max(1, n) // 2))
+        specks = _specks(rng, shape, k, (0.04 * d, 0.14 * d))
+        out += rng.uniform(0.3, 3.0) * ndi.gaussian_filter(specks, 0.7)
+    if rng.random() < 0.4:  # out-of-focus cells: a cell's size, blurred and dim
+        k = int(rng.integers(1, 6))
+        blobs = _specks(rng, shape, k, (0.3 * d, 0.5 * d))
+        out += rng.uniform(0.08, 0.35) * ndi.gaussian_filter(blobs, rng.uniform(d / 6, d / 3))
+    return out * ~inside
+
+
 def _fluo_nuclei(rng, shape, d):
     labels, cells = layout(
         rng, shape, d,
@@ -321,11 +364,11 @@ def _fluo_nuclei(rng, shape, d):
         spots /= max(spots.max(), 1e-9)
         body = body * (1 - rng.uniform(0.2, 0.6) * spots)
     body = body * (labels > 0)
-    # condensed mitotic chromatin is small and compact; keep it inside the label
-    # out-of-focus haze and unlabelled debris
+    # out-of-focus haze
     haze = rng.uniform(0, 0.3) * ndi.gaussian_filter(body, d / 2)
     img = ndi.gaussian_filter(body, rng.uniform(0.4, max(0.5, d / 12))) + haze
     img = img / max(np.percentile(img[labels > 0], 95) if n else 1.0, 1e-6)
+    img = img + _unlabelled(rng, shape, d, n, labels > 0)
     background = rng.uniform(0.0, 0.25)
     img = img + background
     return _acquire(rng, img, photons=np.exp(rng.uniform(np.log(8), np.log(3000))),
@@ -352,6 +395,7 @@ def _fluo_cells(rng, shape, d):
     body = body * (labels > 0)
     img = ndi.gaussian_filter(body, rng.uniform(0.5, 2.0))
     img = img / max(np.percentile(img[labels > 0], 95) if n else 1.0, 1e-6) + rng.uniform(0, 0.2)
+    img = img + _unlabelled(rng, shape, d, n, labels > 0)
     return _acquire(rng, img, photons=np.exp(rng.uniform(np.log(10), np.log(2000))),
                     read=rng.uniform(0, 0.03), gain_gradient=rng.uniform(0, 0.5)), labels
 
@@ -380,51 +424,104 @@ def _brightfield(rng, shape, d):
 
 
 def _phase(rng, shape, d):
+    """Phase contrast (and, with the sign flipped, defocused brightfield) of flat adherent
+    cells: the image is roughly a high-pass of the cells' optical thickness, which gives
+    dark bodies, dark granules, thin bright edges and bright halos; cells can be spread
+    and spindly or rounded and thick (dividing or detached)."""
     labels, _ = layout(
         rng, shape, d,
-        density=rng.uniform(0.1, 0.6),
-        irregularity=rng.uniform(0.05, 0.4),
-        elongation=rng.uniform(0, 0.9),
-        clustered=rng.random() < 0.4,
-        touching=rng.uniform(0, 0.9),
+        density=rng.uniform(0.1, 0.65),
+        irregularity=rng.uniform(0.1, 0.6),
+        elongation=rng.uniform(0, 2.5),
+        clustered=rng.random() < 0.5,
+        touching=rng.uniform(0.2, 1),
     )
+    n = labels.max()
     inside = (labels > 0).astype(np.float64)
     interior = _interior(labels)
-    halo = ndi.gaussian_filter(inside, rng.uniform(1.5, 4.0))
-    outside_halo = np.clip(halo - inside, 0, None) * (1 - inside)
-    body = inside * (0.5 + 0.5 * interior) * np.clip(1 + 0.3 * _smooth_noise(rng, shape, 2), 0, None)
-    img = 0.5 - rng.uniform(0.1, 0.35) * body + rng.uniform(0.4, 1.2) * outside_halo
+    thick = rng.uniform(0.3, 1.0, n + 1) * np.exp(rng.normal(0, 0.25, n + 1))
+    rounded = rng.random(n + 1) < rng.uniform(0, 0.12)
+    thick[rounded] *= rng.uniform(2, 4)
+    thick[0] = 0
+    body = thick[labels] * (0.35 + 0.65 * interior ** rng.uniform(0.3, 1.5))
+    grains = _specks(rng, shape, int(rng.uniform(0, 2) * n), (0.5, max(0.8, d / 25)))
+    body = body * (1 + rng.uniform(0, 0.6) * grains) * inside
+    body = body * np.clip(1 + 0.3 * _smooth_noise(rng, shape, rng.uniform(1, 3)), 0, None)
+    debris = _specks(rng, shape, int(rng.integers(0, 3 + n)), (0.5, max(1.0, 0.1 * d)))
+    body = body + rng.uniform(0.3, 1.5) * debris * (1 - inside)
+    halo = rng.uniform(2.0, max(2.5, d / 3))
+    high = body - ndi.gaussian_filter(body, halo)
+    sign = -1.0 if rng.random() < 0.85 else 1.0  # positive phase / defocused brightfield
+    img = 0.5 + sign * rng.uniform(0.25, 0.8) * high + 0.03 * rng.uniform(0, 1) * body
     img = ndi.gaussian_filter(img, rng.uniform(0.3, 1.0))
-    return _acquire(rng, np.clip(img, 0, None), photons=np.exp(rng.uniform(np.log(50), np.log(3000))),
-                    read=rng.uniform(0, 0.02), gain_gradient=rng.uniform(0, 0.3)), labels
+    return _acquire(rng, np.clip(img, 0.02, None), photons=np.exp(rng.uniform(np.log(200), np.log(5000))),
+                    read=rng.uniform(0, 0.02), gain_gradient=rng.uniform(0, 0.4)), labels
 
 
 _HEMATOXYLIN = np.array([0.65, 0.70, 0.29])
 _EOSIN = np.array([0.07, 0.99, 0.11])
 
 
+def _stain(rng, vector: np.ndarray) -> np.ndarray:
+    """A stain's optical-density colour, varied as staining and scanners vary."""
+    v = np.clip(vector + rng.normal(0, 0.07, 3), 0.02, None)
+    return v / np.linalg.norm(v)
+
+
 def _he(rng, shape, d):
-    labels, _ = layout(
+    """H&E tissue: hematoxylin nuclei (solid or vesicular with a nucleolus, round or
+    spindle) in eosin cytoplasm with vacuoles, fibrous stroma, fat and lumens (white), red
+    blood cells and small dark debris (not labelled)."""
+    labels, cells = layout(
         rng, shape, d,
-        density=rng.uniform(0.1, 0.5),
+        density=rng.uniform(0.1, 0.55),
         irregularity=rng.uniform(0.05, 0.35),
-        elongation=rng.uniform(0, 1.0),
+        elongation=rng.uniform(0, 1.8),
         clustered=rng.random() < 0.5,
-        touching=rng.uniform(0, 1),
+        touching=rng.uniform(0.2, 1),
     )
     n = labels.max()
     inside = labels > 0
     interior = _interior(labels)
-    dose = np.exp(rng.normal(0, 0.3, n + 1))
+    dose = np.exp(rng.normal(0, 0.35, n + 1))
+    vesicular = rng.random(n + 1) < rng.uniform(0, 0.4)
     dose[0] = 0
-    chromatin = np.clip(1 + 0.5 * _smooth_noise(rng, shape, rng.uniform(0.8, 2)), 0.2, None)
-    h_conc = rng.uniform(0.6, 1.6) * dose[labels] * chromatin * (0.7 + 0.3 * interior)
-    h_conc = h_conc + rng.uniform(0, 0.12)  # hematoxylin background
-    fibres = np.abs(_smooth_noise(rng, shape, rng.uniform(2, 8)))
-    gaps = _smooth_noise(rng, shape, rng.uniform(6, 20)) > rng.uniform(0.5, 1.5)
-    e_conc = rng.uniform(0.2, 0.8) * (0.4 + fibres) * ~gaps * ~inside + 0.15 * inside
-    od = h_conc[..., None] * _HEMATOXYLIN + e_conc[..., None] * _EOSIN
-    od = ndi.gaussian_filter(od, (rng.uniform(0.4, 1.2),) * 2 + (0,))
+    chromatin = np.clip(1 + rng.uniform(0.05, 0.35) * _smooth_noise(rng, shape, rng.uniform(0.7, 2.5)), 0.2, None)
+    rim = (1 - interior) ** 1.5
+    profile = np.where(vesicular[labels], 0.35 + 0.65 * rim, 0.75 + 0.25 * interior)
+    h_conc = rng.uniform(0.9, 2.2) * dose[labels] * chromatin * profile * inside
+    if n and vesicular.any():  # nucleoli: one dark dot in the middle of vesicular nuclei
+        dots = np.zeros(shape)
+        for i, (cy, cx, r) in enumerate(cells, start=1):
+            y, x = int(cy + rng.normal(0, r / 5)), int(cx + rng.normal(0, r / 5))
+            if vesicular[i] and 0 <= y < shape[0] and 0 <= x < shape[1] and labels[y, x] == i:
+                dots[y, x] = 1
+        dots = ndi.gaussian_filter(dots, max(0.8, d / 16))
+        h_conc = h_conc + 1.2 * dots / max(dots.max(), 1e-9)
+    # cytoplasm around the nuclei, with vacuoles
+    dist = ndi.distance_transform_edt(~inside)
+    reach = rng.uniform(0.15, 0.9) * d * np.clip(1 + 0.3 * _smooth_noise(rng, shape, d / 2), 0.3, None)
+    cyto = (dist < reach) & ~inside
+    vacuoles = _specks(rng, shape, int(rng.uniform(0, 3) * n), (0.08 * d, 0.3 * d)) * cyto
+    # stroma: fibres with white gaps (lumens, fat, tears)
+    fibres = _streaks(rng, shape, rng.uniform(3, 12))
+    gaps = _smooth_noise(rng, shape, rng.uniform(4, 3 * d)) > rng.uniform(0.4, 2.0)
+    stroma = ~cyto & ~inside
+    e_conc = np.where(cyto, rng.uniform(0.2, 0.8) * (1 - 0.9 * vacuoles), 0.0)
+    e_conc = e_conc + stroma * ~gaps * rng.uniform(0.2, 0.9) * (0.3 + fibres)
+    e_conc = e_conc + inside * rng.uniform(0.05, 0.3)
+    h_conc = h_conc + cyto * rng.uniform(0, 0.3) * (1 - vacuoles) + rng.uniform(0, 0.08)
+    # red blood cells (eosin-dense discs) and dark debris, not labelled
+    free = ~inside
+    if rng.random() < 0.4:
+        rbc = _specks(rng, shape, int(rng.integers(3, 40)), (0.12 * d, 0.22 * d)) * free
+        e_conc = e_conc + rng.uniform(0.8, 2.0) * rbc
+    if rng.random() < 0.5:
+        dark = _specks(rng, shape, int(rng.integers(1, 4 + n // 3)), (0.04 * d, 0.12 * d)) * free
+        h_conc = h_conc + rng.uniform(0.8, 2.0) * dark
+    e_conc = e_conc * rng.uniform(0.3, 0.9)
+    od = h_conc[..., None] * _stain(rng, _HEMATOXYLIN) + e_conc[..., None] * _stain(rng, _EOSIN)
+    od = ndi.gaussian_filter(od * rng.uniform(0.6, 1.4), (rng.uniform(0.4, 1.2),) * 2 + (0,))
     img = np.exp(-od)
     return _acquire(rng, img, photons=np.exp(rng.uniform(np.log(100), np.log(5000))),
                     read=rng.uniform(0, 0.015), gain_gradient=rng.uniform(0, 0.3)), labels
@@ -469,6 +566,6 @@ def scene(
     if kind not in _MAKERS:
         raise ValueError(f"unknown scene kind {kind!r}: use one of {', '.join(_MAKERS)}.")
     img, labels = _MAKERS[kind](rng, tuple(shape), float(diameter))
-    if kind in ("brightfield", "he") and rng.random() < 0.5:
+    if kind in ("brightfield", "he") and rng.random() < (0.5 if kind == "brightfield" else 0.15):
         img = img.mean(axis=-1)  # the same sample, photographed on a grey camera
     return _quantise(rng, img), labels, kind
