@@ -288,23 +288,30 @@ def cellfit_predict(model, info, samples, device) -> list[np.ndarray]:
 
 
 def zero_shot(test, device) -> dict:
+    from cellfit.errors import CellfitError
     from cellfit.model import load_model
-    from cellfit.starting import apply_diameter, estimate_diameter, starting_model_path
+    from cellfit.starting import (
+        apply_diameter,
+        estimate_diameter,
+        median_diameter,
+        starting_model_path,
+    )
 
     model, info = load_model(starting_model_path())
     model.to(device)
     labels, est = [], []
+    truth = [round(median_diameter(s.mask)[0], 1) for s in test]
     for s in test:
         try:
             plane = np.moveaxis(s.image, -1, 0) if s.image.ndim == 3 else s.image[None]
             d = estimate_diameter(model, info, plane, device=device)
-        except Exception:
-            est.append("none found")
+        except CellfitError as err:  # no cells, or an unclear size
+            est.append(str(err).split(":")[0])
             labels.append(np.zeros(s.mask.shape, np.int32))
             continue
         est.append(round(float(d), 1))
         labels += cellfit_predict(model, apply_diameter(info, d), [s], device)
-    return {**ap(labels, test), "diameters": est}
+    return {**ap(labels, test), "diameters": est, "true_diameters": truth}
 
 
 def train_round(images, anns, settings, seed, steps, device, model=None, info=None):
@@ -451,7 +458,15 @@ def main(argv=None) -> int:
     p.add_argument("--report", type=Path, nargs="+", metavar="JSON",
                    help="only merge these result files into the docs")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--starting", type=Path,
+                   help="use this model file as the starting model (a candidate for the "
+                   "shipped one)")
     args = p.parse_args(argv)
+    if args.starting:
+        import cellfit.starting
+
+        path = args.starting.resolve()
+        cellfit.starting.starting_model_path = lambda: path
     if args.pack:
         pack(args.data, args.pack, args.sets, args.seeds)
         return 0

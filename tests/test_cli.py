@@ -260,6 +260,46 @@ def test_predict_without_probabilities_and_skip_existing(tmp_path, capsys, model
     assert snapshot(out) == first
 
 
+def test_predict_tta_reaches_the_tile_runner_and_redoes_outputs_made_without(
+    tmp_path, capsys, model_file, monkeypatch
+):
+    import cellfit.batch as cbatch
+    from cellfit.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    help_text = sub.choices["predict"].format_help()
+    assert "--tta" in help_text and "flipped and rotated copies" in help_text
+
+    made = []
+    real = cbatch.LoadedModel
+
+    def spy(path, settings):
+        loaded = real(path, settings)
+        made.append((settings.tta, loaded.runner.tta))
+        return loaded
+
+    monkeypatch.setattr(cbatch, "LoadedModel", spy)
+    image, _ = synthetic_cells((40, 40), n_cells=3, seed=4)
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "a.tif", image)
+    out = tmp_path / "out"
+    args = ["predict", model_file, tmp_path / "in", "--out", out, "--probabilities",
+            "--device", "cpu"]
+    code, _, err = run(capsys, *args)
+    assert code == 0 and "1 file(s) segmented" in err, err
+    assert made == [(False, False)]
+    plain = tifffile.imread(out / "a_prob.tif")
+    # --tta: outputs made without it are redone, with it
+    code, _, err = run(capsys, *args, "--tta")
+    assert code == 0 and "1 file(s) segmented" in err and "skipped" not in err, err
+    assert made[-1] == (True, True)
+    tta = tifffile.imread(out / "a_prob.tif")
+    assert tta.shape == plain.shape and not np.allclose(tta, plain, atol=1e-4)
+    # and a rerun with it skips them
+    code, _, err = run(capsys, *args, "--tta")
+    assert code == 0 and "1 skipped" in err, err
+
+
 def test_evaluate_hand_made_predictions(tmp_path, capsys):
     _, truth = synthetic_cells((64, 64), n_cells=6, seed=5)
     n = int(truth.max())

@@ -49,7 +49,8 @@ def _controls(widget) -> dict:
         "train": [train.train_button, train.budget_spin, train.budget_unit, train.patch_combo,
                   train.loss_combo, train.weights_combo, train.device_combo,
                   train.preview_check, train.start_combo, train.mode_combo],
-        "segment": [seg.starting_button, seg.diameter_spin, seg.estimate_button],
+        "segment": [seg.starting_button, seg.diameter_spin, seg.estimate_button,
+                    seg.tta_check],
         "model": [model.load_button, model.load_starting_button],
     }
 
@@ -133,6 +134,81 @@ def test_the_shared_state_follows_the_controls(dock):
     seg.diameter_spin.setValue(0)
     assert state.diameter is None
     assert np.asarray(layer.data).shape == (64, 64)
+
+
+def test_the_tta_check_box_reaches_the_predictor_of_segment_and_of_the_folder_job(
+    dock, monkeypatch, tmp_path
+):
+    """Ticked, Segment image runs iter_predict with tta and Segment folder builds
+    Settings(tta=True), whose loaded model's tile runner augments."""
+    import tifffile
+    import torch
+
+    import cellfit.batch as cbatch
+    import cellfit.plugin.jobs as cjobs
+    from cellfit.model import ModelInfo, build_model, load_model, save_model
+    from cellfit.plugin._tooltips import ROWS, TIPS
+    from cellfit.plugin.jobs import BatchJob
+
+    state, seg = dock.state, dock.segment_panel
+    assert not seg.tta_check.isChecked() and state.tta is False  # off by default
+    assert seg.tta_check.text() == ROWS["tta"] and seg.tta_check.toolTip() == TIPS["tta"]
+    torch.manual_seed(0)
+    info = ModelInfo(encoder="mobilenet_v2", decoder_channels=[16, 16, 16, 16, 16])
+    path = save_model(tmp_path / "tiny.cellfit", build_model(info), info)
+    model, info = load_model(path, "cpu")
+    state.set_model(model, info, path, True)
+
+    calls = []
+    real_iter = cjobs.iter_predict
+
+    def spy_iter(*args, **kwargs):
+        calls.append(kwargs.get("tta", False))
+        return real_iter(*args, **kwargs)
+
+    monkeypatch.setattr(cjobs, "iter_predict", spy_iter)
+    loaded = []
+    real_loaded = cbatch.LoadedModel
+
+    def spy_loaded(model_path, settings):
+        m = real_loaded(model_path, settings)
+        loaded.append((settings.tta, m.runner.tta))
+        return m
+
+    monkeypatch.setattr(cbatch, "LoadedModel", spy_loaded)
+    jobs = []
+    monkeypatch.setattr(dock.runner, "start", lambda kind, job, *a, **k: jobs.append(job))
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    tifffile.imwrite(src / "a.tif", synthetic_cells((48, 48), n_cells=3, seed=2)[0])
+    seg.in_edit.setText(str(src))
+    seg.out_edit.setText(str(out))
+
+    def drain(job):
+        gen = job.run()
+        while True:
+            try:
+                next(gen)
+            except StopIteration as stop:
+                return stop.value
+
+    for ticked in (True, False):
+        seg.tta_check.setChecked(ticked)
+        assert state.tta is ticked
+        seg.predict_image()
+        job = jobs[-1]
+        assert job.tta is ticked
+        result = drain(job)
+        assert result.error is None and result.labels is not None
+        assert calls[-1] is ticked
+        seg.predict_folder()
+        job = jobs[-1]
+        assert isinstance(job, BatchJob) and job.tta is ticked
+        job.overwrite = True
+        result = drain(job)
+        assert result.error is None and result.done == 1, result
+        assert loaded[-1] == (ticked, ticked)
 
 
 def test_the_guard_sentence_ends_the_training_status(dock, monkeypatch):

@@ -271,3 +271,201 @@ def test_the_tile_batch_is_halved_on_out_of_memory_and_a_single_tile_names_the_s
         runner(torch.zeros((2, 1, 32, 32)))
     assert err.value.setting == "tile"
     assert "single tile of 32x32 pixels: make --tile smaller (e.g. 256)" in err.value.worded(FLAGS)
+
+
+# ------------------------------------------------------- test-time augmentation
+class SlantModel(nn.Module):
+    """Neither flip- nor rotation-equivariant: fixed asymmetric 3x3 kernels (a slanted
+    gradient and an off-centre pair of taps), a tanh and a fixed 1x1 head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1, bias=False)
+        self.head = nn.Conv2d(2, 3, 1)
+        with torch.no_grad():
+            slant = torch.arange(9.0).reshape(3, 3) - 4.0
+            taps = torch.tensor([[0.0, 2.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, -3.0]])
+            self.conv.weight.copy_(torch.stack([slant, taps])[:, None])
+            head = torch.tensor([[2.0, 1.0], [-2.0, 3.0], [0.5, -1.5]])
+            self.head.weight.copy_(head[..., None, None])
+            self.head.bias.copy_(torch.tensor([0.0, 0.2, -0.1]))
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)))
+
+
+def _flips(a: np.ndarray) -> list[np.ndarray]:
+    """The 4 flips of ``a`` (..., Y, X); each is its own inverse."""
+    return [a, a[..., ::-1, :], a[..., ::-1], a[..., ::-1, ::-1]]
+
+
+def _dihedral(a: np.ndarray, k: int, mirror: bool) -> np.ndarray:
+    if mirror:
+        a = np.swapaxes(a, -2, -1)
+    return np.rot90(a, k, axes=(-2, -1))
+
+
+def _undo_dihedral(a: np.ndarray, k: int, mirror: bool) -> np.ndarray:
+    a = np.rot90(a, -k, axes=(-2, -1))
+    return np.swapaxes(a, -2, -1) if mirror else a
+
+
+@pytest.mark.parametrize("square", [False, True])
+def test_tta_transforms_are_the_flips_or_the_symmetries_of_the_square_and_invert_exactly(square):
+    from cellfit.predict import tta_transforms
+
+    x = torch.randn(2, 3, 32, 32 if square else 64, generator=torch.Generator().manual_seed(0))
+    ts = tta_transforms(square)
+    assert len(ts) == (8 if square else 4)
+    assert torch.equal(ts[0].apply(x), x)  # the identity first
+    outs = [t.apply(x) for t in ts]
+    for t, y in zip(ts, outs):
+        back = t.invert(y)
+        assert back.shape == x.shape and torch.equal(back, x), t
+    # the expected transforms, each once
+    xn = x.numpy()
+    if square:
+        expected = [_dihedral(xn, k, m) for m in (False, True) for k in range(4)]
+    else:
+        expected = _flips(xn)
+    got = [y.numpy() for y in outs]
+    for e in expected:
+        assert sum(np.array_equal(g, e) for g in got) == 1
+    # they move pixels: each maps an output back to where the input pixel was
+    for t in ts:
+        marked = torch.zeros(1, 1, 32, 32 if square else 64)
+        marked[..., 3, 5] = 1
+        assert t.invert(t.apply(marked))[0, 0, 3, 5] == 1
+
+
+@pytest.mark.parametrize(
+    ("shape", "tile", "overlap", "square"),
+    [
+        ((64, 16), 64, 16, False),  # 2 tiles of 64 x 32: the 4 flips
+        ((64, 64), 64, 32, True),  # 2 x 2 square tiles: the 8 symmetries of the square
+    ],
+)
+def test_tta_is_the_mean_of_the_predictions_of_transformed_images_mapped_back(
+    shape, tile, overlap, square
+):
+    """Tile grids symmetric under the transforms (no stride padding, tiles from both
+    ends): augmenting each tile equals augmenting the whole image."""
+    info = _info()
+    model = SlantModel()
+    img = _image(*shape).astype(np.float32)
+
+    def plain(a):
+        return predict_plane(model, info, np.ascontiguousarray(a), tile=tile, overlap=overlap)
+
+    base = plain(img)
+    if square:
+        pairs = [(k, m) for m in (False, True) for k in range(4)]
+        each = [_undo_dihedral(plain(_dihedral(img, k, m)), k, m) for k, m in pairs]
+    else:
+        each = [_flips(plain(f))[i] for i, f in enumerate(_flips(img))]
+    # the model is not equivariant: each transformed prediction mapped back differs
+    assert all(np.abs(e - base).max() > 0.05 for e in each[1:])
+    expected = np.mean(each, axis=0)
+    tta = predict_plane(model, info, img, tile=tile, overlap=overlap, tta=True)
+    assert tta.shape == (3, *shape)
+    np.testing.assert_allclose(tta, expected, atol=1e-5)
+    assert np.abs(tta - base).max() > 0.02
+
+
+def test_tta_of_a_per_pixel_model_changes_nothing():
+    """A 1x1 convolution is equivariant to every flip and rotation: mapped back to
+    their places, the augmented outputs equal the plain one."""
+    info = _info()
+    model = PointModel()
+    img = _image(77, 101)
+    plain = predict_plane(model, info, img, tile=64, overlap=16)
+    for tile in (64, 512):  # square tiles, then one 128 x 96 tile
+        out = predict_plane(model, info, img, tile=tile, overlap=16, tta=True)
+        np.testing.assert_allclose(out, plain, atol=1e-5)
+
+
+def test_without_tta_the_runner_is_a_plain_forward():
+    from cellfit.predict import TileRunner
+
+    model = SlantModel().eval()
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(5, 1, 32, 64)).astype(np.float32))
+    with torch.inference_mode():
+        ref = model(x).softmax(1)
+    assert torch.equal(TileRunner(model, "cpu", batch_size=5)(x), ref)
+    assert torch.equal(TileRunner(model, "cpu", batch_size=5, tta=False)(x), ref)
+    info, img = _info(), _image(70, 50)
+    default = predict_plane(model, info, img, tile=32, overlap=8)
+    assert np.array_equal(default, predict_plane(model, info, img, tile=32, overlap=8, tta=False))
+    np.testing.assert_allclose(
+        predict_plane(PointModel(), info, img, tile=32), _reference(PointModel(), img, info),
+        atol=1e-5,
+    )
+
+
+class OutOfMemoryAbove(nn.Module):
+    """``net``, but out of memory on batches of more than ``fits`` tiles."""
+
+    def __init__(self, net: nn.Module, fits: int) -> None:
+        super().__init__()
+        self.net, self.fits = net, fits
+
+    def forward(self, x):
+        if x.shape[0] > self.fits:
+            raise torch.OutOfMemoryError("out of memory (simulated)")
+        return self.net(x)
+
+
+def test_tta_batches_are_halved_on_out_of_memory_too():
+    from cellfit.predict import TileRunner
+
+    net = SlantModel().eval()
+    x = torch.from_numpy(np.random.default_rng(1).normal(size=(5, 1, 32, 32)).astype(np.float32))
+    ref = TileRunner(net, "cpu", batch_size=1, tta=True)(x)
+    runner = TileRunner(OutOfMemoryAbove(net, fits=2), "cpu", batch_size=8, tta=True)
+    out = runner(x)
+    assert runner.batch_size == 2 and "retrying with 2" in runner.pop_notice()
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    assert not torch.allclose(out, TileRunner(net, "cpu", batch_size=8)(x), atol=1e-3)
+
+
+def test_tta_with_a_runner_made_without_it_is_refused():
+    from cellfit.predict import PlanePredictor, TileRunner
+
+    model = PointModel()
+    runner = TileRunner(model, "cpu")
+    with pytest.raises(ValueError, match="tta"):
+        next(iter_predict(model, _info(), _image(40, 40)[None], runner=runner, tta=True))
+    with pytest.raises(ValueError, match="tta"):
+        PlanePredictor(model, _info(), runner, tta=True)
+    assert PlanePredictor(model, _info(), tta=True).runner.tta
+    assert PlanePredictor(model, _info(), TileRunner(model, tta=True)).runner.tta
+
+
+def test_huge_planes_streamed_by_rows_are_augmented_alike():
+    from cellfit.predict import PlanePredictor
+
+    class Rows:  # a normalised plane read row band by row band
+        def __init__(self, a):
+            self.a, self.shape = a, a.shape
+
+        def rows(self, lo, hi):
+            return self.a[:, lo:hi]
+
+    info = _info()
+    info.normalization = {"method": "none"}
+    model = SlantModel()
+    plane = np.random.default_rng(2).normal(size=(1, 150, 90)).astype(np.float32)
+
+    def by_rows(tta):
+        pred = PlanePredictor(model, info, tile=64, overlap=32, tta=tta)
+        out = np.zeros((3, 150, 90), np.float32)
+        for item in pred.predict_rows(Rows(plane)):
+            if isinstance(item, tuple):
+                r0, r1, probs = item
+                out[:, r0:r1] = probs
+        return out
+
+    whole = PlanePredictor(model, info, tile=64, overlap=32, tta=True)
+    [ev] = [e for e in whole.predict([(0, plane)], None) if e.probabilities is not None]
+    np.testing.assert_allclose(by_rows(True), ev.probabilities, atol=1e-5)
+    assert np.abs(by_rows(False) - ev.probabilities).max() > 0.02

@@ -11,7 +11,9 @@ from cellfit.console import FLAGS
 from cellfit.errors import CellfitError, worded
 from cellfit.model import ModelInfo, build_model, load_model, read_model_info, save_model
 from cellfit.starting import (
+    SizeTry,
     apply_diameter,
+    decide_diameter,
     estimate_diameter,
     is_scratch,
     is_starting,
@@ -129,6 +131,38 @@ def test_fine_tuning_from_the_starting_model_resizes_to_its_cell_size():
     assert not needs_diameter(t.info)
 
 
+def test_a_model_fine_tuned_from_an_older_starting_model_is_unchanged_by_a_new_one(
+    tmp_path, monkeypatch
+):
+    import cellfit.starting as starting
+    from cellfit.predict import predict_plane
+    from cellfit.starting import TrainPlan, choose_start
+
+    img, labels = _image(diameter=40, shape=(160, 160))
+    ann = sparse_annotation(labels, fraction=0.5, seed=0)
+    t = Trainer([img], [ann], TrainConfig(init="starting", steps=1, val_every=100, **TINY))
+    list(t.run())
+    user = save_model(tmp_path / "mine.cellfit", t.model, t.info)
+    model, info = load_model(user)
+    before = predict_plane(model, info, img[None].astype(np.float32), device="cpu")
+    # a newer starting model replaces the shipped one
+    new_model, new_info = load_model(starting_model_path())
+    with torch.no_grad():
+        for p in new_model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    new_info.training = [*new_info.training, {"purpose": "a newer starting model"}]
+    newer = save_model(tmp_path / "newer.cellfit", new_model, new_info)
+    monkeypatch.setattr(starting, "starting_model_path", lambda: newer)
+    model, info = load_model(user)
+    after = predict_plane(model, info, img[None].astype(np.float32), device="cpu")
+    np.testing.assert_array_equal(before, after)
+    assert info.diameter and not needs_diameter(info)
+    # training the user's model again goes on from it, not from the new starting model
+    choice = choose_start(user, "instances", 1)
+    assert choice.plan == TrainPlan.FINE_TUNE and choice.init == user
+    assert choose_start("starting", "instances", 1).init == newer
+
+
 def test_the_starting_model_falls_back_to_scratch_where_it_cannot_serve():
     img, labels = _image()
     ann = sparse_annotation(labels, fraction=0.5, seed=0)
@@ -171,6 +205,44 @@ def test_the_diameter_is_estimated_within_a_factor_of_1_5():
         planes = img[None].astype(np.float32)
         est = estimate_diameter(model, info, planes, device="cpu")
         assert d / 1.5 < est < d * 1.5, (d, est)
+
+
+@pytest.mark.parametrize("kind", ["brightfield", "fluo_cells"])
+def test_the_diameter_of_brightfield_and_whole_cells_is_estimated(kind):
+    model, info = load_model(starting_model_path())
+    for d in (20, 45):
+        img, labels, _ = scene(kind, (int(9 * d), int(9 * d)), d, seed=4)
+        planes = np.moveaxis(img, -1, 0) if img.ndim == 3 else img[None]
+        est = estimate_diameter(model, info, planes.astype(np.float32), device="cpu")
+        true = 2 * np.sqrt(np.median(np.bincount(labels.ravel())[1:]) / np.pi)
+        assert true / 1.5 < est < true * 1.5, (kind, d, true, est)
+
+
+def test_tries_that_agree_decide_the_diameter():
+    tries = [
+        SizeTry(15, 40, None, 0.0),  # cells broken up: unusable
+        SizeTry(21, 30, 24.0, 0.5),
+        SizeTry(30, 25, 26.0, 0.9),
+        SizeTry(42, 12, 28.0, 0.4),
+        SizeTry(60, 3, 90.0, 0.05),  # a lone, weak vote far away
+    ]
+    d = decide_diameter(tries)
+    # the weighted geometric mean of the three that agree, not the far vote
+    expect = np.exp(np.average(np.log([24.0, 26.0, 28.0]), weights=[0.5, 0.9, 0.4]))
+    assert d == pytest.approx(expect, abs=0.06)
+
+
+def test_two_sizes_that_fit_equally_well_are_reported_not_guessed():
+    tries = [SizeTry(21, 30, 20.0, 0.8), SizeTry(60, 8, 64.0, 0.75), SizeTry(85, 2, None, 0.0)]
+    with pytest.raises(CellfitError, match="the cell size is unclear") as err:
+        decide_diameter(tries, (21, 60, 85))
+    msg = str(err.value)
+    assert "about 20 and about 64 pixels across" in msg
+    assert "tried diameters of 21, 60, 85 pixels" in msg
+    assert err.value.setting == "diameter"
+    # a clearly weaker rival does not block the answer
+    tries[1] = SizeTry(60, 8, 64.0, 0.3)
+    assert decide_diameter(tries) == pytest.approx(20.0)
 
 
 def test_no_cells_anywhere_asks_for_the_diameter():

@@ -53,7 +53,7 @@ def _loaded_model(model_path: str, settings: Settings) -> LoadedModel:
     st = os.stat(model_path)
     key = (
         str(Path(model_path).resolve()), st.st_mtime_ns, st.st_size, settings.device,
-        settings.batch_size, settings.amp, settings.tile, settings.overlap,
+        settings.batch_size, settings.amp, settings.tile, settings.overlap, settings.tta,
         tuple(sorted((settings.postprocess or {}).items())),
     )
     with _LOCK:

@@ -160,6 +160,9 @@ class Settings:
     #: cell diameter in image pixels, for models that work on cells of any size (the
     #: starting model); None: the model's own, or estimated from the first file
     diameter: float | None = None
+    #: test-time augmentation: average over flipped and rotated copies of each tile
+    #: (4-8 times slower; :class:`cellfit.predict.TileRunner`)
+    tta: bool = False
 
 
 def output_paths(path: Path, out_dir: Path, fmt: str = "tiff") -> tuple[Path, Path]:
@@ -187,7 +190,8 @@ class LoadedModel:
                 setting="diameter",
             )
         self.runner = TileRunner(
-            self.model, self.device, batch_size=settings.batch_size, amp=settings.amp
+            self.model, self.device, batch_size=settings.batch_size, amp=settings.amp,
+            tta=settings.tta,
         )
         self.predictor = PlanePredictor(
             self.model, self.info, self.runner, tile=settings.tile, overlap=settings.overlap
@@ -209,6 +213,7 @@ def fingerprint(model_digest: str, path: Path, settings: Settings) -> dict:
         "link_slices": bool(settings.link_slices),
         "postprocess": dict(sorted((settings.postprocess or {}).items())),
         **({"diameter": settings.diameter} if settings.diameter is not None else {}),
+        **({"tta": True} if settings.tta else {}),
     }
 
 

@@ -8,11 +8,11 @@ Each plane is normalised, resized to the model's cell scale, given a mirrored ma
 (so border pixels see the same context whatever the tiling) and padded to the encoder
 stride; it is cut into tiles of ``tile`` pixels (a multiple of 32) that overlap by
 ``overlap`` pixels; tiles run through the network in batches (:class:`TileRunner`:
-AMP and channels-last on CUDA, out-of-memory halving) and their softmax outputs are
-blended with a Gaussian window on the model's device. Tiles are batched across
-consecutive planes, so a stack of small slices still fills a batch; memory holds the
-planes in flight, never the stack. Huge 2D planes stream row band by row band
-(:meth:`PlanePredictor.predict_rows`).
+AMP and channels-last on CUDA, out-of-memory halving, optional test-time augmentation)
+and their softmax outputs are blended with a Gaussian window on the model's device.
+Tiles are batched across consecutive planes, so a stack of small slices still fills a
+batch; memory holds the planes in flight, never the stack. Huge 2D planes stream row
+band by row band (:meth:`PlanePredictor.predict_rows`).
 
 :func:`iter_predict`, :func:`predict_plane` and :func:`predict_stack` are the short
 forms for planes in memory.
@@ -48,6 +48,7 @@ __all__ = [
     "PlaneEvent",
     "PlanePredictor",
     "TileRunner",
+    "TileTransform",
     "blend_window",
     "iter_predict",
     "plane_geometry",
@@ -58,6 +59,7 @@ __all__ = [
     "round_up",
     "stack_percentiles",
     "tile_starts",
+    "tta_transforms",
 ]
 
 DEFAULT_TILE = 512
@@ -187,6 +189,36 @@ class PlaneEvent(Progress):
     probabilities: np.ndarray | None = None
 
 
+# ----------------------------------------------------------- test-time augmentation
+@dataclass(frozen=True)
+class TileTransform:
+    """One symmetry of the square applied to tiles ``(N, C, h, w)``: swap the rows and
+    columns (``transpose``), then flip the dimensions in ``flips`` (-2: rows, -1:
+    columns). :meth:`invert` maps an output of the transformed tiles back."""
+
+    transpose: bool = False
+    flips: tuple[int, ...] = ()
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transpose:
+            x = x.transpose(-2, -1)
+        return x.flip(self.flips) if self.flips else x
+
+    def invert(self, y: torch.Tensor) -> torch.Tensor:
+        if self.flips:
+            y = y.flip(self.flips)
+        return y.transpose(-2, -1) if self.transpose else y
+
+
+def tta_transforms(square: bool = False) -> list[TileTransform]:
+    """The transforms of test-time augmentation, the identity first: the 4 flips
+    (none, rows, columns, both); for ``square`` tiles all 8 symmetries of the square
+    (the same 4 after swapping rows and columns: the 90° rotations and the two
+    diagonal mirrors)."""
+    flips = [(), (-2,), (-1,), (-2, -1)]
+    return [TileTransform(t, f) for t in ((False, True) if square else (False,)) for f in flips]
+
+
 # --------------------------------------------------------------------------- network
 class TileRunner:
     """Runs batches of tiles through the network and returns their softmax.
@@ -196,6 +228,10 @@ class TileRunner:
     the memory one tile takes, elsewhere it is 4. When the device runs out of memory,
     the batch is halved and retried (down to one tile), and a notice says so; the
     smaller batch is kept for the tiles that follow.
+
+    With ``tta`` (test-time augmentation) each batch also runs flipped (and, for square
+    tiles, rotated) (:func:`tta_transforms`): every output is mapped back and the
+    softmax outputs are averaged, 4 (or 8) times the work.
     """
 
     def __init__(
@@ -205,6 +241,7 @@ class TileRunner:
         *,
         batch_size: int | None = None,
         amp: bool = True,
+        tta: bool = False,
     ) -> None:
         if device is None:
             device = next(model.parameters()).device
@@ -215,6 +252,7 @@ class TileRunner:
             torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
         )
         self.batch_size = int(batch_size) if batch_size else None
+        self.tta = bool(tta)
         self.notices: list[str] = []
 
     def pop_notice(self) -> str | None:
@@ -225,13 +263,23 @@ class TileRunner:
         self.notices.clear()
         return text
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _softmax(self, x: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x).float().softmax(dim=1)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), torch.autocast(
             self.device.type, dtype=self.amp_dtype, enabled=self.use_amp
         ):
-            return self.model(x).float().softmax(dim=1)
+            if not self.tta:
+                return self._softmax(x)
+            transforms = tta_transforms(square=x.shape[-2] == x.shape[-1])
+            acc = None
+            for t in transforms:
+                p = t.invert(self._softmax(t.apply(x)))
+                acc = p.contiguous() if acc is None else acc.add_(p)
+            return acc.div_(len(transforms))
 
     def auto_batch_size(self, tile_shape: tuple[int, int, int]) -> int:
         """Tiles per batch for tiles of ``(C, h, w)``: from free memory on CUDA, else 4."""
@@ -292,6 +340,15 @@ class TileRunner:
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
+def _runner(model: nn.Module, runner: TileRunner | None, tta: bool, **kwargs) -> TileRunner:
+    """``runner`` (which must run test-time augmentation when ``tta`` asks for it), or a
+    new one for ``model`` (``kwargs`` as :class:`TileRunner`)."""
+    if runner is None:
+        return TileRunner(model, tta=tta, **kwargs)
+    if tta and not runner.tta:
+        raise ValueError("tta=True with a TileRunner made without it: give tta to the runner")
+    return runner
+
 
 # ------------------------------------------------------------------------- predictor
 @dataclass
@@ -321,6 +378,9 @@ class PlanePredictor:
         batch off CUDA) when None.
     tile, overlap : int
         Tile side (rounded up to a multiple of 32) and overlap in pixels.
+    tta : bool
+        Test-time augmentation (see :class:`TileRunner`), for the runner made here
+        (a runner given must have been made with ``tta=True`` to ask for it here).
     """
 
     def __init__(
@@ -331,9 +391,10 @@ class PlanePredictor:
         *,
         tile: int = DEFAULT_TILE,
         overlap: int = DEFAULT_OVERLAP,
+        tta: bool = False,
     ) -> None:
         self.model, self.info = model, info
-        self.runner = runner if runner is not None else TileRunner(model)
+        self.runner = _runner(model, runner, tta)
         self.tile, self.overlap = tile, overlap
         self.device = self.runner.device
         self._windows: dict = {}
@@ -573,6 +634,7 @@ def iter_predict(
     device: str | torch.device | None = None,
     amp: bool = True,
     runner: TileRunner | None = None,
+    tta: bool = False,
 ) -> Iterator[PlaneEvent]:
     """Predict probabilities plane by plane, yielding progress after each batch of tiles.
 
@@ -588,7 +650,13 @@ def iter_predict(
         Tiles per batch; None: automatic (see :class:`TileRunner`).
     runner : TileRunner, optional
         Runs the batches (and keeps a batch size halved after running out of memory
-        across calls); made from ``model``, ``device``, ``batch_size``, ``amp`` when None.
+        across calls); made from ``model``, ``device``, ``batch_size``, ``amp``, ``tta``
+        when None.
+    tta : bool
+        Test-time augmentation: average the prediction over flipped (and, for square
+        tiles, rotated) copies of each tile, 4 to 8 times the work (see
+        :class:`TileRunner`). A runner given runs with its own setting (it must
+        have been made with ``tta=True`` to ask for it here).
 
     Yields
     ------
@@ -596,8 +664,7 @@ def iter_predict(
         ``plane`` is the plane's index; ``probabilities`` ``(K, Y, X)`` is set on the
         event that completes it; ``fraction`` is the share of the planes done.
     """
-    if runner is None:
-        runner = TileRunner(model, device, batch_size=batch_size, amp=amp)
+    runner = _runner(model, runner, tta, device=device, batch_size=batch_size, amp=amp)
     if stats is None:
         stats = stack_percentiles(planes, info)
     n = planes.shape[0]

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage as ndi
 from torch import nn
 
 from cellfit.data import sample_path
@@ -34,10 +35,12 @@ from cellfit.predict import predict_plane
 
 __all__ = [
     "STARTING",
+    "SizeTry",
     "StartChoice",
     "TrainPlan",
     "apply_diameter",
     "choose_start",
+    "decide_diameter",
     "estimate_diameter",
     "is_scratch",
     "is_starting",
@@ -45,6 +48,7 @@ __all__ = [
     "needs_diameter",
     "plan_for_model",
     "scale_for",
+    "size_tries",
     "starting_model_path",
     "starting_model_problem",
 ]
@@ -266,8 +270,9 @@ def estimate_diameter(
     Raises
     ------
     CellfitError
-        When no cell is found at any size; the message lists the sizes tried and asks
-        for the cell diameter (``setting="diameter"``).
+        When no cell is found at any size, or two sizes far apart fit about equally well
+        (:func:`decide_diameter`); the message lists the sizes tried and asks for the cell
+        diameter (``setting="diameter"``).
     """
     target = float(info.cell_diameter or 30.0)
     if candidates is None:
@@ -275,36 +280,63 @@ def estimate_diameter(
     if device is None:
         device = next(model.parameters()).device
     try:
-        best = _best_diameter(model, info, plane, device, target, candidates, max_side)
+        tries = size_tries(model, info, plane, device, candidates, max_side)
     finally:
         model.eval()
-    if best is None:
-        tried = ", ".join(f"{d:.0f}" for d in candidates)
-        raise CellfitError(
-            f"no cells were found at any size (tried diameters of {tried} pixels) to "
-            "estimate their diameter: set {setting}, or fine-tune on a few painted cells.",
-            setting="diameter",
-        )
-    return round(best, 1)
+    return decide_diameter(tries, candidates)
 
 
-def _best_diameter(
+@dataclass(frozen=True)
+class SizeTry:
+    """What the network found when an image was resized for one candidate diameter.
+
+    Attributes
+    ----------
+    diameter : float
+        The candidate (image pixels).
+    cells : int
+        Objects found.
+    found : float or None
+        The diameter (image pixels) those objects imply; None if they were unusable
+        (under two objects, or nearly the whole crop).
+    weight : float
+        How much this try is believed (0-1): the share of its objects that are as big as
+        the cells the network was trained on, times their mean cell probability, times how
+        close their median is to that size.
+    """
+
+    diameter: float
+    cells: int
+    found: float | None
+    weight: float
+
+
+#: implied diameters closer than this factor are the same answer
+AGREE = 1.3
+#: a second answer this far from the best (factor) and at least RIVAL times as well
+#: supported makes the estimate undecided
+APART, RIVAL = 1.6, 0.8
+#: the least support an answer needs (one clear try has about 0.5)
+MIN_SUPPORT = 0.1
+
+
+def size_tries(
     model: nn.Module,
     info: ModelInfo,
     plane: np.ndarray,
     device: str | torch.device,
-    target: float,
     candidates: tuple[float, ...],
-    max_side: int,
-) -> float | None:
-    """The candidate diameter whose cells come out closest to ``target`` model pixels
-    (within a factor of 1.6), as the diameter found in image pixels; None if none does."""
+    max_side: int = 384,
+) -> list[SizeTry]:
+    """Run the network on a central crop at each candidate diameter (see
+    :func:`estimate_diameter`)."""
+    target = float(info.cell_diameter or 30.0)
     plane = match_channels(np.asarray(plane)[None], info.in_channels)[0]
     normed = normalize(plane[None], info.normalization)[0]
     probe = copy.deepcopy(info)
     probe.normalization = {"method": "none"}
     probe.scale = 1.0
-    best: tuple[float, float] | None = None  # (miss, diameter found)
+    tries = []
     for d in candidates:
         s = target / d
         side = int(max_side / s)
@@ -317,12 +349,67 @@ def _best_diameter(
         resized = resize_plane(crop, shape) if abs(s - 1) > 1e-6 else crop
         probs = predict_plane(model, probe, resized, device=device)
         labels = instances_from_probs(probs, min_size=max(4, int(0.02 * target**2)))
-        found, n = median_diameter(labels)
-        if n < 2 or (labels > 0).mean() > 0.85:  # nothing, or everything is "cell"
-            continue
-        miss = abs(math.log(found / target))
-        # at the right size the cells found are as big as the cells it was trained on
-        # (20-45 px); far from it (or on an image without cells) nothing is
-        if miss <= math.log(1.6) and (best is None or miss < best[0]):
-            best = (miss, found / s)
-    return None if best is None else best[1]
+        tries.append(_size_try(d, s, target, labels, probs))
+    return tries
+
+
+def _size_try(d: float, s: float, target: float, labels: np.ndarray, probs: np.ndarray) -> SizeTry:
+    sizes = np.bincount(labels.ravel())[1:]
+    sizes = sizes[sizes > 0]
+    n = len(sizes)
+    if n < 2 or (labels > 0).mean() > 0.85:  # nothing, or everything is "cell"
+        return SizeTry(round(d, 1), n, None, 0.0)
+    diam = 2 * np.sqrt(sizes / np.pi)
+    found = float(np.median(diam))
+    miss = abs(math.log(found / target))
+    if miss > math.log(1.6):  # far from the trained size: this size is wrong
+        return SizeTry(round(d, 1), n, round(found / s, 1), 0.0)
+    fitting = float(np.mean(np.abs(np.log(diam / target)) <= math.log(1.6)))
+    cell_prob = probs[1] if probs.shape[0] > 1 else probs[0]
+    confidence = float(ndi.mean(cell_prob, labels, index=np.arange(1, labels.max() + 1)).mean())
+    weight = fitting * confidence * math.exp(-0.5 * (miss / 0.25) ** 2)
+    return SizeTry(round(d, 1), n, round(found / s, 1), round(weight, 4))
+
+
+def decide_diameter(tries: list[SizeTry], candidates: tuple[float, ...] | None = None) -> float:
+    """The diameter the tries agree on, rounded to 0.1 pixel.
+
+    Every usable try votes for the diameter it implies, with its weight; the answer is
+    the weighted (geometric) mean of the votes within a factor :data:`AGREE` of the
+    best-supported one. Tries that found cells of the trained size only rarely or with
+    little confidence (support under :data:`MIN_SUPPORT` in all) count as no cells.
+
+    Raises
+    ------
+    CellfitError
+        When no try found cells of a usable size, or when two diameters more than a factor
+        :data:`APART` apart are about equally supported; the message gives the sizes
+        considered and asks for the cell diameter (``setting="diameter"``).
+    """
+    tried = ", ".join(f"{d:.0f}" for d in (candidates or [t.diameter for t in tries]))
+    votes = [(math.log(t.found), t.weight) for t in tries if t.found and t.weight > 0]
+    if not votes or sum(w for _, w in votes) < MIN_SUPPORT:
+        raise CellfitError(
+            f"no cells were found at any size (tried diameters of {tried} pixels) to "
+            "estimate their diameter: set {setting}, or fine-tune on a few painted cells.",
+            setting="diameter",
+        )
+    logs = np.array([v for v, _ in votes])
+    weights = np.array([w for _, w in votes])
+    near = np.abs(logs[:, None] - logs[None, :]) <= math.log(AGREE)
+    support = near.astype(float) @ weights
+    best = int(np.argmax(support))
+    rivals = [
+        i for i in range(len(votes))
+        if abs(logs[i] - logs[best]) > math.log(APART) and support[i] >= RIVAL * support[best]
+    ]
+    if rivals:
+        a, b = sorted((math.exp(logs[best]), math.exp(logs[rivals[0]])))
+        raise CellfitError(
+            f"the cell size is unclear: cells about {a:.0f} and about {b:.0f} pixels across "
+            f"fit this image about equally well (tried diameters of {tried} pixels): set "
+            "{setting} to the size you see, or fine-tune on a few painted cells.",
+            setting="diameter",
+        )
+    mine = near[best]
+    return round(float(math.exp(np.average(logs[mine], weights=weights[mine]))), 1)

@@ -51,6 +51,9 @@ class CellfitState:
         Smallest cell (pixels) typed in the Segment tab; 0: the model's own setting.
     diameter : float or None
         Cell diameter (pixels) typed in the Segment tab; None: estimate it.
+    tta : bool
+        Segment (the image and folders) with test-time augmentation, as ticked in the
+        Segment tab (the training preview never uses it: it must stay fast).
     threads : callable
         Torch CPU threads for a job on a device (None: leave torch's setting); the
         benchmark ``benchmarks/gui_latency.py`` swaps it to compare settings.
@@ -65,6 +68,7 @@ class CellfitState:
     model_saved: bool = True
     min_size: int = 0
     diameter: float | None = None
+    tta: bool = False
     threads: Callable[[torch.device], int | None] = field(default=gui_friendly_threads)
 
     # ----------------------------------------------------------------- layers
@@ -132,4 +136,5 @@ class CellfitState:
             postprocess=self.postprocess_overrides(),
             threads=self.threads(self.model_device()),
             diameter=self.segment_diameter(),
+            tta=self.tta,
         )

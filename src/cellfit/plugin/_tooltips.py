@@ -13,7 +13,7 @@ from __future__ import annotations
 
 __all__ = ["CHOICES", "LABELS", "ROWS", "TIPS", "train_button_tip"]
 
-#: the row labels of the forms (without the colon)
+#: the row labels of the forms (without the colon) and the texts of check boxes
 ROWS: dict[str, str] = {
     "image": "Image",
     "annotation": "Annotation",
@@ -30,6 +30,7 @@ ROWS: dict[str, str] = {
     "min_size": "Smallest cell",
     "inputs": "Images",
     "out": "Results to",
+    "tta": "Average over flips and rotations (4–8× slower)",
 }
 
 #: each setting an engine error can name (:data:`cellfit.errors.SETTING_WORDS`), as the
@@ -179,6 +180,11 @@ TIPS: dict[str, str] = {
         "the result by segmenting; change it if cells come out split or merged."
     ),
     "slices": "For a stack or time series: segment every slice, or only the one on screen.",
+    "tta": (
+        "Segment the image and its flipped and rotated copies and average the results "
+        "(test-time augmentation): a little more accurate, 4 to 8 times slower. Used by "
+        "Segment image and Segment folder; the live preview while training never uses it."
+    ),
     "min_size": (
         "Objects smaller than this are dropped (debris, noise). Automatic: a quarter of "
         "the typical size of the cells you annotated, as learned with the model."

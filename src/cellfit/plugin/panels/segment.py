@@ -43,7 +43,7 @@ from cellfit.plugin._layers import (
 )
 from cellfit.plugin._runner import JobRunner
 from cellfit.plugin._state import CellfitState
-from cellfit.plugin._tooltips import CHOICES, TIPS
+from cellfit.plugin._tooltips import CHOICES, ROWS, TIPS
 from cellfit.plugin.jobs import (
     BatchJob,
     BatchResult,
@@ -79,6 +79,11 @@ class SegmentPanel(Panel):
         self.starting_button.setToolTip(TIPS["use_starting"])
         lay.addWidget(self.starting_button)
         lay.addWidget(self._build_diameter())
+        self.tta_check = QCheckBox(ROWS["tta"])
+        self.tta_check.setChecked(self.state.tta)
+        self.tta_check.setToolTip(TIPS["tta"])
+        self.tta_check.toggled.connect(self._on_tta_changed)
+        lay.addWidget(self.tta_check)
         lay.addWidget(self._build_image())
         lay.addWidget(self._build_folder())
 
@@ -182,6 +187,9 @@ class SegmentPanel(Panel):
 
     def _on_min_size_changed(self, value: int) -> None:
         self.state.min_size = int(value)
+
+    def _on_tta_changed(self, checked: bool) -> None:
+        self.state.tta = bool(checked)
 
     def _has_model(self) -> bool:
         """True when there is a model to segment with; otherwise say how to get one."""
@@ -321,6 +329,7 @@ class SegmentPanel(Panel):
             device=device,
             threads=state.threads(torch.device(device)),
             diameter=state.segment_diameter(),
+            tta=state.tta,
         )
         self.seg_status.setText(f"Segmenting the TIFF files of {src}…")
         self.runner.start("batch", job, self._on_batch_result, on_yield=self._on_progress,
@@ -369,6 +378,7 @@ class SegmentPanel(Panel):
         self.starting_button.setEnabled(not busy)
         self.diameter_box.setVisible(self.state.model_needs_diameter())
         self.diameter_spin.setEnabled(not busy)
+        self.tta_check.setEnabled(not busy)
         self.estimate_button.setEnabled(not busy and has_image)
         self.cancel_button.setEnabled(busy and self.runner.kind in ("predict", "batch"))
         self.slices_combo.setEnabled(not busy and has_image and bool(layer_stack_shape(image)))
