@@ -276,18 +276,20 @@ class Forest:
 
 
 # --------------------------------------------------------------------------- cellfit
-def cellfit_predict(model, info, samples, device) -> list[np.ndarray]:
+def cellfit_predict(model, info, samples, device, tta=False) -> list[np.ndarray]:
     from cellfit.postprocess import labels_from_probs
     from cellfit.predict import predict_stack
 
     return [
-        labels_from_probs(predict_stack(model, info, s.image, device=device)[0], info.mode,
-                          **info.postprocess)
+        labels_from_probs(predict_stack(model, info, s.image, device=device, tta=tta)[0],
+                          info.mode, **info.postprocess)
         for s in samples
     ]
 
 
-def zero_shot(test, device) -> dict:
+def zero_shot(test, device, tta=False, known=False) -> dict:
+    """The starting model alone: the diameter estimated (or, ``known``, the true median
+    diameter given, which separates the estimate's errors from the network's)."""
     from cellfit.errors import CellfitError
     from cellfit.model import load_model
     from cellfit.starting import (
@@ -304,13 +306,14 @@ def zero_shot(test, device) -> dict:
     for s in test:
         try:
             plane = np.moveaxis(s.image, -1, 0) if s.image.ndim == 3 else s.image[None]
-            d = estimate_diameter(model, info, plane, device=device)
+            d = median_diameter(s.mask)[0] if known else estimate_diameter(
+                model, info, plane, device=device)
         except CellfitError as err:  # no cells, or an unclear size
             est.append(str(err).split(":")[0])
             labels.append(np.zeros(s.mask.shape, np.int32))
             continue
         est.append(round(float(d), 1))
-        labels += cellfit_predict(model, apply_diameter(info, d), [s], device)
+        labels += cellfit_predict(model, apply_diameter(info, d), [s], device, tta)
     return {**ap(labels, test), "diameters": est, "true_diameters": truth}
 
 
@@ -420,7 +423,18 @@ def run_one(args, set_name: str, seed: int, log) -> dict:
 
     if "zero" in args.parts:
         res["zero_shot"] = zero_shot(test, args.device)
-        log(f"  zero-shot AP50 {res['zero_shot']['ap50']:.3f} diameters {res['zero_shot']['diameters']}")
+        log(f"  zero-shot AP50 {res['zero_shot']['ap50']:.3f} diameters {res['zero_shot']['diameters']}"
+            f" (true {res['zero_shot']['true_diameters']})")
+        save()
+    if "zero-known" in args.parts:
+        res["zero_shot_known"] = zero_shot(test, args.device, known=True)
+        log(f"  zero-shot, diameter given, AP50 {res['zero_shot_known']['ap50']:.3f}")
+        save()
+    if "zero-tta" in args.parts:
+        t0 = time.perf_counter()
+        res["zero_shot_tta"] = zero_shot(test, args.device, tta=True)
+        res["zero_shot_tta"]["seconds"] = round(time.perf_counter() - t0, 1)
+        log(f"  zero-shot with TTA AP50 {res['zero_shot_tta']['ap50']:.3f}")
         save()
     if "peers" in args.parts:
         res["otsu"] = ap(otsu(train, anns, test), test)
@@ -505,7 +519,7 @@ def merge(parts: list[dict]) -> list[dict]:
         have = out.setdefault(key, {})
         variants = {**have.get("cellfit", {}), **part.get("cellfit", {})}
         for k, v in part.items():
-            if k in ("zero_shot", "otsu", "rf", "cellfit") or k not in have:
+            if k in ("zero_shot", "zero_shot_tta", "zero_shot_known", "otsu", "rf", "cellfit") or k not in have:
                 have[k] = v
         if variants:
             have["cellfit"] = variants
