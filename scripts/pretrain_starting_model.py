@@ -36,7 +36,7 @@ import torch
 
 from cellfit.data import nuclei_dsb2018
 from cellfit.io import to_planes
-from cellfit.model import save_model
+from cellfit.model import read_model_info, save_model
 from cellfit.normalize import resize_plane
 from cellfit.synthetic import scene
 from cellfit.targets import annotation_from_mask
@@ -104,6 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--init", type=Path, default=None,
                    help="continue training this model file (e.g. a snapshot) instead of "
                    "starting from random weights")
+    p.add_argument("--version", default="v2", help="the model's version, in its record")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-minutes", type=float, default=0,
@@ -153,7 +154,13 @@ def main(argv=None) -> int:
     info.cell_diameter = 30.0
     info.postprocess = {"min_size": 60}  # model pixels, about 10% of a 30 px cell
     rec = info.training[-1]
-    rec["purpose"] = "cellfit generalist starting model"
+    rec["purpose"] = f"cellfit generalist starting model {args.version}"
+    if args.init:
+        before = read_model_info(args.init).training
+        rec["continued_from"] = [
+            {k: r.get(k) for k in ("purpose", "steps", "train_seconds", "command", "device")}
+            for r in before
+        ]
     rec["data"] = DATA_RECORD
     rec["data_counts"] = kinds
     given = sys.argv[1:] if argv is None else list(argv)
