@@ -109,6 +109,12 @@ def test_the_shipped_starting_model():
     assert all(d.get("licence") for d in rec["data"])
     assert "u2os" not in str(rec).lower()  # measuring data never trains it
     assert rec["steps"] > 0 and rec["command"].startswith("python scripts/pretrain")
+    # version 2, and what it was continued from (every earlier run's record is kept)
+    assert rec["purpose"] == "cellfit generalist starting model v2"
+    assert [r["steps"] for r in rec["continued_from"]] == [r["steps"] for r in info.training[:-1]]
+    assert "H&E" in names or "H&E" in " ".join(d.get("what", "") for d in rec["data"])
+    for d in rec["data"]:
+        assert d["licence"] and ("BSD" in d["licence"] or "CC0" in d["licence"])
     model, _ = load_model(path)
     assert next(model.parameters()).dtype == torch.float32
 

@@ -432,7 +432,7 @@ def _phase(rng, shape, d):
         rng, shape, d,
         density=rng.uniform(0.1, 0.65),
         irregularity=rng.uniform(0.1, 0.6),
-        elongation=rng.uniform(0, 2.5),
+        elongation=rng.uniform(0, 3.5),
         clustered=rng.random() < 0.5,
         touching=rng.uniform(0.2, 1),
     )
@@ -476,7 +476,7 @@ def _he(rng, shape, d):
         rng, shape, d,
         density=rng.uniform(0.1, 0.55),
         irregularity=rng.uniform(0.05, 0.35),
-        elongation=rng.uniform(0, 1.8),
+        elongation=rng.uniform(0, 3.0 if rng.random() < 0.3 else 1.5),  # spindles in stroma
         clustered=rng.random() < 0.5,
         touching=rng.uniform(0.2, 1),
     )
@@ -489,7 +489,7 @@ def _he(rng, shape, d):
     chromatin = np.clip(1 + rng.uniform(0.05, 0.35) * _smooth_noise(rng, shape, rng.uniform(0.7, 2.5)), 0.2, None)
     rim = (1 - interior) ** 1.5
     profile = np.where(vesicular[labels], 0.35 + 0.65 * rim, 0.75 + 0.25 * interior)
-    h_conc = rng.uniform(0.9, 2.2) * dose[labels] * chromatin * profile * inside
+    h_conc = rng.uniform(0.6, 2.2) * dose[labels] * chromatin * profile * inside
     if n and vesicular.any():  # nucleoli: one dark dot in the middle of vesicular nuclei
         dots = np.zeros(shape)
         for i, (cy, cx, r) in enumerate(cells, start=1):
@@ -510,7 +510,9 @@ def _he(rng, shape, d):
     e_conc = np.where(cyto, rng.uniform(0.2, 0.8) * (1 - 0.9 * vacuoles), 0.0)
     e_conc = e_conc + stroma * ~gaps * rng.uniform(0.2, 0.9) * (0.3 + fibres)
     e_conc = e_conc + inside * rng.uniform(0.05, 0.3)
-    h_conc = h_conc + cyto * rng.uniform(0, 0.3) * (1 - vacuoles) + rng.uniform(0, 0.08)
+    h_conc = h_conc + cyto * rng.uniform(0, 0.2) * (1 - vacuoles) + rng.uniform(0, 0.08)
+    # stroma and cytoplasm often take up some hematoxylin too (purple-pink tissue)
+    h_conc = h_conc + ~inside * rng.uniform(0, 0.35) * (0.5 + fibres) * ~gaps
     # red blood cells (eosin-dense discs) and dark debris, not labelled
     free = ~inside
     if rng.random() < 0.4:
