@@ -692,9 +692,6 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
 
 # ------------------------------------------------------------- starting models compared
 COMPARE_START = "<!-- starting-compare:start -->"
@@ -715,7 +712,8 @@ def compare(paths: list[Path], write: bool) -> int:
     """Zero-shot and round-1 figures of each starting model (by its label), set by set,
     beside the peers (from any result file that has them, the same seeds)."""
     runs = [json.loads(p.read_text()) for p in paths]
-    labels = list(dict.fromkeys(r.get("starting_model", {}).get("label", "shipped") for r in runs))
+    labels = list(dict.fromkeys(r.get("starting_model", {}).get("label", "shipped") for r in runs
+                                if r.get("zero_shot") or r.get("cellfit")))
     sets = list(dict.fromkeys(r["set"] for r in runs))
     head = ["set", "seeds", "Otsu", "random forest, round 1"]
     for lab in labels:
@@ -759,3 +757,7 @@ def compare(paths: list[Path], write: bool) -> int:
     if write:
         write_section(REPO / "docs" / "benchmarks.md", text, COMPARE_START, COMPARE_END)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,21 +3,30 @@
 Data: procedural synthetic microscopy (cellfit.synthetic.scene: fluorescent nuclei and cells,
 brightfield, phase contrast, H&E-like; generated here, no licence needed) and the one
 openly licensed real image bundled with cellfit (DSB2018 / BBBC038 nuclei, BSD-3 via
-the stardist wheel, see cellfit/data/NOTICE.txt). nuclei-u2os is never used: it is
-kept for measuring.
+the stardist wheel, see cellfit/data/NOTICE.txt). nuclei-u2os (no licence) and
+nuclei-he-monuseg (non-commercial) may not be shipped; cells-phase-usiigaci (MIT) could be,
+but it is the only real phase-contrast set there is to measure on, so it is kept out too.
 
 Every image is drawn with its cells at a median diameter of 30 pixels times a random
 factor (0.65-1.5), so the network sees cells of 20-45 pixels; fine-tuning and
 prediction resize images so their cells are 30 pixels across (ModelInfo.cell_diameter).
 
-    python scripts/pretrain_starting_model.py                 # the shipped settings
-    python scripts/pretrain_starting_model.py --device cuda   # the same on a GPU
+    python scripts/pretrain_starting_model.py --steps 100000 --minutes 60   # on a CPU
+    python scripts/pretrain_starting_model.py --device cuda --steps 5000      # on a GPU
+    python scripts/pretrain_starting_model.py --init FILE ...   # go on training FILE
 
-The shipped file was made on the 2-core development CPU, shared with other jobs, with
-``--minutes 55`` (the learning-rate schedule follows the time budget): 477 steps of 8
-patches of 192² in 3300 s, plus 65 s to generate the data. The default ``--steps 477``
-runs the same number of steps with a step-based schedule. No GPU time has been
-measured yet (no GPU was available): run the second command and compare.
+The learning-rate schedule follows ``--minutes`` when given, else ``--steps``. The shipped
+file (v2) was made on the 2-core development CPU, shared with other jobs, in three runs,
+each continuing the one before (``--init``), each on freshly generated scenes
+(``--seed``); its record lists every run (``continued_from``):
+
+1. v1: 477 steps of 8 patches of 192² in 3300 s (600 scenes of the first generator);
+2. 477 steps in 1975 s on 800 scenes of 256² of the v2 generator (tissue, debris, spindly
+   phase-contrast cells), ``--images 800 --size 256 --lr 1e-3 --init v1``;
+3. ``--images 800 --size 256 --steps 100000 --minutes 60 --lr 1e-3 --seed 2 --init`` the
+   second run's file, on the generator with spindle nuclei and purple-tinted stroma.
+
+No GPU was lent while it was made: the second command has not been timed.
 
 Prints its wall time; the model file's training record holds the settings, the data
 and their licences.
