@@ -3,7 +3,9 @@ zarr output, slice linking, and halving the tile batch when the device runs out 
 
 from __future__ import annotations
 
+import hashlib
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 
 import cellfit.predict as cpredict
+from _faults import deny_writes_under, fill_disk_under
 from cellfit.batch import FileEvent, predict_files
 from cellfit.cli import main
 from cellfit.link import SliceLinker, link_stack, match_objects
@@ -129,40 +132,132 @@ def test_outputs_of_another_model_or_older_input_are_redone(tmp_path, model_file
     assert statuses(run(other, [tmp_path / "in"], out))["f0.tif"] == "done"
 
 
-def test_interrupted_run_leaves_no_partial_output_and_resumes(tmp_path, model_file, capsys,
-                                                               monkeypatch):
-    """Ctrl-C in the middle of a stack: the finished file is complete, nothing of the
-    file in progress is left (not even a temporary), and a rerun finishes the batch
-    with the same outputs as an uninterrupted run."""
-    make_inputs(tmp_path / "in", n=3, planes=4)
-    ref = tmp_path / "ref"
-    run(model_file, [tmp_path / "in"], ref, probabilities=True)
+def test_a_change_of_post_processing_settings_redoes_the_outputs(tmp_path, model_file,
+                                                                 monkeypatch):
+    """The labels depend on the post-processing settings (the dock's Segment tab
+    passes the user's): a rerun with other settings redoes the outputs, saying so, and
+    they equal a fresh run's with those settings; a rerun with the same settings skips
+    them. (The image-driven blob network stands in for the untrained model, whose
+    labels would be empty whatever the settings.)"""
+    import cellfit.batch as cbatch
+    from test_stream import blob_engine
 
+    monkeypatch.setattr(cbatch, "LoadedModel", lambda path, settings: blob_engine(settings))
+    make_inputs(tmp_path / "in", n=2, planes=2)
+    out = tmp_path / "out"
+
+    def labels(folder: Path) -> dict[str, np.ndarray]:
+        return {name: tifffile.imread(folder / f"{name}_labels.tif") for name in ("f0", "f1")}
+
+    assert set(statuses(run(model_file, [tmp_path / "in"], out)).values()) == {"done"}
+    default = labels(out)
+    assert all(lab.max() >= 2 for lab in default.values())
+    assert set(statuses(run(model_file, [tmp_path / "in"], out)).values()) == {"skipped"}
+    for changed in ({"fg_threshold": 0.9}, {"min_size": 10**4}):
+        ev = list(predict_files(model_file, [tmp_path / "in"], out, device="cpu",
+                                postprocess=changed))
+        assert statuses(e for e in ev if e.status != "plane") == {"f0.tif": "done",
+                                                                   "f1.tif": "done"}
+        assert sum("with other settings: replacing it" in (e.notice or "") for e in ev) == 2
+        fresh = tmp_path / f"fresh_{next(iter(changed))}"
+        run(model_file, [tmp_path / "in"], fresh, postprocess=changed)
+        now = labels(out)
+        for name in ("f0", "f1"):
+            np.testing.assert_array_equal(now[name], labels(fresh)[name])
+            assert not np.array_equal(now[name], default[name])
+        again = run(model_file, [tmp_path / "in"], out, postprocess=changed)
+        assert set(statuses(again).values()) == {"skipped"}
+    # back to the model's own settings: redone again, as at first
+    assert set(statuses(run(model_file, [tmp_path / "in"], out)).values()) == {"done"}
+    for name, lab in labels(out).items():
+        np.testing.assert_array_equal(lab, default[name])
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (zarr outputs are folders) by relative path, with the
+    SHA-256 of its bytes; folders too, with an empty digest."""
+    if not folder.exists():
+        return {}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        if p.is_file() else ""
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+def _interrupt_at_plane(monkeypatch, n: int, out: Path) -> dict:
+    """Make prediction raise KeyboardInterrupt (Ctrl-C) when the ``n``-th plane of the
+    batch is predicted, once the writing of its file has begun to show in ``out``.
+    What the output folder holds at that moment, before any clean-up runs, is what a
+    killed process (SIGKILL, a power cut) would leave: ``seen["files"]``, as
+    :func:`_tree` gives it."""
     original = PlanePredictor.predict
-    calls = {"planes": 0}
+    seen: dict = {"planes": 0, "files": None}
 
     def interrupting(self, planes, stats):
+        before = _tree(out)  # as this file's prediction starts
         for res in original(self, planes, stats):
             if res.probabilities is not None:
-                calls["planes"] += 1
-                if calls["planes"] == 6:  # second file, second slice
+                seen["planes"] += 1
+                if seen["planes"] == n:
+                    deadline = time.monotonic() + 10  # the writer threads are at work
+                    while _tree(out) == before and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                    seen["files"] = _tree(out)
                     raise KeyboardInterrupt
             yield res
 
     monkeypatch.setattr(cpredict.PlanePredictor, "predict", interrupting)
+    return seen
+
+
+def test_interrupted_run_leaves_no_partial_output_and_resumes(tmp_path, model_file, capsys,
+                                                               monkeypatch):
+    """Ctrl-C in the middle of a stack: the finished file is complete, the file in
+    progress never had its final name (not even at the moment of the interruption, so
+    a killed process leaves nothing under it either) and nothing of it is left (not
+    even a temporary); a rerun finishes the batch with the same outputs as an
+    uninterrupted run."""
+    make_inputs(tmp_path / "in", n=3, planes=4)
+    ref = tmp_path / "ref"
+    run(model_file, [tmp_path / "in"], ref, probabilities=True)
+
     out = tmp_path / "out"
+    seen = _interrupt_at_plane(monkeypatch, 6, out)  # second file, second slice
     code, err = cli(capsys, "predict", model_file, tmp_path / "in", "--out", out,
                     "--probabilities", "--device", "cpu")
     assert code == 130
     assert "interrupted after 1 file(s)" in err and "run the same command again" in err
+    during = sorted(seen["files"])
+    assert [n for n in during if not n.startswith(".")] == ["f0_labels.tif", "f0_prob.tif"]
+    assert any(n.endswith(".part") for n in during)  # f1 was being written
     assert sorted(os.listdir(out)) == ["f0_labels.tif", "f0_prob.tif"]  # no temporaries
-    monkeypatch.setattr(cpredict.PlanePredictor, "predict", original)
+    monkeypatch.undo()
     code, err = cli(capsys, "predict", model_file, tmp_path / "in", "--out", out,
                     "--probabilities", "--device", "cpu")
     assert code == 0, err
     assert "2 file(s) segmented" in err and "1 skipped" in err
     for name in os.listdir(ref):
         np.testing.assert_array_equal(tifffile.imread(out / name), tifffile.imread(ref / name))
+
+
+def test_an_interrupted_overwrite_keeps_the_old_outputs(tmp_path, model_file, capsys,
+                                                        monkeypatch):
+    """--overwrite replaces an output only once the new one is complete: Ctrl-C in
+    the middle of the file leaves the old outputs byte for byte, both at the moment of
+    the interruption (what a killed process leaves) and after the clean-up."""
+    make_inputs(tmp_path / "in", n=1, planes=4)
+    out = tmp_path / "out"
+    run(model_file, [tmp_path / "in"], out, probabilities=True)
+    old = _tree(out)
+    assert sorted(old) == ["f0_labels.tif", "f0_prob.tif"]
+
+    seen = _interrupt_at_plane(monkeypatch, 3, out)  # third slice: two written already
+    code, err = cli(capsys, "predict", model_file, tmp_path / "in", "--out", out,
+                    "--probabilities", "--device", "cpu", "--overwrite")
+    assert code == 130, err
+    assert {n: b for n, b in seen["files"].items() if not n.startswith(".")} == old
+    assert _tree(out) == old
 
 
 def test_closing_the_generator_mid_file_and_stale_temporaries(tmp_path, model_file):
@@ -210,6 +305,49 @@ def test_inputs_are_never_modified_or_overwritten(tmp_path, model_file, capsys):
                     "--overwrite", "--skip-existing")
     assert code == 2 and "contradict" in err
     assert inputs_now() == before
+
+
+# ------------------------------------------------------------- write errors
+@pytest.mark.parametrize(("fault", "fmt"), [("disk full", "tiff"), ("permission denied", "tiff"),
+                                           ("disk full", "zarr"), ("permission denied", "zarr")])
+def test_a_write_error_is_one_sentence_and_leaves_nothing_half_written(
+        tmp_path, model_file, capsys, monkeypatch, fault, fmt):
+    """The output folder fills up (the disk runs out of room in the middle of the
+    first file) or may not be written to: each file fails with one sentence that says
+    why and what to check (no traceback, no "internal error"), the old outputs that
+    --overwrite was replacing are kept byte for byte, and nothing else is left, not
+    even a temporary."""
+    make_inputs(tmp_path / "in", n=2, planes=3)
+    out = tmp_path / "out"
+    suffix = {"tiff": ".tif", "zarr": ".zarr"}[fmt]
+    run(model_file, [tmp_path / "in" / "f0.tif"], out, probabilities=True, format=fmt)
+    old = _tree(out)
+    assert sorted(n for n in old if "/" not in n) == [f"f0_labels{suffix}", f"f0_prob{suffix}"]
+    with monkeypatch.context() as m:
+        if fault == "disk full":
+            disk = fill_disk_under(m, out, room=2000)
+            why = "(No space left on device)"
+        else:
+            refused = deny_writes_under(m, out)
+            why = "(Permission denied)"
+        code, err = cli(capsys, "predict", model_file, tmp_path / "in", "--out", out,
+                        "--probabilities", "--device", "cpu", "--overwrite", "--format", fmt)
+    if fault == "disk full":
+        assert disk["failures"] >= 2 and disk["room"] == 0
+    else:
+        assert refused
+    assert code == 1, err
+    assert "Traceback" not in err and "internal error" not in err
+    reported = [line for line in err.splitlines() if line.startswith("cellfit: ")]
+    assert len(reported) == 2, err
+    for line, name in zip(reported, ("f0", "f1")):
+        assert line.startswith(f"cellfit: {tmp_path / 'in' / name}.tif: could not write "
+                               f"{out / name}_")
+        assert line.endswith(f"{why}: check the free space and permissions of the output "
+                             "folder."), line
+    assert err.rstrip().endswith("0 file(s) segmented into " + str(out) +
+                                 ", 2 failed: f0.tif; f1.tif.")
+    assert _tree(out) == old
 
 
 def test_one_bad_file_is_reported_and_the_batch_goes_on(tmp_path, model_file, capsys):

@@ -10,6 +10,7 @@ import pytest
 import tifffile
 import torch
 
+from _faults import deny_writes_under, fill_disk_under
 from cellfit.cli import main
 from cellfit.model import ModelInfo, build_model, read_model_info, save_model
 from cellfit.synthetic import sparse_annotation, synthetic_cells
@@ -492,6 +493,57 @@ def test_predict_bad_setup_is_one_clear_line(tmp_path, capsys, model_file, case)
     assert snapshot(tmp_path) == before
     if case != "output is a file":
         assert not out.exists()  # not even an empty output folder
+
+
+# ------------------------------------------------------------ write errors
+@pytest.mark.parametrize("fault", ["disk full", "permission denied"])
+def test_a_trained_model_that_cannot_be_saved_is_one_clear_line_and_the_old_file_is_kept(
+        data, capsys, monkeypatch, model_file, fault):
+    """Training ends, then its model file cannot be written (the disk fills up
+    half-way, or the folder may not be written to): one line says why and what to
+    check, the exit code says it failed, and the model --overwrite was replacing is
+    kept byte for byte, with no temporary beside it."""
+    folder = data / "models"
+    folder.mkdir()
+    out = folder / "m.cellfit"
+    out.write_bytes(model_file.read_bytes())
+    before = snapshot(folder)
+    if fault == "disk full":
+        fill_disk_under(monkeypatch, folder, room=len(out.read_bytes()) // 2)
+        why = "No space left on device"
+    else:
+        deny_writes_under(monkeypatch, folder)
+        why = "Permission denied"
+    code, o, err = run(capsys, *_train_args(data, "--init", model_file, "--out", out,
+                                            "--overwrite"))
+    monkeypatch.undo()
+    assert code == 2
+    assert "Traceback" not in o + err
+    assert [line for line in err.splitlines() if line.startswith("cellfit: ")] == [
+        f"cellfit: error: could not save the model to {out} ({why}): check the free space "
+        "and the write permission of its folder."
+    ]
+    assert snapshot(folder) == before
+
+
+def test_predict_into_a_folder_that_cannot_be_created_is_one_clear_line(
+        tmp_path, capsys, monkeypatch, model_file):
+    image, _ = synthetic_cells((40, 40), n_cells=3, seed=4)
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "a.tif", image)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    deny_writes_under(monkeypatch, locked)
+    code, o, err = run(capsys, "predict", model_file, tmp_path / "in", "--out",
+                       locked / "results", "--device", "cpu")
+    monkeypatch.undo()
+    assert code == 2
+    assert_one_line_error(
+        code, o, err,
+        f"could not create the output folder {locked / 'results'} (Permission denied): "
+        "check the free space and permissions of the folder above it",
+    )
+    assert list(locked.iterdir()) == []
 
 
 def test_predict_bad_files_are_reported_and_the_batch_goes_on(tmp_path, capsys, model_file):

@@ -14,8 +14,23 @@ from cellfit.metrics import (
 )
 
 
-def test_iou_thresholds():
-    assert IOU_THRESHOLDS == (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+@pytest.mark.parametrize(("overlap", "matched"), [(19, 10), (18, 9), (14, 5), (10, 1), (9, 0)])
+def test_default_thresholds_are_the_ten_from_0_5_to_0_95(overlap, matched):
+    """A true object of 20 pixels and a prediction covering ``overlap`` of them (IoU
+    overlap / 20): by default a pair is matched at each of the ten IoU thresholds
+    0.5, 0.55, ..., 0.95 that it reaches, and AP@[.5:.95] is their mean."""
+    truth = np.zeros((3, 24), np.int64)
+    truth[1, 2:22] = 1
+    pred = np.zeros_like(truth)
+    pred[1, 2 : 2 + overlap] = 4
+    m = instance_metrics(pred, truth)
+    assert list(m) == list(IOU_THRESHOLDS)
+    assert list(m) == pytest.approx([0.5 + 0.05 * i for i in range(10)])
+    assert sum(r["tp"] for r in m.values()) == matched
+    assert [r["tp"] for r in m.values()] == [1] * matched + [0] * (10 - matched)
+    agg = aggregate_instance_metrics([m])
+    assert agg["ap50"] == (1.0 if matched else 0.0)
+    assert agg["ap50_95"] == pytest.approx(matched / 10)
 
 
 # ------------------------------------------------------------------ pixel metrics

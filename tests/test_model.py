@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import struct
@@ -12,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from _faults import deny_writes_under, fill_disk_under
 from cellfit.errors import CellfitError
 from cellfit.model import (
     ModelInfo,
@@ -86,14 +88,48 @@ def test_model_file_is_safetensors_with_json_header(tiny, tmp_path):
     assert b"\x80\x04" not in raw[:16] and not raw.startswith(b"PK")
 
 
-def test_save_overwrites_atomically(tiny, tmp_path):
+def test_save_overwrites_atomically(tiny, tmp_path, monkeypatch):
+    """Replacing a model file is all or nothing: a save that fails half-way through
+    writing (the disk fills up after half the new file) leaves the old file byte for
+    byte, and no temporary; a save that succeeds replaces it whole."""
     model, info = tiny
     path = tmp_path / "m.cellfit"
     save_model(path, model, info)
+    old = path.read_bytes()
+    old_digest = hashlib.sha256(old).hexdigest()
     info2 = _info(**{**info.__dict__, "training": [*info.training, {"steps": 3}]})
+    with monkeypatch.context() as m:
+        disk = fill_disk_under(m, tmp_path, room=len(old) // 2)
+        with pytest.raises(CellfitError, match=r"could not save the model to .*m\.cellfit "
+                                               r"\(No space left on device\)"):
+            save_model(path, model, info2)
+        assert disk["failures"] == 1 and disk["room"] == 0  # it stopped half-way
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == old_digest
+    assert read_model_info(path) == info
+    assert [p.name for p in tmp_path.iterdir()] == ["m.cellfit"]  # no temporary left
     save_model(path, model, info2)
     assert len(read_model_info(path).training) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["m.cellfit"]
+
+
+def test_a_save_refused_by_permissions_is_one_sentence_and_writes_nothing(tiny, tmp_path,
+                                                                         monkeypatch):
+    model, info = tiny
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "m.cellfit").write_bytes(b"the user's older file")
+    refused = deny_writes_under(monkeypatch, locked)
+    for path in (locked / "m.cellfit", locked / "new" / "m.cellfit"):
+        with pytest.raises(CellfitError) as err:
+            save_model(path, model, info)
+        assert str(err.value) == (
+            f"could not save the model to {path} (Permission denied): check the free space "
+            "and the write permission of its folder."
+        )
+    assert len(refused) == 2
+    monkeypatch.undo()
+    assert sorted(p.name for p in locked.iterdir()) == ["m.cellfit"]
+    assert (locked / "m.cellfit").read_bytes() == b"the user's older file"
 
 
 def test_saving_the_same_model_again_writes_the_same_bytes(tiny, tmp_path):

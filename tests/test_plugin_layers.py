@@ -3,6 +3,8 @@ into an annotation (plain arrays, no viewer needed)."""
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 
@@ -30,6 +32,11 @@ def test_layer_layout_helpers():
     assert plane_of(rgb, 0, rgb=True)[1].max() == 5
 
 
+def _digest(a: np.ndarray) -> str:
+    """The array's bytes, shape and dtype, hashed: equal only for an unchanged array."""
+    return hashlib.sha256(repr((a.shape, a.dtype.str)).encode() + a.tobytes()).hexdigest()
+
+
 def test_prediction_to_annotation_copies_only_new_cells():
     from cellfit.plugin._layers import prediction_to_annotation
 
@@ -40,7 +47,12 @@ def test_prediction_to_annotation_copies_only_new_cells():
     pred[1:4, 1:5] = 1  # overlaps the painted cell: skipped
     pred[6:9, 6:9] = 5  # new
     pred[9:12, 1:5] = 9  # new, partly over painted background: only free pixels written
+    before = {"ann": _digest(ann), "pred": _digest(pred)}
     new, n = prediction_to_annotation(ann, pred, ring=1)
+    # the caller's arrays are untouched (the dock hands in the layers' own data): the
+    # result is a new array, not a view of the annotation
+    assert {"ann": _digest(ann), "pred": _digest(pred)} == before
+    assert new is not ann and not np.shares_memory(new, ann)
     assert n == 2
     assert set(np.unique(new[6:9, 6:9])) == {3}
     assert new[1, 4] == 0  # the skipped cell is not copied
@@ -48,9 +60,14 @@ def test_prediction_to_annotation_copies_only_new_cells():
     assert new[11, 4] == 4  # free pixels of the second new cell
     assert new[5, 7] == 1 and new[9, 7] == 1  # the ring
     assert new.dtype == ann.dtype
+    copied = _digest(new)
     same, none = prediction_to_annotation(new, pred, ring=1)
     assert none == 0
     np.testing.assert_array_equal(same, new)
+    # nothing to copy: still a new array, and the input untouched
+    assert same is not new and not np.shares_memory(same, new)
+    same[0, 0] = 7
+    assert _digest(new) == copied and _digest(pred) == before["pred"]
 
 
 def test_annotated_planes_and_counts():

@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -376,12 +375,11 @@ def test_opening_the_widget_in_a_running_napari_does_not_crash(tmp_path):
         )
     )
     env = dict(os.environ)
-    t0 = time.perf_counter()
+    # a hung viewer fails the test: subprocess.run raises TimeoutExpired after 240 s
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          timeout=240, env=env)
     assert res.returncode == 0, f"rc={res.returncode} (-11: segfault)\n{res.stdout}\n{res.stderr}"
     assert "OPENED-AND-TRAINED" in res.stdout
-    assert time.perf_counter() - t0 < 240
 
 
 def test_rgb_and_several_annotated_images(make_napari_viewer, qtbot):

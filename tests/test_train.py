@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from _clock import steps_take
 from cellfit.errors import CellfitError
 from cellfit.model import read_model_info
 from cellfit.postprocess import postprocess_settings
@@ -57,14 +58,18 @@ def test_step_limit_events_and_validation(data):
     assert rec["validation"] is not None and rec["best_step"] in (3, 6)
 
 
-def test_time_limit_stops_training(data):
+def test_time_limit_stops_training(data, monkeypatch):
+    """It stops at the first step that ends past the limit, not before, not later:
+    each step "takes" 1 s of the trainer's clock, so a limit of 2.5 s is 3 steps."""
     img, _, ann = data
-    t = Trainer([img], [ann], TrainConfig(time_limit=1.5, val_every=1000, **TINY))
+    t = Trainer([img], [ann], TrainConfig(time_limit=2.5, val_every=1000, **TINY))
+    clock = steps_take(monkeypatch, t, 1.0)
     events = list(t.run())
+    assert [e.step for e in events] == [1, 2, 3] and clock["steps"] == 3
     assert events[-1].done and not any(e.done for e in events[:-1])
-    # it stops at the first step that ends past the limit, not before, not later
-    assert events[-1].elapsed >= 1.5
-    assert len(events) == 1 or events[-2].elapsed < 1.5 + 0.5
+    assert [e.elapsed for e in events] == [1.0, 2.0, 3.0]
+    assert events[-1].fraction == 1.0
+    assert t.info.training[-1]["steps"] == 3 and t.info.training[-1]["seconds"] == 3.0
 
 
 def test_stop_acts_before_the_next_step(data):
@@ -80,16 +85,53 @@ def test_stop_acts_before_the_next_step(data):
     assert t.info.training[-1]["stopped_early"]
 
 
-def test_keeps_the_best_checkpoint_when_enough_cells_are_held_back(data):
+def _scripted_validation(t: Trainer, scores: list[float], weights: dict):
+    """A stand-in for ``t.validate`` that scores the validations in turn as ``scores``
+    says, and keeps a copy of the weights each one saw in ``weights`` (by step)."""
+    left = iter(scores)
+
+    def validate() -> dict:
+        weights[t.step] = {k: v.detach().cpu().clone() for k, v in t.model.state_dict().items()}
+        score = next(left)
+        return {"precision": score, "recall": score, "f1": score, "iou": score,
+                "ap50": score, "score": score, "on_training": False}
+
+    return validate
+
+
+def _assert_weights(model, expected: dict) -> None:
+    state = model.state_dict()
+    assert state.keys() == expected.keys()
+    for k, v in state.items():
+        assert torch.equal(v.cpu(), expected[k]), k
+
+
+@pytest.mark.parametrize("ending", ["reaches its end", "is broken off"])
+def test_keeps_the_best_checkpoint_when_enough_cells_are_held_back(data, monkeypatch, ending):
+    """The run ends with the weights of its best validation, not its last: validation
+    is made to score steps 1 to 5 at 0.2, 0.6, 0.5, 0.4, 0.3, so the best step (2) is
+    not the last one (5), and the weights must be step 2's. The same when the consumer
+    stops iterating after step 4 (the dock's Stop, a closed window)."""
     img, _, ann = data
-    t = Trainer([img], [ann], TrainConfig(steps=4, val_every=1, min_val_cells_for_best=1, **TINY))
-    list(t.run())
-    best = t.best_state
-    assert best is not None
-    for k, v in t.model.state_dict().items():
-        assert torch.equal(v.cpu(), best[k])
-    assert t.info.training[-1]["best_score"] == max(h["score"] for h in t.history)
-    assert t.info.training[-1]["kept"] == "best validated weights"
+    t = Trainer([img], [ann], TrainConfig(steps=5, time_limit=None, val_every=1,
+                                          min_val_cells_for_best=1, **TINY))
+    weights: dict[int, dict] = {}
+    monkeypatch.setattr(t, "validate", _scripted_validation(t, [0.2, 0.6, 0.5, 0.4, 0.3], weights))
+    gen = t.run()
+    for ev in gen:
+        if ending == "is broken off" and ev.step == 4:
+            gen.close()
+            break
+    last = 5 if ending == "reaches its end" else 4
+    assert sorted(weights) == list(range(1, last + 1))
+    # training changed the weights after step 2: ending with the last ones would show
+    assert any(not torch.equal(weights[2][k], weights[last][k]) for k in weights[2])
+    assert t.best_step == 2
+    _assert_weights(t.model, weights[2])
+    rec = t.info.training[-1]
+    assert rec["steps"] == last and rec["best_step"] == 2 and rec["best_score"] == 0.6
+    assert rec["kept"] == "best validated weights"
+    assert rec["stopped_early"] == (ending == "is broken off")
 
 
 def test_few_held_back_cells_keep_the_final_weights(data):

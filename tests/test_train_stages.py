@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from _clock import steps_take
 from _nets import TinyNet
 from cellfit.errors import CellfitError
 from cellfit.events import Progress
@@ -119,11 +120,27 @@ def test_run_leaves_the_config_as_given(data, limits):
     assert events[-1].total_steps == limits.get("steps")
 
 
-def test_steps_and_time_whichever_comes_first(data):
+@pytest.mark.parametrize(
+    ("steps", "time_limit", "expected"),
+    [
+        (1000, 3.5, 4),  # step 3 ends at 3 s, before the limit; step 4 at 4 s, past it
+        (1000, 3.0, 3),  # a step that ends exactly at the limit is the last
+        (2, 3.5, 2),  # the steps come first
+        (4, 4.0, 4),  # both at once
+        (None, 0.5, 1),  # a limit shorter than a step: one step all the same
+    ],
+)
+def test_steps_and_time_whichever_comes_first(data, monkeypatch, steps, time_limit, expected):
+    """Each step "takes" 1 s of the trainer's clock: the run stops at the first step
+    that reaches either limit, never a step later, on any machine."""
     img, ann = data
-    t = FakeNetTrainer([img], [ann], TrainConfig(steps=1000, time_limit=0.01, **TINY))
+    t = FakeNetTrainer([img], [ann], TrainConfig(steps=steps, time_limit=time_limit,
+                                                 **{**TINY, "val_every": 1000}))
+    clock = steps_take(monkeypatch, t, 1.0)
     events = list(t.run())
-    assert len(events) < 1000 and events[-1].done and events[-1].elapsed >= 0.01
+    assert len(events) == expected and clock["steps"] == expected and t.step == expected
+    assert events[-1].done and not any(e.done for e in events[:-1])
+    assert events[-1].elapsed == float(expected)
 
 
 def test_stop_flag_is_one_event_cleared_by_each_run(data):

@@ -40,7 +40,7 @@ from cellfit.file_prediction import (
     run_file,
 )
 from cellfit.io import expand_inputs, open_image
-from cellfit.outputs import file_digest
+from cellfit.outputs import file_digest, make_output_folder
 from cellfit.predict import DEFAULT_OVERLAP, DEFAULT_TILE
 from cellfit.starting import estimate_diameter, is_starting, needs_diameter, starting_model_path
 
@@ -171,7 +171,7 @@ def predict_files(
                                            scheduler)
     else:
         model = LoadedModel(model_path, settings)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        make_output_folder(out_dir)
         events = (
             ev
             for i, f in enumerate(files)

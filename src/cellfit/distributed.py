@@ -35,7 +35,7 @@ from cellfit.file_prediction import (
 )
 from cellfit.io import LazyImage, open_image
 from cellfit.model import read_model_info
-from cellfit.outputs import remove_stale_temporaries, tmp_name
+from cellfit.outputs import make_output_folder, remove_stale_temporaries, tmp_name
 from cellfit.stream import stack_stats
 
 __all__ = ["MODEL_LOADS", "predict_files_distributed"]
@@ -249,7 +249,7 @@ def predict_files_distributed(
     works: dict[int, Path] = {}
     finished: set[int] = set()
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        make_output_folder(out_dir)
         _preflight(client, model_path, out_dir, files)
         out_abs = out_dir.resolve()
         n = len(files)

@@ -317,23 +317,39 @@ def _canonical_header(raw: bytes) -> bytes:
 def save_model(path: str | os.PathLike, model: nn.Module, info: ModelInfo) -> Path:
     """Write the model file atomically (temporary file, then rename).
 
+    A write that fails (a full disk, a folder without write permission) raises a
+    :class:`CellfitError` in one sentence and leaves an existing file as it was.
+
     The file is a function of the weights and ``info`` alone: saving the same model
     again writes the same bytes (batch results are matched by the file's digest).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     raw = _canonical_header(save(state, metadata={"cellfit": info.to_json(), "format": "pt"}))
     del state
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _write_error(path, exc) from None
         raise
     return path
+
+
+def _write_error(path: Path, exc: OSError) -> CellfitError:
+    """A full disk or a folder without write permission, in one sentence."""
+    return CellfitError(
+        f"could not save the model to {path} ({exc.strerror or exc}): check the free space "
+        "and the write permission of its folder."
+    )
 
 
 def read_model_info(path: str | os.PathLike) -> ModelInfo:

@@ -5,7 +5,10 @@ tiled outputs of huge planes, its tiles) in order; nothing but the pages in flig
 is held in memory. It writes under a hidden temporary name in the output folder and
 is renamed to its final name only when complete (:meth:`Sink.close`), so a final
 name always means a complete output; :meth:`Sink.abort` (an error, Ctrl-C) removes
-the temporary. TIFF compression runs in a writer thread, alongside prediction.
+the temporary. A write that fails (a full disk, no permission) raises a
+:class:`~cellfit.errors.CellfitError` in one sentence, with the temporary removed and
+an older output left as it was. TIFF compression runs in a writer thread, alongside
+prediction.
 
 Each output carries a *fingerprint* (model digest, input size and time, settings
 that change labels): a rerun skips outputs whose fingerprint matches and redoes
@@ -23,6 +26,7 @@ import shutil
 import threading
 import uuid
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import tifffile
@@ -37,6 +41,7 @@ __all__ = [
     "ZarrSink",
     "file_digest",
     "label_dtype",
+    "make_output_folder",
     "open_sink",
     "read_fingerprint",
     "remove_stale_temporaries",
@@ -70,6 +75,18 @@ def label_dtype(max_label: int) -> type:
     return np.uint32
 
 
+def make_output_folder(folder: Path) -> None:
+    """Create the output folder (and the folders above it) if needed; a folder that
+    cannot be created (no write permission, a full disk) is one sentence."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CellfitError(
+            f"could not create the output folder {folder} ({exc.strerror or exc}): check the "
+            "free space and permissions of the folder above it, or choose another output folder."
+        ) from None
+
+
 def tmp_name(path: Path) -> Path:
     """A hidden temporary name next to ``path`` (``.<name>.<random>.part``), which
     :func:`remove_stale_temporaries` recognises."""
@@ -85,12 +102,24 @@ def remove_stale_temporaries(path: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+def _write_error(path: Path, exc: OSError) -> CellfitError:
+    """A write that failed (a full disk, no permission), in one sentence."""
+    return CellfitError(
+        f"could not write {path} ({exc.strerror or exc}): check the free space and "
+        "permissions of the output folder."
+    )
+
+
 def _publish(tmp: Path, path: Path) -> None:
     """Rename ``tmp`` to ``path`` (replacing an older output, file or folder)."""
     if path.is_dir() and not path.is_symlink():
         trash = tmp_name(path)
         os.replace(path, trash)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(trash, path)  # the older output stays
+            raise
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, path)
@@ -197,7 +226,9 @@ class TiffSink(Sink):
 
     def _run(self) -> None:
         try:
-            with tifffile.TiffWriter(self.tmp, **self._writer_args) as tw:
+            # the file is opened here, not by tifffile: closed even when tifffile fails
+            # while writing the header (a full disk)
+            with open(self.tmp, "wb") as fh, tifffile.TiffWriter(fh, **self._writer_args) as tw:
                 tw.write(self._items(), **self._kw)
         except BaseException as exc:  # reported by put / close
             self._error = exc
@@ -218,10 +249,7 @@ class TiffSink(Sink):
         if exc is None:
             exc = RuntimeError("the writer stopped before the last page")
         if isinstance(exc, OSError):
-            raise CellfitError(
-                f"could not write {self.path} ({exc.strerror or exc}): check the free space and "
-                "permissions of the output folder."
-            ) from None
+            raise _write_error(self.path, exc) from None
         raise RuntimeError(f"writing {self.path.name} failed: {exc!r}") from exc
 
     def put(self, arr: np.ndarray) -> None:
@@ -295,18 +323,32 @@ class ZarrSink(Sink):
         kw = {}
         if compression in (None, "none"):
             kw["compressors"] = None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.z = zarr.create_array(
-            store=str(self.tmp), shape=self.shape, chunks=self.chunks, dtype=self.dtype,
-            attributes=attrs, fill_value=0, **kw,
-        )
+        self._closed = False
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.z = zarr.create_array(
+                store=str(self.tmp), shape=self.shape, chunks=self.chunks, dtype=self.dtype,
+                attributes=attrs, fill_value=0, **kw,
+            )
+        except OSError as exc:
+            self._fail(exc)
         self._pages = int(np.prod(self.shape[:-2])) if len(self.shape) > 2 else 1
         self._n = 0
-        self._closed = False
         self._tiles_x = -(-x // TILE)
         self._tiles_y = -(-y // TILE)
 
+    def _fail(self, exc: OSError) -> NoReturn:
+        """Remove the temporary and raise the write error as one sentence."""
+        self.abort()
+        raise _write_error(self.path, exc) from None
+
     def put(self, arr: np.ndarray) -> None:
+        try:
+            self._put(arr)
+        except OSError as exc:
+            self._fail(exc)
+
+    def _put(self, arr: np.ndarray) -> None:
         y, x = self.shape[-2:]
         lead = self.shape[:-2]
         if not self.tiled:
@@ -324,11 +366,17 @@ class ZarrSink(Sink):
 
     def write(self, index: tuple, arr: np.ndarray) -> None:
         """Write at an explicit index (for parallel writers)."""
-        self.z[index] = arr
+        try:
+            self.z[index] = arr
+        except OSError as exc:
+            self._fail(exc)
 
     def close(self) -> Path:
+        try:
+            _publish(self.tmp, self.path)
+        except OSError as exc:
+            self._fail(exc)
         self._closed = True
-        _publish(self.tmp, self.path)
         return self.path
 
     def abort(self) -> None:

@@ -82,7 +82,10 @@ class ModelPanel(Panel):
             return None
         try:
             save_model(path, state.model, state.info)
-        except (CellfitError, OSError) as exc:
+        except CellfitError as exc:  # a full disk, no write permission: one sentence
+            show_error(str(exc))
+            return None
+        except OSError as exc:
             show_error(f"Could not save the model to {path}: {exc}")
             return None
         state.model_path, state.model_saved = path, True
