@@ -161,6 +161,10 @@ def main(argv=None) -> int:
     t_train = time.perf_counter() - t1
     info = trainer.info
     info.cell_diameter = 30.0
+    # cells of any size: no diameter (a run continued from a file would else keep the
+    # median of its training cells, and the model would pass for a fine-tuned one)
+    info.diameter = None
+    info.scale = 1.0
     info.postprocess = {"min_size": 60}  # model pixels, about 10% of a 30 px cell
     rec = info.training[-1]
     rec["purpose"] = f"cellfit generalist starting model {args.version}"
