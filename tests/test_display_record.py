@@ -20,9 +20,13 @@ def test_the_starting_models_pretraining_is_not_counted_as_a_run_of_the_user():
     from cellfit.starting import starting_model_path
 
     info = read_model_info(starting_model_path())
-    assert info.training[-1]["purpose"] == STARTING_PURPOSE  # the shipped file says so
+    # the shipped file says so, for each of its pretraining runs (v1, then v2's)
+    assert len(info.training) >= 2
+    assert all(r["purpose"].startswith(STARTING_PURPOSE) for r in info.training)
+    assert info.training[-1]["purpose"] == STARTING_PURPOSE + " v2"
     alone = model_record_html(info, None, saved=True)
     assert "Pretraining" in alone and "not your images" in alone and "Run 1" not in alone
+    assert alone.count("Pretraining") == len(info.training)
     info.training.append({"steps": 40, "init": "cellfit starting model",
                           "annotation": {"cells": 10}})
     html = model_record_html(info, None, saved=False)

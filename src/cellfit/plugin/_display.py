@@ -113,14 +113,20 @@ def encoder_name(encoder: str) -> str:
     return f"U-Net++ ({encoder})"
 
 
-#: the ``purpose`` of the starting model's own training record
+#: how the ``purpose`` of the starting model's own training records begins (a version
+#: may follow: "… starting model v2")
 STARTING_PURPOSE = "cellfit generalist starting model"
+
+
+def is_pretraining(rec: dict) -> bool:
+    """True for a run of the starting model's pretraining (any version)."""
+    return str(rec.get("purpose") or "").startswith(STARTING_PURPOSE)
 
 
 def user_runs(training: list[dict]) -> int:
     """How many training runs were on the user's cells (not the starting model's
     pretraining)."""
-    return sum(rec.get("purpose") != STARTING_PURPOSE for rec in training)
+    return sum(not is_pretraining(rec) for rec in training)
 
 
 def model_record_html(info: ModelInfo | None, path: Path | None, saved: bool) -> str:
@@ -165,9 +171,9 @@ def model_record_html(info: ModelInfo | None, path: Path | None, saved: bool) ->
         out.append("<p>No training record in this file.</p>")
     n = user_runs(info.training) + 1
     for rec in reversed(info.training):
-        n -= rec.get("purpose") != STARTING_PURPOSE  # the user's runs, counted from 1
+        n -= not is_pretraining(rec)  # the user's runs, counted from 1
         date = _local_date(rec.get("date"))
-        if rec.get("purpose") == STARTING_PURPOSE:
+        if is_pretraining(rec):
             data = ", ".join(f"{number(int(v))} {esc(str(kind))}"
                              for kind, v in (rec.get("data_counts") or {}).items())
             out.append(
