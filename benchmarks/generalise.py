@@ -302,11 +302,11 @@ def zero_shot(test, device, tta=False, known=False) -> dict:
     model, info = load_model(starting_model_path())
     model.to(device)
     labels, est = [], []
-    truth = [round(median_diameter(s.mask)[0], 1) for s in test]
-    for s in test:
+    truth = [median_diameter(s.mask)[0] for s in test]
+    for s, true in zip(test, truth):
         try:
             plane = np.moveaxis(s.image, -1, 0) if s.image.ndim == 3 else s.image[None]
-            d = median_diameter(s.mask)[0] if known else estimate_diameter(
+            d = true if known else estimate_diameter(
                 model, info, plane, device=device)
         except CellfitError as err:  # no cells, or an unclear size
             est.append(str(err).split(":")[0])
@@ -314,7 +314,7 @@ def zero_shot(test, device, tta=False, known=False) -> dict:
             continue
         est.append(round(float(d), 1))
         labels += cellfit_predict(model, apply_diameter(info, d), [s], device, tta)
-    return {**ap(labels, test), "diameters": est, "true_diameters": truth}
+    return {**ap(labels, test), "diameters": est, "true_diameters": [round(t, 1) for t in truth]}
 
 
 def train_round(images, anns, settings, seed, steps, device, model=None, info=None):
