@@ -73,18 +73,43 @@ DATA_RECORD = [
 ]
 
 
-def make_data(n_synthetic: int, size: int, seed: int):
+def _scenes(n: int, size: int, seed) -> list:
+    """``n`` synthetic scenes drawn one after another from ``seed``: (planes, annotation,
+    kind) each, the planes (1, 3, Y, X) float32."""
     rng = np.random.default_rng(seed)
-    images, anns, kinds = [], [], {}
-    for _ in range(n_synthetic):
+    out = []
+    for _ in range(n):
         d = 30.0 * float(np.exp(rng.uniform(np.log(0.65), np.log(1.5))))
         img, lab, kind = scene(None, (size, size), d, seed=rng)
-        kinds[kind] = kinds.get(kind, 0) + 1
         planes = to_planes(img)[0].astype(np.float32)  # (1, C, Y, X)
         if planes.shape[1] == 1:
             planes = np.repeat(planes, 3, axis=1)
+        out.append((planes, annotation_from_mask(lab)[None], kind))
+    return out
+
+
+def make_data(n_synthetic: int, size: int, seed: int, workers: int = 1):
+    """The training images: ``n_synthetic`` scenes, then the real image at several scales.
+
+    With ``workers`` > 1 the scenes are drawn in that many processes, each from its own
+    seed spawned from ``seed`` (other scenes than one process draws from the same seed).
+    """
+    rng = np.random.default_rng(seed)
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        counts = [n_synthetic // workers + (i < n_synthetic % workers) for i in range(workers)]
+        seeds = np.random.SeedSequence(seed).spawn(workers)
+        with ProcessPoolExecutor(workers) as pool:
+            parts = list(pool.map(_scenes, counts, [size] * workers, seeds))
+        drawn = [s for part in parts for s in part]
+    else:
+        drawn = _scenes(n_synthetic, size, rng)
+    images, anns, kinds = [], [], {}
+    for planes, ann, kind in drawn:
+        kinds[kind] = kinds.get(kind, 0) + 1
         images.append(planes)
-        anns.append(annotation_from_mask(lab)[None])
+        anns.append(ann)
     # the real image, at several scales (its nuclei are 24 px across)
     img, mask = nuclei_dsb2018()
     base = to_planes(img)[0].astype(np.float32)
@@ -116,6 +141,8 @@ def main(argv=None) -> int:
     p.add_argument("--version", default="v2", help="the model's version, in its record")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1,
+                   help="draw the synthetic scenes in this many processes")
     p.add_argument("--checkpoint-minutes", type=float, default=0,
                    help="also save a snapshot this often (to look at during training)")
     p.add_argument("--float32", action="store_true",
@@ -123,7 +150,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
-    images, anns, kinds = make_data(args.images, args.size, args.seed)
+    images, anns, kinds = make_data(args.images, args.size, args.seed, args.workers)
     t_data = time.perf_counter() - t0
     print(f"data: {len(images)} images ({kinds}) in {t_data:.0f} s", flush=True)
     cfg = TrainConfig(
