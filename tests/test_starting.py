@@ -109,8 +109,9 @@ def test_the_shipped_starting_model():
     assert all(d.get("licence") for d in rec["data"])
     assert "u2os" not in str(rec).lower()  # measuring data never trains it
     assert rec["steps"] > 0 and rec["command"].startswith("python scripts/pretrain")
-    # version 2, and what it was continued from (every earlier run's record is kept)
-    assert rec["purpose"] == "cellfit generalist starting model v2"
+    # version 3, and what it was continued from (every earlier run's record is kept)
+    assert rec["purpose"] == "cellfit generalist starting model v3"
+    assert [r["purpose"] for r in rec["continued_from"]][-1].endswith("model v2")
     assert [r["steps"] for r in rec["continued_from"]] == [r["steps"] for r in info.training[:-1]]
     assert "H&E" in names or "H&E" in " ".join(d.get("what", "") for d in rec["data"])
     for d in rec["data"]:
@@ -236,6 +237,20 @@ def test_tries_that_agree_decide_the_diameter():
     # the weighted geometric mean of the three that agree, not the far vote
     expect = np.exp(np.average(np.log([24.0, 26.0, 28.0]), weights=[0.5, 0.9, 0.4]))
     assert d == pytest.approx(expect, abs=0.06)
+
+
+def test_a_try_that_found_only_a_few_blobs_does_not_vote():
+    # shrunk 16 times, a colony of cells becomes three cell-sized blobs, found with
+    # confidence; the sizes where the cells themselves are found must decide
+    tries = [
+        SizeTry(30, 40, 33.0, 0.45),
+        SizeTry(42, 22, 36.0, 0.4),
+        SizeTry(480, 3, 470.0, 0.9),
+    ]
+    assert decide_diameter(tries) == pytest.approx(34.4, abs=0.1)
+    # counted with them, the blobs make the size unclear
+    with pytest.raises(CellfitError, match="the cell size is unclear"):
+        decide_diameter(tries, min_cells=2)
 
 
 def test_two_sizes_that_fit_equally_well_are_reported_not_guessed():

@@ -318,6 +318,10 @@ AGREE = 1.3
 APART, RIVAL = 1.6, 0.8
 #: the least support an answer needs (one clear try has about 0.5)
 MIN_SUPPORT = 0.1
+#: a try votes only if it found at least this many cells (an image shrunk until a whole
+#: colony is one cell-sized blob finds only a few: phase contrast, brightfield). Chosen on
+#: synthetic scenes against 2 and 8 (``benchmarks/diameter.py``)
+MIN_CELLS = 4
 
 
 def size_tries(
@@ -371,13 +375,16 @@ def _size_try(d: float, s: float, target: float, labels: np.ndarray, probs: np.n
     return SizeTry(round(d, 1), n, round(found / s, 1), round(weight, 4))
 
 
-def decide_diameter(tries: list[SizeTry], candidates: tuple[float, ...] | None = None) -> float:
+def decide_diameter(
+    tries: list[SizeTry], candidates: tuple[float, ...] | None = None, min_cells: int = MIN_CELLS
+) -> float:
     """The diameter the tries agree on, rounded to 0.1 pixel.
 
     Every usable try votes for the diameter it implies, with its weight; the answer is
     the weighted (geometric) mean of the votes within a factor :data:`AGREE` of the
     best-supported one. Tries that found cells of the trained size only rarely or with
-    little confidence (support under :data:`MIN_SUPPORT` in all) count as no cells.
+    little confidence (support under :data:`MIN_SUPPORT` in all) count as no cells, and
+    tries that found fewer than ``min_cells`` objects do not vote.
 
     Raises
     ------
@@ -387,7 +394,11 @@ def decide_diameter(tries: list[SizeTry], candidates: tuple[float, ...] | None =
         considered and asks for the cell diameter (``setting="diameter"``).
     """
     tried = ", ".join(f"{d:.0f}" for d in (candidates or [t.diameter for t in tries]))
-    votes = [(math.log(t.found), t.weight) for t in tries if t.found and t.weight > 0]
+    votes = [
+        (math.log(t.found), t.weight)
+        for t in tries
+        if t.found and t.weight > 0 and t.cells >= min_cells
+    ]
     if not votes or sum(w for _, w in votes) < MIN_SUPPORT:
         raise CellfitError(
             f"no cells were found at any size (tried diameters of {tried} pixels) to "
