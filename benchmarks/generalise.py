@@ -729,7 +729,8 @@ def compare(paths: list[Path], write: bool) -> int:
              "*round 1*: fine-tuned on the 10% painted cells for 350 steps (5 idle "
              "2-core CPU-minutes). Peers: Otsu + watershed and the random forest with the "
              "same painting.", "",
-             "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+             ]
+    rows = []
     for name in sets:
         rs = [r for r in runs if r["set"] == name]
         seeds = sorted({r["seed"] for r in rs})
@@ -744,7 +745,11 @@ def compare(paths: list[Path], write: bool) -> int:
                     _cell([r["zero_shot_known"]["ap50"] for r in mine if r.get("zero_shot_known")]) or "–",
                     _cell([r["zero_shot_tta"]["ap50"] for r in mine if r.get("zero_shot_tta")]) or "–",
                     _cell([x[0]["ap50"] for r in mine for x in r.get("cellfit", {}).values()]) or "–"]
-        lines.append("| " + " | ".join(row) + " |")
+        rows.append(row)
+    # a column no model was measured in (TTA for most) is left out
+    keep = [j for j in range(len(head)) if j < 4 or any(r[j] != "–" for r in rows)]
+    lines += ["| " + " | ".join(head[j] for j in keep) + " |", "|---" * len(keep) + "|"]
+    lines += ["| " + " | ".join(r[j] for j in keep) + " |" for r in rows]
     lines += ["", "- commands: " + "; ".join(sorted({f"`{r['command']}`" for r in runs
                                                       if r.get("command")})),
               "- starting models: " + "; ".join(sorted({
