@@ -325,10 +325,12 @@ class OutputWriter:
         return True
 
     def close(self) -> tuple[Path, ...]:
-        out = [self.lab_sink.close()]
-        if self.prob_sink is not None:
-            out.append(self.prob_sink.close())
-        return tuple(out)
+        """Publish the outputs, once every one of them is complete (an output that
+        fails to finish leaves the others unpublished too: aborted by the caller)."""
+        sinks = [s for s in (self.lab_sink, self.prob_sink) if s is not None]
+        for s in sinks:
+            s.finish()
+        return tuple(s.close() for s in sinks)
 
     def abort(self) -> None:
         for s in (self.lab_sink, self.prob_sink):
@@ -356,6 +358,8 @@ def run_file(
             remove_stale_temporaries(p)
     img = open_image(path)
     try:
+        # the scratch folder of huge planes, left behind by a killed run (nothing runs at SIGKILL)
+        remove_stale_temporaries(labels_path.parent / f"{img.name}.work")
         y, x = img.plane_shape
         predict = _predict_huge_planes if y * x > settings.huge_pixels else _predict_planes
         outputs = yield from predict(model, img, labels_path, prob_path, settings, fp)

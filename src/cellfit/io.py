@@ -28,6 +28,8 @@ __all__ = [
     "InMemoryImage",
     "LazyImage",
     "atomic_write_tiff",
+    "check_finite",
+    "check_labels",
     "find_tiffs",
     "open_image",
     "pair_files",
@@ -93,6 +95,42 @@ def _check_dtype(arr: np.ndarray, what: str) -> None:
         )
 
 
+def check_finite(arr: np.ndarray, what: str) -> None:
+    """Raise one sentence when a float image holds NaN or infinite pixels (which would
+    make every prediction and training loss NaN). Checked plane by plane, so the check
+    needs little memory; integer images pass at once."""
+    arr = np.asarray(arr)
+    if arr.dtype.kind not in "fc":
+        return
+    planes = arr.reshape(-1, *arr.shape[-2:]) if arr.ndim > 2 else arr[None]
+    for plane in planes:
+        if not np.isfinite(plane).all():
+            raise CellfitError(
+                f"{what} has NaN or infinite pixels, which cellfit cannot use: replace them "
+                "with numbers first (e.g. Fiji: Process > Math > Remove NaNs)."
+            )
+
+
+def check_labels(arr: np.ndarray, what: str) -> np.ndarray:
+    """An annotation or label array as whole numbers 0 or more (float arrays of whole
+    numbers become int64); one sentence for negative or fractional values."""
+    arr = np.asarray(arr)
+    if not np.issubdtype(arr.dtype, np.integer) and arr.dtype != bool:
+        if np.issubdtype(arr.dtype, np.floating) and np.all(np.mod(arr, 1) == 0):
+            arr = arr.astype(np.int64)
+        else:
+            raise CellfitError(
+                f"{what} holds non-integer values ({arr.dtype}): labels must be whole "
+                "numbers (0 = not annotated, 1 = background, 2+ = cells)."
+            )
+    if np.issubdtype(arr.dtype, np.signedinteger) and arr.size and arr.min() < 0:
+        raise CellfitError(
+            f"{what} has negative values: labels must be 0 or more "
+            "(0 = not annotated, 1 = background, 2+ = cells)."
+        )
+    return arr
+
+
 def guess_axes(shape: Sequence[int]) -> str:
     """Guess axes for an array without metadata (e.g. a napari layer).
 
@@ -131,6 +169,11 @@ def to_planes(
     axes : str
     """
     _check_dtype(arr, what)
+    if arr.ndim < 2:
+        raise CellfitError(
+            f"{what} has shape {tuple(arr.shape)}, but an image needs at least two "
+            "dimensions: give a 2D image or a stack of 2D images."
+        )
     if axes is None:
         axes = guess_axes(arr.shape)
     axes = axes.upper()
@@ -171,6 +214,19 @@ def _check_file(path: Path, what: str) -> None:
             f"{what} {path} is not a TIFF file: cellfit reads .tif/.tiff files; "
             "convert it first (e.g. Fiji: File > Save As > Tiff)."
         )
+    if path.stat().st_size == 0:
+        raise CellfitError(
+            f"{what} {path} could not be read as a TIFF: the file is empty (0 bytes), "
+            "perhaps a copy or export that did not finish; export it again."
+        )
+
+
+def _unreadable(path: Path, what: str, exc: OSError) -> CellfitError:
+    """A file the system would not let cellfit read (no permission, a disk error)."""
+    return CellfitError(
+        f"{what} {path} could not be read ({exc.strerror or exc}): check that you may "
+        "read it (its permissions) and that its disk is reachable."
+    )
 
 
 def _read_tiff(path: Path, what: str) -> tuple[np.ndarray, str, tuple | None]:
@@ -191,6 +247,8 @@ def _read_tiff(path: Path, what: str) -> tuple[np.ndarray, str, tuple | None]:
                 resolution = None
     except CellfitError:
         raise
+    except OSError as exc:  # the file system said no, not the file's content
+        raise _unreadable(path, what, exc) from None
     except Exception as exc:
         raise CellfitError(
             f"{what} {path} could not be read as a TIFF ({type(exc).__name__}: {exc}); "
@@ -207,6 +265,7 @@ def read_image(path: str | os.PathLike) -> ImageStack:
         raise CellfitError(f"image {path} is empty: check that it holds pixels.")
     # tifffile calls RGB samples 'S'; axes like 'Q' are unknown stack axes.
     planes, lead_shape, axes = to_planes(arr, axes, what=f"image {path}")
+    check_finite(planes, f"image {path}")
     return ImageStack(planes, lead_shape, axes, path.stem, resolution)
 
 
@@ -220,19 +279,7 @@ def read_labels(path: str | os.PathLike, shape: tuple[int, ...] | None = None) -
     """
     path = Path(path)
     arr, _axes, _res = _read_tiff(path, "label image")
-    if not np.issubdtype(arr.dtype, np.integer) and arr.dtype != bool:
-        if np.issubdtype(arr.dtype, np.floating) and np.all(np.mod(arr, 1) == 0):
-            arr = arr.astype(np.int64)
-        else:
-            raise CellfitError(
-                f"label image {path} holds non-integer values ({arr.dtype}): "
-                "labels must be whole numbers (0 = not annotated, 1 = background, 2+ = cells)."
-            )
-    if np.issubdtype(arr.dtype, np.signedinteger) and arr.size and arr.min() < 0:
-        raise CellfitError(
-            f"label image {path} has negative values: labels must be 0 or more "
-            "(0 = not annotated, 1 = background, 2+ = cells)."
-        )
+    arr = check_labels(arr, f"label image {path}")
     if shape is not None:
         squeezed = np.squeeze(arr)
         if arr.shape != tuple(shape) and squeezed.shape == tuple(d for d in shape if d != 1):
@@ -432,6 +479,9 @@ class LazyImage:
                 self._zarr = zarr.open_array(self._store, mode="r")
         except CellfitError:
             raise
+        except OSError as exc:  # the file system said no, not the file's content
+            self.close()
+            raise _unreadable(self.path, "image", exc) from None
         except Exception as exc:
             self.close()
             raise CellfitError(
@@ -498,11 +548,14 @@ class LazyImage:
         idx, rest = self._index(p, r0, r1)
         try:
             arr = self._read(idx)
+        except OSError as exc:
+            raise _unreadable(self.path, "image", exc) from None
         except Exception as exc:
             raise CellfitError(
                 f"image {self.path} could not be read ({type(exc).__name__}: {exc}); the file "
                 "may be truncated or corrupt: export it again."
             ) from None
+        check_finite(arr, f"image {self.path}")
         return to_planes(arr, rest, f"image {self.path}")[0][0]
 
     def plane(self, p: int) -> np.ndarray:

@@ -134,6 +134,11 @@ class Sink:
     def put(self, arr: np.ndarray) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def finish(self) -> None:
+        """Complete the temporary (every page written), without publishing it yet;
+        :meth:`close` then only renames it. A writer with several outputs finishes
+        them all before publishing any, so one that fails leaves none published."""
+
     def close(self) -> Path:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -181,8 +186,12 @@ class TiffSink(Sink):
         self.dtype = np.dtype(dtype)
         nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
         bigtiff = nbytes > BIGTIFF_BYTES
+        # tifffile drops a trailing axis of length 1 from shaped (and ImageJ) series, so
+        # an image one pixel wide is described by hand (below)
+        one_wide = len(self.shape) > 2 and self.shape[-1] == 1
         imagej = (
             meta.is_imagej
+            and not one_wide
             and not bigtiff
             and not tiled
             and self.dtype.type in _IMAGEJ_DTYPES
@@ -202,6 +211,9 @@ class TiffSink(Sink):
                 kw["resolutionunit"] = meta.resolution_unit
         if imagej:
             kw["metadata"] = {"axes": axes, **meta.imagej}
+        elif one_wide:
+            kw["metadata"] = None
+            kw["description"] = json.dumps({"shape": list(self.shape), "axes": axes})
         else:
             kw["metadata"] = {"axes": axes}
         if fingerprint is not None:
@@ -255,8 +267,10 @@ class TiffSink(Sink):
     def put(self, arr: np.ndarray) -> None:
         self._send(np.ascontiguousarray(arr, dtype=self.dtype))
 
-    def close(self) -> Path:
-        """Finish the file and rename it to its final name; returns that name."""
+    def finish(self) -> None:
+        """Write the last page and close the temporary file (not renamed yet)."""
+        if self._closed:
+            return
         while self._thread.is_alive():  # tifffile may stop reading after the last page
             try:
                 self._q.put(_END, timeout=0.2)
@@ -266,6 +280,10 @@ class TiffSink(Sink):
         self._thread.join()
         if self._error is not None:
             self._raise()
+
+    def close(self) -> Path:
+        """Finish the file and rename it to its final name; returns that name."""
+        self.finish()
         self._closed = True
         _publish(self.tmp, self.path)
         return self.path

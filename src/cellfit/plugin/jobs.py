@@ -35,7 +35,7 @@ from cellfit.batch import predict_files
 from cellfit.errors import CellfitError, worded
 from cellfit.events import Progress
 from cellfit.file_prediction import FileEvent
-from cellfit.io import ImageStack
+from cellfit.io import ImageStack, check_finite, check_labels
 from cellfit.model import ModelInfo
 from cellfit.normalize import match_channels
 from cellfit.plugin._tooltips import LABELS
@@ -201,6 +201,9 @@ class TrainJob:
         Torch CPU threads while training (restored afterwards).
     postprocess : dict, optional
         Overrides of the model's post-processing settings for the preview labels.
+    names : list of str, optional
+        The image layers' names, one per image, for the sentence that says which image
+        or annotation cannot be used.
 
     The preview is computed here between two training steps with the engine's
     :func:`~cellfit.predict.predict_plane` and the current weights, on one tile where the
@@ -220,9 +223,11 @@ class TrainJob:
         preview: tuple[int, np.ndarray] | None = None,
         threads: int | None = None,
         postprocess: dict | None = None,
+        names: Sequence[str] | None = None,
     ) -> None:
         self.images = list(images)
         self.annotations = list(annotations)
+        self.names = list(names) if names is not None else None
         self.config = config
         self.model = model
         self.info = info
@@ -292,8 +297,14 @@ class TrainJob:
     def _run(self) -> Generator[TrainUpdate, None, TrainResult]:
         result = TrainResult()
         try:
+            for k, image in enumerate(self.images):
+                check_finite(image, f"the image{self._name(k, ' ')}")
+            annotations = [
+                check_labels(ann, f"the annotation{self._name(k, ' of ')}")
+                for k, ann in enumerate(self.annotations)
+            ]
             trainer = Trainer(
-                self.images, self.annotations, self.config, model=self.model, info=self.info
+                self.images, annotations, self.config, model=self.model, info=self.info
             )
             self.trainer = trainer
             result.summary = dict(trainer.summary)
@@ -310,6 +321,12 @@ class TrainJob:
             if self.trainer is not None:  # keep what was learnt so far
                 result.model, result.info = self.trainer.model, self.trainer.info
         return result
+
+    def _name(self, k: int, joint: str) -> str:
+        """``joint`` and image ``k``'s name in quotes ("" when names were not given)."""
+        if not self.names or k >= len(self.names):
+            return ""
+        return f"{joint}'{self.names[k]}'"
 
     def _steps(self, trainer: Trainer) -> Iterator[TrainUpdate]:
         """The trainer's steps, each with a preview when one is due."""
@@ -377,6 +394,7 @@ class DiameterJob:
         result = DiameterResult()
         try:
             yield Progress(text="Estimating the cell diameter…")
+            check_finite(self.plane, "the image")
             result.diameter = estimate_diameter(self.model, self.info, self.plane)
         except Exception as exc:
             _log(exc, "diameter estimate")
@@ -456,6 +474,7 @@ class PredictJob:
         t0 = time.perf_counter()
         result = PredictResult(planes=list(self.which))
         try:
+            check_finite(self.planes, "the image")
             info = self.info
             if needs_diameter(info):
                 info = yield from self._with_diameter(info, result)
