@@ -231,3 +231,21 @@ def test_the_guard_sentence_ends_the_training_status(dock, monkeypatch):
     assert shown and shown[-1].endswith(sentence)
     panel._on_result(TrainResult(build_model(info), info, {"steps": 5, "seconds": 2}))
     assert "Correct the worst mistakes" in panel.train_status.text()
+
+
+def test_a_finished_job_is_freed_though_napari_keeps_its_worker(dock, qtbot):
+    # napari's task list keeps every worker started while a viewer is open, with the
+    # function it ran; a finished training job (its model, data, optimizer) must not
+    # stay reachable from there, or each round of a day's loop keeps its memory
+    import gc
+    import weakref
+
+    runner = dock.runner
+    job = HeldJob()
+    gone = weakref.ref(job)
+    with qtbot.waitSignal(runner.finished, timeout=10_000):
+        runner.start("train", job, lambda _result: None)
+        job.release.set()
+    del job
+    gc.collect()
+    assert gone() is None

@@ -62,6 +62,7 @@ class JobRunner(QObject):
         self.pbar: progress | None = None
         self._bar: QProgressBar | None = None
         self._live = False
+        self._box: dict = {}
 
     @property
     def busy(self) -> bool:
@@ -93,7 +94,16 @@ class JobRunner(QObject):
             if self.napari_progress:
                 self.pbar = progress(total=1000, desc=desc)
         self._live = True  # False once the result is in: late progress is dropped
-        worker = thread_worker(job.run, start_thread=False)()
+        # napari keeps every worker started while a viewer exists (its task list holds
+        # the worker and the function it ran, for good): the worker gets a function that
+        # reaches the job through a box emptied when the job ends, so a finished job (a
+        # trainer with its model, data and optimizer) can be freed
+        box = self._box = {"job": job}
+
+        def run():
+            return (yield from box.pop("job").run())
+
+        worker = thread_worker(run, start_thread=False)()
         if on_yield is not None:
             worker.yielded.connect(partial(self._dispatch_yield, on_yield))
         worker.returned.connect(partial(self._dispatch_return, on_return))
@@ -132,6 +142,7 @@ class JobRunner(QObject):
         if self._bar is not None:
             self._bar.setValue(self._bar.maximum())
         kind = self.kind or ""
+        self._box.clear()  # a job that never started
         self.job, self.kind, self.worker, self._bar = None, None, None, None
         self.finished.emit(kind)
 
