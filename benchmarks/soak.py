@@ -13,7 +13,8 @@ runner (:class:`cellfit.plugin._runner.JobRunner`, napari's ``thread_worker``) w
 ``QTimer`` asks to run every 10 ms on the Qt event loop: the longest gap between its
 ticks is the longest pause of the GUI thread.
 
-Reported: the resident memory (RSS) after the first cycles (warm-up) and at the end,
+Reported: the resident memory (RSS, read after ``malloc_trim``) after the first cycles
+(warm-up) and at the end, the Python objects alive then and at the end,
 its growth per 100 cycles fitted over the cycles after the warm-up (target: none beyond
 noise), and the threads and open files at the start and the end (target: back to the
 start once the jobs have ended).
@@ -38,6 +39,8 @@ import torchvision  # noqa: F401
 # isort: on
 
 import argparse
+import contextlib
+import ctypes
 import gc
 import os
 import sys
@@ -56,7 +59,10 @@ START, END = "<!-- soak:start -->", "<!-- soak:end -->"
 
 
 def rss_mb() -> float:
-    """Resident memory of this process (MB), from /proc."""
+    """Resident memory of this process (MB), from /proc, after handing the C heap's free
+    pages back to the system (else the allocator's fragmentation reads as growth)."""
+    with contextlib.suppress(OSError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
 
@@ -64,6 +70,7 @@ def rss_mb() -> float:
 def counts() -> dict:
     """Threads (OS and Python) and open file descriptors of this process."""
     return {
+        "python_objects": len(gc.get_objects()),
         "os_threads": len(os.listdir("/proc/self/task")),
         "py_threads": threading.active_count(),
         "open_files": len(os.listdir("/proc/self/fd")),
@@ -189,6 +196,8 @@ def soak(cycles: int, size: int, steps: int, viewer: bool, log) -> dict:
         del train, predict, res, pres
         gc.collect()
         memory.append(rss_mb())
+        if i == min(20, max(1, cycles // 10)) - 1:
+            objects_after_warmup = len(gc.get_objects())
         seconds.append(time.perf_counter() - c0)
         if i % 10 == 0 or i == cycles - 1:
             log(f"[{time.perf_counter() - t0:6.0f}s] cycle {i + 1}/{cycles}: RSS "
@@ -206,6 +215,7 @@ def soak(cycles: int, size: int, steps: int, viewer: bool, log) -> dict:
         "stopped_trainings": stopped, "cancelled_predictions": cancelled,
         "start": start, "end": end, "rss_after_warmup_mb": memory[warm - 1],
         "rss_end_mb": memory[-1], "rss_max_mb": max(memory),
+        "objects_after_warmup": objects_after_warmup,
         "growth_per_100_cycles_mb": slope, "warmup_cycles": warm,
         "cycle_seconds_median": float(np.median(seconds)), **extra,
     }
@@ -222,8 +232,9 @@ def table(results: list[dict], command: str) -> str:
         "where they started.",
         "",
         "| run | cycles | RSS after warm-up | RSS at the end | growth per 100 cycles "
-        "(fit) | threads start → end | open files start → end | longest GUI pause |",
-        "|---|---|---|---|---|---|---|---|",
+        "(fit) | Python objects after warm-up → end | threads start → end | open files "
+        "start → end | longest GUI pause |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         gui = f"{r['gui_max_ms']:.0f} ms (p99 {r['gui_p99_ms']:.0f} ms)" if r.get(
@@ -233,6 +244,7 @@ def table(results: list[dict], command: str) -> str:
             f"{r['cycles']} | {r['rss_after_warmup_mb']:.0f} MB (cycle "
             f"{r['warmup_cycles']}) | {r['rss_end_mb']:.0f} MB | "
             f"{r['growth_per_100_cycles_mb']:+.1f} MB | "
+            f"{r['objects_after_warmup']} → {r['end']['python_objects']} | "
             f"{r['start']['os_threads']} → {r['end']['os_threads']} | "
             f"{r['start']['open_files']} → {r['end']['open_files']} | {gui} |")
     lines += ["", f"- `{command}`; {results[0]['stopped_trainings']} trainings stopped, "
