@@ -321,7 +321,7 @@ def test_error_paths_notify_one_sentence(make_napari_viewer, qtbot, tmp_path):
     expect(lambda: models.load_model_file(tmp_path / "missing.cellfit"), "does not exist")
     bad = tmp_path / "bad.cellfit"
     bad.write_bytes(b"\x80\x04 pickled")
-    expect(lambda: models.load_model_file(bad), "pickled PyTorch file")
+    expect(lambda: models.load_model_file(bad), "pickled Python file")
     expect(lambda: models.save_model_file(tmp_path / "m.cellfit"), "no model to save yet")
 
     train.train_button.click()

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from cellfit import __version__
 from cellfit.batch import predict_files
+from cellfit.checkpoint import resume_path
 from cellfit.console import FLAGS, run_training
 from cellfit.demo import DEMO_SECONDS, run_demo
 from cellfit.devices import describe_devices
@@ -56,6 +57,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if v <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
+    return v
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or above")
     return v
 
 
@@ -110,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--masks", action="store_true",
                    help="LABELS are complete masks (0 = background, 1..N = cells or classes), "
                    "e.g. existing ground truth: every pixel counts as annotated")
+    t.add_argument("--resume", action="store_true",
+                   help="go on with a training of MODEL that was stopped or killed, where it "
+                   "stopped (same files and settings as then): its state is kept in "
+                   "MODEL.resume while training runs, and removed when it finishes")
+    t.add_argument("--checkpoint-every", type=_nonnegative_float,
+                   default=TrainConfig.checkpoint_every, metavar="SECONDS",
+                   help="save the state for --resume every SECONDS of training (default "
+                   f"{TrainConfig.checkpoint_every:g}; 0 = after every step) and when stopped")
 
     p = sub.add_parser(
         "predict",
@@ -206,11 +225,19 @@ def cmd_train(args: argparse.Namespace) -> int:
             "existing one: give one of them (or --init scratch)."
         )
     out = Path(args.out)
-    if out.exists() and not args.overwrite and not (
+    checkpoint = resume_path(out)
+    if args.resume and not checkpoint.is_file():
+        raise CellfitError(
+            f"there is no interrupted training of {out} to resume ({checkpoint} does not "
+            "exist: it is removed when training finishes): run the command without --resume."
+        )
+    if out.exists() and not args.overwrite and not args.resume and not (
         args.init and not is_starting(args.init) and Path(args.init) == out
     ):
+        more = " or --resume to go on with its interrupted training" if checkpoint.is_file() else ""
         raise CellfitError(
-            f"{out} already exists: choose another --out or add --overwrite to replace it."
+            f"{out} already exists: choose another --out, or add --overwrite to replace "
+            f"it{more}."
         )
     if out.exists() and out.is_dir():
         raise CellfitError(f"--out {out} is a folder: give a file name such as {out / 'model.cellfit'}.")
@@ -244,7 +271,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         init=args.init,
         distill=args.distill,
         encoder_weights=args.encoder_weights,
+        checkpoint=checkpoint,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
     )
+    if checkpoint.is_file() and not args.resume:
+        print(f"cellfit: note: {checkpoint} holds an interrupted training of {out}; this new "
+              "training replaces it (add --resume to go on with that one instead).",
+              file=sys.stderr)
     trainer = Trainer(images, anns, cfg)
     s = trainer.summary
     print(
@@ -259,6 +293,13 @@ def cmd_train(args: argparse.Namespace) -> int:
            "; fewer than 5 cells, so validation uses the training annotation."),
         file=sys.stderr,
     )
+    if args.resume:
+        print(f"Resuming the interrupted training from {checkpoint} at step {trainer.step}.",
+              file=sys.stderr)
+    every = f"every {args.checkpoint_every:g} s" if args.checkpoint_every else "after every step"
+    print(f"Progress is saved to {checkpoint} {every}: if training is interrupted, run the "
+          "same command with --resume to go on (Ctrl-C stops after the current step).",
+          file=sys.stderr)
     completed = run_training(trainer)
     trainer.save(out)
     rec = trainer.info.training[-1]
@@ -271,6 +312,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"at step {rec['best_step']}: {figures or 'n/a'}.\nSaved model to {out}",
         file=sys.stderr,
     )
+    if not completed and checkpoint.is_file():
+        print(f"To go on from step {trainer.step}, run the same command with --resume (the "
+              f"state is in {checkpoint}).", file=sys.stderr)
     return 0 if completed else EXIT_INTERRUPTED
 
 

@@ -30,11 +30,26 @@ weights to keep (the best validated ones; the guard puts back the starting ones 
 fine-tuning made the model worse on the held-back cells) and, when asked, calibrates
 the post-processing thresholds on those cells; the record of the run is built by
 :func:`cellfit.model.training_record`.
+
+Interrupted work: with ``TrainConfig.checkpoint`` set, :meth:`Trainer.run` keeps a
+resume checkpoint (:mod:`cellfit.checkpoint`) every ``checkpoint_every`` seconds and
+when it is stopped between steps (:meth:`Trainer.stop`, or its consumer letting go),
+and removes it when the run reaches its end. It holds the weights, the optimizer and
+gradient-scaler state, the step, the loss list and training time, the validation
+history and best weights, the weights the run started from, the model's description,
+the random states (the patch sampler's generator, torch's) and a fingerprint of the
+settings and data. The batch the prefetcher drew ahead is given back before each write
+(the sampler's generator is put back to before it), so the run resumed from it
+(``TrainConfig.resume``) draws the same patches at the same learning rates as the run
+left alone, and ends with the same weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
+import json
 import math
 import threading
 import time
@@ -47,6 +62,7 @@ import torch
 from scipy import ndimage as ndi
 from torch import nn
 
+from cellfit.checkpoint import read_checkpoint, remove_checkpoint, write_checkpoint
 from cellfit.devices import is_out_of_memory, resolve_device
 from cellfit.errors import CellfitError
 from cellfit.events import Progress
@@ -93,6 +109,7 @@ __all__ = [
     "Trainer",
     "annotation_summary",
     "config_dict",
+    "data_digest",
     "train",
 ]
 
@@ -180,6 +197,21 @@ class TrainConfig:
         choose ``fg_threshold``, ``seed_threshold`` and ``min_size`` of the model's
         post-processing (after the guard) to score best on the held-back cells
         (:func:`cellfit.postprocess.calibrate`; recorded as ``"calibration"``).
+    checkpoint : path, optional
+        Where to keep a resume checkpoint while training (:mod:`cellfit.checkpoint`; the
+        command line uses ``<model>.resume``): written every ``checkpoint_every`` seconds
+        of training and when a run is stopped between steps, removed when a run reaches
+        its end. None: no checkpoint.
+    checkpoint_every : float or None
+        Seconds of training between two checkpoints (0: after every step; None: only
+        when stopped).
+    resume : bool
+        Go on with the run saved in ``checkpoint`` where it stopped, instead of starting
+        a new one: the same remaining steps, learning rates and patches as if it had
+        never stopped. The images, annotations and settings (those in
+        :data:`RESUME_FREE` aside) must be those of the saved run, else :class:`Trainer`
+        raises a :class:`CellfitError`; the model is rebuilt from the checkpoint, so
+        ``init`` need not exist any more.
 
     A :class:`Trainer` never changes its config.
     """
@@ -220,7 +252,13 @@ class TrainConfig:
     distill: float = 0.0
     guard: bool = True
     calibrate: bool = False
+    checkpoint: str | Path | None = None
+    checkpoint_every: float | None = 60.0
+    resume: bool = False
 
+
+#: settings that may differ between a run and its resumption (where and how, not what)
+RESUME_FREE = ("device", "amp", "preview_every", "checkpoint", "checkpoint_every", "resume")
 
 
 @dataclass
@@ -428,6 +466,14 @@ class Trainer:
         self._outcome: dict | None = None
         #: the one stop flag: set by :meth:`stop` (from any thread), read between steps
         self._stop = threading.Event()
+        #: the checkpoint being resumed from (``config.resume``), while initialising
+        self._saved: dict | None = None
+        #: the saved run's loss list, clock and random state, for the next :meth:`run`
+        self._resumed: dict | None = None
+        #: the steps at which this run was resumed (recorded as ``"resumed_at"``)
+        self.resumed_at: list[int] = []
+        #: digest of the annotated planes and their annotations (checkpoints only)
+        self.data_digest: str | None = None
         self.initialize(images, annotations, model, info)
 
     # ------------------------------------------------------------------ stages
@@ -442,12 +488,19 @@ class Trainer:
         self._check_config(images, annotations)
         self.device = resolve_device(self.config.device)
         planes, anns = self._prepare_inputs(images, annotations)
+        if self.config.checkpoint is not None:
+            self.data_digest = data_digest(planes, anns)
+        self._saved = self._read_resume() if self.config.resume else None
         self._build_network(planes, anns, model, info)
-        self._learn_postprocess()
+        if self._saved is None:  # a resumed model has its post-processing already
+            self._learn_postprocess()
         self.get_dataloaders(planes, anns)
         self.class_weights = self._compute_class_weights()
         self.loss_fn = self._build_loss()
         self.configure_optimizers()
+        if self._saved is not None:
+            self._restore(self._saved)
+            self._saved = None
 
     def _check_config(self, images: Sequence, annotations: Sequence) -> None:
         """The settings that can be checked before looking at the data."""
@@ -461,6 +514,8 @@ class Trainer:
                 "the training has no end: set {setting} or a number of steps.",
                 setting="time_limit",
             )
+        if cfg.resume and cfg.checkpoint is None:
+            raise CellfitError("resuming needs the checkpoint of the interrupted training.")
 
     def _prepare_inputs(
         self, images: Sequence[ImageStack | np.ndarray], annotations: Sequence[np.ndarray]
@@ -508,25 +563,30 @@ class Trainer:
         Sets :attr:`plan` (:class:`TrainPlan`), :attr:`init` (the model file started
         from, None for random weights or a model in memory given without one),
         :attr:`model`, :attr:`info`, :attr:`fine_tuning`, :attr:`base_lr`, :attr:`teacher`.
+        A resumed run takes all of these from its checkpoint
+        (:meth:`_network_from_checkpoint`), whatever ``init``, ``model`` and ``info`` say.
         """
         cfg = self.config
-        choice = choose_start(cfg.init, cfg.mode, planes[0].shape[1], info)
-        self.plan = choice.plan
-        self.init = choice.init
-        if choice.notice:
-            self._notices.append(choice.notice)
-        if model is None and self.init is not None:
-            model, info = load_model(self.init)
-        if model is not None and info is not None:
-            self._check_compatible(info, anns)
-            self.info = copy.deepcopy(info)
-            self.model = model
-            self._fit_cell_size()
+        if self._saved is not None:
+            self._network_from_checkpoint(self._saved)
         else:
-            scale = scale_setting(cfg, self.summary["median_cell_diameter"])
-            self.info = new_model_info(cfg, planes, anns, scale)
-            torch.manual_seed(cfg.seed)
-            self.model = build_model(self.info, cfg.encoder_weights)
+            choice = choose_start(cfg.init, cfg.mode, planes[0].shape[1], info)
+            self.plan = choice.plan
+            self.init = choice.init
+            if choice.notice:
+                self._notices.append(choice.notice)
+            if model is None and self.init is not None:
+                model, info = load_model(self.init)
+            if model is not None and info is not None:
+                self._check_compatible(info, anns)
+                self.info = copy.deepcopy(info)
+                self.model = model
+                self._fit_cell_size()
+            else:
+                scale = scale_setting(cfg, self.summary["median_cell_diameter"])
+                self.info = new_model_info(cfg, planes, anns, scale)
+                torch.manual_seed(cfg.seed)
+                self.model = build_model(self.info, cfg.encoder_weights)
         self.fine_tuning = self.plan is not TrainPlan.SCRATCH
         self.base_lr = (
             cfg.finetune_lr if self.fine_tuning and cfg.finetune_lr is not None else cfg.lr
@@ -599,7 +659,7 @@ class Trainer:
             seed=self.rng,
             intensity=cfg.intensity_augment,
         )
-        self.batches = BatchPrefetcher(self.sampler, convert=self._to_tensors)
+        self.batches = _RewindableBatches(self.sampler, convert=self._to_tensors)
         self.batch_size = cfg.batch_size or (8 if self.device.type == "cuda" else 4)
 
     def _compute_class_weights(self) -> list[float] | None:
@@ -866,6 +926,163 @@ class Trainer:
                 }
         return val
 
+    # ------------------------------------------------------------------ resume
+    def _fingerprint(self) -> dict:
+        """What a resumed run must share with the saved one: the settings (all but
+        :data:`RESUME_FREE`) and the digest of the annotated planes."""
+        settings = {k: v for k, v in config_dict(self.config).items() if k not in RESUME_FREE}
+        return {"settings": json.loads(json.dumps(settings, default=str)), "data": self.data_digest}
+
+    def _read_resume(self) -> dict:
+        """The checkpoint to resume (``config.checkpoint``), checked against this run's
+        settings and data; a :class:`CellfitError` in one sentence when it is missing,
+        damaged or from another training."""
+        path = Path(self.config.checkpoint)  # type: ignore[arg-type]
+        saved = read_checkpoint(path)
+        mine, theirs = self._fingerprint(), saved.get("fingerprint") or {}
+        now, then = mine["settings"], theirs.get("settings") or {}
+        changed = [k for k in now if now[k] != then.get(k)]
+        if changed:
+            words = "; ".join(
+                f"{k.replace('_', ' ')} was {_shown(then.get(k))}, now {_shown(now[k])}"
+                for k in changed[:3]
+            )
+            raise CellfitError(
+                f"the interrupted training in {path} had other settings ({words}): resume "
+                "with the same settings, or start a new training without resuming."
+            )
+        if theirs.get("data") != mine["data"]:
+            raise CellfitError(
+                f"the interrupted training in {path} was on other images or annotations: "
+                "resume with the same ones, or start a new training without resuming."
+            )
+        return saved
+
+    def _network_from_checkpoint(self, saved: dict) -> None:
+        """The network of a resumed run as it started (its :class:`ModelInfo`, plan and
+        starting weights, for the teacher), rebuilt from the checkpoint; the trained
+        weights are put in by :meth:`_restore`."""
+        self.plan = TrainPlan(saved["plan"])
+        self.init = saved["init"]
+        self.info = ModelInfo.from_json(saved["info"])
+        self.model = build_model(self.info)
+        self._load_weights(self.model, saved["start"] or saved["model"])
+
+    def _load_weights(self, model: nn.Module, state: dict) -> None:
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError):
+            raise CellfitError(
+                f"the weights in {self.config.checkpoint} do not fit the network it describes "
+                "(damaged or from another version): start a new training without resuming."
+            ) from None
+
+    def _restore(self, saved: dict) -> None:
+        """Put back the state of a saved run (after :meth:`initialize` built the rest
+        as for a new run): weights, optimizer and scaler, step, batch size, validation
+        history and best weights, the sampler's random state; its loss list, clock and
+        torch random state wait for :meth:`run`."""
+        self.info = ModelInfo.from_json(saved["info"])
+        self._load_weights(self.model, saved["model"])
+        try:
+            self.optimizer.load_state_dict(saved["optimizer"])
+            if saved["scaler"] and self.scaler.is_enabled():
+                self.scaler.load_state_dict(saved["scaler"])
+        except (RuntimeError, KeyError, ValueError):
+            raise CellfitError(
+                f"the optimizer state in {self.config.checkpoint} does not fit the network "
+                "(damaged or from another version): start a new training without resuming."
+            ) from None
+        self.step = int(saved["step"])
+        self.batch_size = int(saved["batch_size"])
+        self.best_score = saved["best_score"]
+        self.best_validation = saved["best_validation"]
+        self.best_step = int(saved["best_step"])
+        self.best_state = saved["best"]
+        self.history = list(saved["history"])
+        self.sampler.rng.bit_generator.state = saved["sampler_rng"]
+        self.resumed_at = [*saved["resumed_at"], self.step]
+        start = None
+        if self.config.guard and self.fine_tuning and saved["start"] is not None:
+            start = (saved["start"], saved["start_postprocess"])
+        self._resumed = {
+            "losses": saved["losses"],
+            "elapsed": float(saved["elapsed"]),
+            "run_start": int(saved["run_start"]),
+            "torch_rng": saved["torch_rng"],
+            "cuda_rng": saved["cuda_rng"],
+            "start": start,
+        }
+
+    def _restore_torch_rng(self, resumed: dict) -> None:
+        torch.set_rng_state(resumed["torch_rng"])
+        if resumed["cuda_rng"] and self.device.type == "cuda":
+            # on another number of GPUs the random state cannot be put back as it was
+            with contextlib.suppress(RuntimeError, IndexError):
+                torch.cuda.set_rng_state_all(resumed["cuda_rng"])
+
+    def _checkpoint_state(self, losses: list[float], elapsed: float, run_start: int) -> dict:
+        """Everything :meth:`_restore` needs to go on from here (see
+        :mod:`cellfit.checkpoint` for the file)."""
+        if self._start is not None:
+            start = self._start[0]
+        else:  # the teacher holds the starting weights when distilling without the guard
+            start = self.teacher.state_dict() if self.teacher is not None else None
+        return {
+            "fingerprint": self._fingerprint(),
+            "plan": str(self.plan),
+            "init": str(self.init) if self.init is not None else None,
+            "info": self.info.to_json(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "run_start": run_start,
+            "elapsed": elapsed,
+            "losses": list(losses),
+            "batch_size": self.batch_size,
+            "best_score": self.best_score,
+            "best_validation": self.best_validation,
+            "best_step": self.best_step,
+            "best": self.best_state,
+            "history": self.history,
+            "start": start,
+            "start_postprocess": self._start[1] if self._start is not None else None,
+            "sampler_rng": self.sampler.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "resumed_at": self.resumed_at,
+        }
+
+    def _checkpoint_due(self, since: float) -> bool:
+        """True when ``since`` seconds since the last checkpoint call for another one."""
+        cfg = self.config
+        return (
+            cfg.checkpoint is not None
+            and cfg.checkpoint_every is not None
+            and since >= cfg.checkpoint_every
+        )
+
+    def _save_checkpoint(self, losses: list[float], elapsed: float, run_start: int) -> bool:
+        """Write the resume checkpoint (``config.checkpoint``; none: nothing). The batch
+        drawn ahead is given back first, so the run resumed from here draws it again
+        (and this run too: the patches stay the same). A write that fails leaves the
+        previous checkpoint and queues a notice; training goes on. True: written."""
+        if self.config.checkpoint is None:
+            return False
+        path = Path(self.config.checkpoint)
+        self.batches.rewind()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_checkpoint(path, self._checkpoint_state(losses, elapsed, run_start))
+        except OSError as exc:
+            self._notices.append(
+                f"could not write the resume checkpoint {path} ({exc.strerror or exc}): "
+                "training goes on, but can resume only from an earlier point if interrupted"
+            )
+            return False
+        return True
+
     # --------------------------------------------------------------------- run
     def run(self) -> Iterator[TrainEvent]:
         """Train, yielding a :class:`TrainEvent` after every step.
@@ -876,21 +1093,41 @@ class Trainer:
         is added to ``info.training``. A run that reaches its last event is also
         guarded and calibrated (:meth:`_settle`): its last event's ``notice`` says when
         the starting weights were put back.
+
+        With ``config.checkpoint``, the state after the last complete step is saved
+        every ``checkpoint_every`` seconds and when the run is stopped or let go of
+        between steps (before the stop's validation, so the resumed run validates as the
+        run left alone); a run resumed (``config.resume``) goes on from it. A run that
+        ends at its limit removes the checkpoint; a new run removes an older run's.
         """
         cfg = self.config
-        torch.manual_seed(cfg.seed)
+        resumed, self._resumed = self._resumed, None
         self._stop.clear()
-        self._start = self._snapshot() if cfg.guard and self.fine_tuning else None
         self._outcome = None
-        t0 = time.perf_counter()
-        losses: list[float] = []
-        start_step = self.step
+        if resumed is None:
+            torch.manual_seed(cfg.seed)
+            self._start = self._snapshot() if cfg.guard and self.fine_tuning else None
+            losses: list[float] = []
+            start_step = self.step
+            before = 0.0
+            remove_checkpoint(cfg.checkpoint)  # an older run's: this run replaces it
+        else:  # go on where the saved run stopped: its losses, clock, random state
+            self._restore_torch_rng(resumed)
+            self._start = resumed["start"]
+            losses = list(resumed["losses"])
+            start_step = resumed["run_start"]
+            before = resumed["elapsed"]
+        t0 = time.perf_counter() - before
+        saved_at = before
         reached_end = False
+        closed = False  # the consumer stopped iterating between two steps
         try:
             while True:
                 # a stop request is honoured before the next step, not after it
                 stopping = self._stop.is_set() and bool(losses)
-                if not stopping:
+                if stopping:  # the state after the last step, to go on from there
+                    self._save_checkpoint(losses, time.perf_counter() - t0, start_step)
+                else:
                     losses.append(self._scheduled_step(time.perf_counter() - t0))
                 elapsed = time.perf_counter() - t0
                 done = stopping or self._limit_reached(self.step - start_step, elapsed)
@@ -899,7 +1136,12 @@ class Trainer:
                     val = self._validate_and_keep_best()
                 if done:  # before the last event, which carries the guard's sentence
                     self._settle()
-                yield TrainEvent(
+                    if not stopping:  # the run is complete: nothing to resume
+                        remove_checkpoint(cfg.checkpoint)
+                elif self._checkpoint_due(elapsed - saved_at):
+                    saved_at = time.perf_counter() - t0
+                    self._save_checkpoint(losses, saved_at, start_step)
+                event = TrainEvent(
                     step=self.step,
                     loss=losses[-1],
                     lr=self.optimizer.param_groups[-1]["lr"],
@@ -912,10 +1154,17 @@ class Trainer:
                     stopped=self._stop.is_set(),
                     notice=self._pop_notice(),
                 )
+                try:
+                    yield event
+                except GeneratorExit:
+                    closed = not done
+                    raise
                 if done:
                     reached_end = True
                     break
         finally:
+            if closed:
+                self._save_checkpoint(losses, time.perf_counter() - t0, start_step)
             self._finish(losses, time.perf_counter() - t0, reached_end)
 
     def _settle(self) -> None:
@@ -1058,6 +1307,8 @@ class Trainer:
             seed=cfg.seed,
         )
         record.update({k: v for k, v in outcome.items() if k != "kept"})
+        if self.resumed_at:
+            record["resumed_at"] = list(self.resumed_at)
         self.info.training.append(record)
 
     def save(self, path: str | Path) -> Path:
@@ -1175,4 +1426,47 @@ def config_dict(config: TrainConfig) -> dict:
     """A JSON-friendly view of a :class:`TrainConfig`."""
     d = asdict(config)
     d["init"] = str(d["init"]) if d["init"] else None
+    d["checkpoint"] = str(d["checkpoint"]) if d["checkpoint"] else None
     return d
+
+
+def data_digest(planes: Sequence[np.ndarray], annotations: Sequence[np.ndarray]) -> str:
+    """A digest (SHA-256, hex) of what training learns from: each annotated plane of
+    images ``(P, C, Y, X)`` and its annotation ``(P, Y, X)``, with their positions,
+    shapes and types. A resumed run must have the same."""
+    h = hashlib.sha256()
+    for k, (pl, ann) in enumerate(zip(planes, annotations)):
+        for i in range(ann.shape[0]):
+            if not ann[i].any():
+                continue
+            for a in (np.ascontiguousarray(pl[i]), np.ascontiguousarray(ann[i])):
+                h.update(f"{k}:{i}:{a.dtype.str}:{a.shape};".encode())
+                h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _shown(value) -> str:
+    """A setting's value in a sentence (None as "none")."""
+    return "none" if value is None else str(value)
+
+
+class _RewindableBatches(BatchPrefetcher):
+    """The trainer's :class:`~cellfit.sampling.BatchPrefetcher`, which remembers the
+    sampler's random state before each draw, so that a batch drawn ahead can be given
+    back before a checkpoint (:meth:`rewind`): the checkpoint then holds the random
+    state before that batch, and the run resumed from it draws the same batch."""
+
+    #: the sampler's ``bit_generator.state`` before the last draw
+    before: dict | None = None
+
+    def draw(self, n: int):
+        self.before = self.sampler.rng.bit_generator.state
+        return super().draw(n)
+
+    def rewind(self) -> None:
+        """Drop the batch drawn ahead (waiting for it) and put the sampler's random
+        state back to before it: the next :meth:`next` draws the same batch again."""
+        if self.pending:
+            self.discard()
+            if self.before is not None:
+                self.sampler.rng.bit_generator.state = self.before

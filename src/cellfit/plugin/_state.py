@@ -6,6 +6,10 @@ One :class:`CellfitState` is made by :class:`~cellfit.plugin.widgets.CellfitWidg
 and handed to every panel. Panels read it freely; they change the model only through
 :meth:`CellfitState.set_model` (then tell the dock, which refreshes the other panels).
 Whether a job runs is the job runner's (:mod:`cellfit.plugin._runner`).
+
+A training run stopped before its end can go on where it stopped (the Train tab's
+Continue): the state keeps it as a :class:`StoppedRun`, whose resume checkpoint lives in
+a temporary folder of the state's own, until the model in memory changes otherwise.
 """
 
 from __future__ import annotations
@@ -14,21 +18,59 @@ from __future__ import annotations
 from cellfit.plugin import _safety  # noqa: F401  (first: imports the torch stack safely)
 
 # isort: on
+import shutil
+import tempfile
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from napari.layers import Image, Labels
 
+from cellfit.checkpoint import remove_checkpoint
 from cellfit.errors import CellfitError
 from cellfit.model import ModelInfo
 from cellfit.plugin._layers import find_layer, layer_data, plane_under_cursor, planes_of
 from cellfit.plugin.jobs import PredictJob, gui_friendly_threads
 from cellfit.starting import needs_diameter, starting_model_path
+from cellfit.train import TrainConfig
 
-__all__ = ["CellfitState"]
+__all__ = ["CellfitState", "StoppedRun"]
+
+
+@dataclass
+class StoppedRun:
+    """A training run stopped before its end, which can go on where it stopped.
+
+    Attributes
+    ----------
+    images, annotations : list of ndarray
+        What it trained on (copies taken when it started): ``(P, C, Y, X)`` and
+        ``(P, Y, X)``; going on needs the very same.
+    config : TrainConfig
+        Its settings; ``config.checkpoint`` is its resume checkpoint.
+    image_name : str
+        The image layer it was started on (for the live preview).
+    in_place : bool
+        It trained the model in memory further (rather than a new model).
+    step : int
+        Steps taken when it stopped.
+    """
+
+    images: list[np.ndarray]
+    annotations: list[np.ndarray]
+    config: TrainConfig
+    image_name: str
+    in_place: bool
+    step: int = 0
+
+    @property
+    def can_continue(self) -> bool:
+        """Its checkpoint is there to go on from."""
+        return self.config.checkpoint is not None and Path(self.config.checkpoint).is_file()
 
 
 @dataclass
@@ -57,6 +99,9 @@ class CellfitState:
     threads : callable
         Torch CPU threads for a job on a device (None: leave torch's setting); the
         benchmark ``benchmarks/gui_latency.py`` swaps it to compare settings.
+    stopped_run : StoppedRun or None
+        The training that made the model in memory, when it was stopped before its end
+        (it can go on where it stopped); None otherwise.
     """
 
     viewer: Any
@@ -70,6 +115,8 @@ class CellfitState:
     diameter: float | None = None
     tta: bool = False
     threads: Callable[[torch.device], int | None] = field(default=gui_friendly_threads)
+    stopped_run: StoppedRun | None = None
+    _scratch: Path | None = field(default=None, init=False, repr=False)
 
     # ----------------------------------------------------------------- layers
     def image_layer(self) -> Image | None:
@@ -92,11 +139,34 @@ class CellfitState:
         return self.model is not None and self.info is not None
 
     def set_model(
-        self, model: torch.nn.Module, info: ModelInfo, path: Path | None, saved: bool
+        self,
+        model: torch.nn.Module,
+        info: ModelInfo,
+        path: Path | None,
+        saved: bool,
+        stopped_run: StoppedRun | None = None,
     ) -> None:
-        """Make ``model`` the model in memory."""
+        """Make ``model`` the model in memory; ``stopped_run``: the training that made it
+        was stopped before its end and can go on (any other stopped run is forgotten)."""
         self.model, self.info = model, info
         self.model_path, self.model_saved = path, saved
+        if stopped_run is None:
+            self.forget_stopped_run()
+        self.stopped_run = stopped_run
+
+    def forget_stopped_run(self) -> None:
+        """No stopped training goes on any more: its checkpoint is deleted."""
+        if self.stopped_run is not None:
+            remove_checkpoint(self.stopped_run.config.checkpoint)
+        self.stopped_run = None
+
+    def checkpoint_path(self) -> Path:
+        """Where the dock's training keeps its resume checkpoint: in a temporary folder
+        of this state's own, deleted with the state (or when Python exits)."""
+        if self._scratch is None:
+            self._scratch = Path(tempfile.mkdtemp(prefix="cellfit-"))
+            weakref.finalize(self, shutil.rmtree, self._scratch, True)
+        return self._scratch / "training.resume"
 
     def model_device(self) -> torch.device:
         """The device the model in memory is on (call only with a model)."""

@@ -1,8 +1,13 @@
-"""2 Train: what to train and for how long, Train / Stop, and the live preview and plot.
+"""2 Train: what to train and for how long, Train / Continue / Stop, and the live
+preview and plot.
 
 Train trains a new model or fine-tunes the one in memory (:meth:`TrainPanel.train_plan`)
 on every annotated slice of the chosen image and of every other image that has a
-'<name> annotation' layer, in a :class:`~cellfit.plugin.jobs.TrainJob`.
+'<name> annotation' layer, in a :class:`~cellfit.plugin.jobs.TrainJob`: a new run, with
+its own warm-up and learning-rate schedule. A run stopped before its end leaves a
+resume checkpoint (:attr:`CellfitState.stopped_run`), and Continue goes on with it
+where it stopped (the engine's ``TrainConfig.resume``): the rest of its steps or time,
+on what it was training on then.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from cellfit.plugin import _safety  # noqa: F401  (first: imports the torch stac
 
 # isort: on
 import time
+from dataclasses import replace
 from functools import partial
 
 import numpy as np
@@ -45,7 +51,7 @@ from cellfit.plugin._layers import (
 )
 from cellfit.plugin._plot import TrainingPlot
 from cellfit.plugin._runner import JobRunner
-from cellfit.plugin._state import CellfitState
+from cellfit.plugin._state import CellfitState, StoppedRun
 from cellfit.plugin._tooltips import CHOICES, LABELS, TIPS, train_button_tip
 from cellfit.plugin.jobs import PredictResult, TrainJob, TrainResult, TrainUpdate
 from cellfit.plugin.panels._base import Panel, combo, row_label, shrinkable
@@ -64,6 +70,11 @@ DEFAULT_PATCH_GPU = 256
 DEFAULT_SECONDS = int(TrainConfig().time_limit)
 PREVIEW_EVERY = TrainConfig().preview_every
 VAL_EVERY = 25  # validation points on the live plot (and best-model checkpoints)
+CONTINUE_TIP = (
+    "Go on with the training that was stopped, where it stopped: the rest of its steps "
+    "or time, at the learning rate it had reached, on the annotation it was training on "
+    "then (press Train more to train again on the annotation as it is now)."
+)
 
 
 def _device_words(device: str) -> str:
@@ -91,6 +102,7 @@ class TrainPanel(Panel):
         self._preview_plane: int | None = None
         self._preview_stack: tuple[int, ...] = ()  # stack axes of the kept model's preview
         self._in_place = False  # the model in memory is trained (not a new one)
+        self._run: StoppedRun | None = None  # the running training, should it be stopped
         self._preview_after = False  # preview the kept model once the job ended
         self._last_ui = 0.0
         runner.finished.connect(self._on_finished)
@@ -109,10 +121,14 @@ class TrainPanel(Panel):
         row = QHBoxLayout()
         self.train_button = QPushButton("Train")
         self.train_button.clicked.connect(self.start_training)
+        self.continue_button = QPushButton("Continue")
+        self.continue_button.setToolTip(CONTINUE_TIP)
+        self.continue_button.clicked.connect(self.continue_training)
         self.stop_button = QPushButton("Stop")
         self.stop_button.setToolTip(TIPS["stop"])
         self.stop_button.clicked.connect(self.stop)
         row.addWidget(self.train_button, 2)
+        row.addWidget(self.continue_button, 1)
         row.addWidget(self.stop_button, 1)
         lay.addLayout(row)
         self.train_bar = QProgressBar()
@@ -265,27 +281,69 @@ class TrainPanel(Panel):
             )
             return
         plan = self.train_plan()
-        config = self.train_config(plan)
+        # a stopped run leaves a checkpoint for Continue (none is written on time: the
+        # dock cannot go on after a crash anyway)
+        config = replace(
+            self.train_config(plan), checkpoint=self.state.checkpoint_path(), checkpoint_every=None
+        )
         # the shipped starting model is loaded afresh by the engine; another model in
         # memory is trained in place
         in_place = plan == TrainPlan.FINE_TUNE or (plan == TrainPlan.ADAPT and config.init is None)
-        self._in_place = in_place
+        what = {
+            TrainPlan.FINE_TUNE: "Fine-tuning the model",
+            TrainPlan.ADAPT: "Fine-tuning the starting model",
+            TrainPlan.STARTING: "Training a new model from the starting model",
+        }.get(plan, "Training a new model from scratch")
+        where = f"{len(used)} images" if len(used) > 1 else f"'{used[0]}'"
+        run = StoppedRun(images, anns, config, image.name, in_place)
+        self._start_job(run, image, f"{what} on {where}: preparing…", what)
+
+    def continue_training(self) -> None:
+        """Go on with the stopped training where it stopped (:attr:`CellfitState.stopped_run`)."""
+        run = self.state.stopped_run
+        if run is None or self.refuse_while_busy():
+            return
+        if not run.can_continue:
+            self.state.forget_stopped_run()
+            self.update_controls()
+            show_error(
+                "The stopped training cannot go on any more (its checkpoint is gone): "
+                "press Train to train again."
+            )
+            return
+        image = find_layer(self.state.viewer, run.image_name, Image)
+        resumed = replace(run, config=replace(run.config, resume=True))
+        status = f"Continuing the stopped training from step {run.step}…"
+        self._start_job(resumed, image, status, "Continuing the training")
+
+    def _start_job(self, run: StoppedRun, image: Image | None, status: str, what: str) -> None:
+        """Start training ``run``: a new run (the model in memory trained further when
+        ``run.in_place``), or the stopped one going on (``run.config.resume``: the
+        engine rebuilds the model from the checkpoint); the live preview on ``image``
+        (None: no preview)."""
+        config = run.config
         try:
             device = resolve_device(config.device)
         except CellfitError as exc:
             show_error(str(exc))
             return
+        if not config.resume:  # a new run replaces a stopped one; its plot starts afresh
+            self.state.forget_stopped_run()
+            self.plot.clear()
+        in_place = run.in_place and not config.resume
+        self._in_place = run.in_place
+        self._run = run
         preview = None
         self._preview_plane = None
-        if self.preview_check.isChecked():
+        if self.preview_check.isChecked() and image is not None:
             plane = self.state.current_plane(image)
             preview = (plane, plane_of(layer_data(image), plane, image.rgb))
             self._preview_plane = plane
-        self._image_name = image.name
-        self._stack = layer_stack_shape(image)
+        self._image_name = run.image_name
+        self._stack = layer_stack_shape(image) if image is not None else ()
         self.job = TrainJob(
-            images,
-            anns,
+            run.images,
+            run.annotations,
             config,
             model=self.state.model if in_place else None,
             info=self.state.info if in_place else None,
@@ -293,16 +351,9 @@ class TrainPanel(Panel):
             threads=self.state.threads(device),
             postprocess=self.state.postprocess_overrides(),
         )
-        self.plot.clear()
         self.first_preview_seconds = None
         self.stop_seconds = None
-        what = {
-            TrainPlan.FINE_TUNE: "Fine-tuning the model",
-            TrainPlan.ADAPT: "Fine-tuning the starting model",
-            TrainPlan.STARTING: "Training a new model from the starting model",
-        }.get(plan, "Training a new model from scratch")
-        where = f"{len(used)} images" if len(used) > 1 else f"'{used[0]}'"
-        self.train_status.setText(f"{what} on {where}: preparing…")
+        self.train_status.setText(status)
         self.runner.start(
             "train", self.job, self._on_result, on_yield=self._on_update,
             bar=self.train_bar, desc=f"cellfit: {what.lower()}",
@@ -386,7 +437,15 @@ class TrainPanel(Panel):
             return
         # a new model: no file holds it yet
         path = self.state.model_path if self._in_place else None
-        self.state.set_model(result.model, result.info, path, saved=False)
+        run = self._run
+        stopped = None
+        if result.stopped and run is not None and run.can_continue:
+            stopped = replace(
+                run,
+                config=replace(run.config, resume=False),
+                step=int(result.record.get("steps", 0)),
+            )
+        self.state.set_model(result.model, result.info, path, saved=False, stopped_run=stopped)
         self._preview_after = self.preview_check.isChecked()
         self.fresh_check.setChecked(False)
         rec = result.record
@@ -400,6 +459,11 @@ class TrainPanel(Panel):
             text += f". Validation on {rec.get('validated_on', 'the annotation')}: {scores}"
         if rec.get("guard"):  # the model it started from was kept
             text += f". {rec['guard']}"
+        elif stopped is not None:
+            text += (
+                ". Press Continue to go on where it stopped, or correct the worst "
+                "mistakes and press Train to fine-tune, or segment."
+            )
         else:
             text += ". Correct the worst mistakes and press Train to fine-tune, or segment."
         self.train_status.setText(text)
@@ -453,6 +517,7 @@ class TrainPanel(Panel):
         self.train_button.setEnabled(not busy and has_image)
         self.train_button.setText("Train more (fine-tune)" if goes_on else "Train")
         self.train_button.setToolTip(train_button_tip(str(plan)))
+        self.continue_button.setEnabled(not busy and self.state.stopped_run is not None)
         self.stop_button.setEnabled(busy and self.runner.kind == "train")
         self.fresh_check.setEnabled(self.state.model is not None and not busy)
         self.start_combo.setEnabled(not busy and not goes_on)
