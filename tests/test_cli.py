@@ -700,3 +700,37 @@ def test_the_demo_has_its_own_short_default(monkeypatch):
     monkeypatch.setattr(ccli, "run_demo", lambda out, **kw: seen.update(kw) or 0)
     assert main(["demo", "--device", "cpu"]) == 0
     assert seen["time_limit"] == DEMO_SECONDS == 60.0
+
+
+def test_progress_in_a_log_is_whole_lines_not_carriage_returns(tmp_path, capsys, model_file):
+    # stderr is not a terminal here (as in a log file or a cluster job's output): a line
+    # per file, none of the carriage returns that redraw a bar on a terminal
+    (tmp_path / "in").mkdir()
+    for k in range(3):
+        image, _ = synthetic_cells((40, 40), n_cells=3, seed=k)
+        tifffile.imwrite(tmp_path / "in" / f"f{k}.tif", image)
+    code, _, err = run(capsys, "predict", model_file, tmp_path / "in", "--out", tmp_path / "o")
+    assert code == 0, err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("files:")]
+    assert [line.split("|")[-1].split()[0] for line in lines][-1] == "3/3"
+    assert len(lines) == 4  # the start, then one per file
+
+
+def test_a_log_gets_a_training_line_every_few_seconds_at_most(monkeypatch):
+    import io
+
+    from cellfit import console
+
+    clock = iter(range(0, 10_000, 2))  # 2 s between two updates
+    monkeypatch.setattr(console.time, "monotonic", lambda: next(clock))
+    log = io.StringIO()
+    bar = console.LineBar(total=100, file=log, every=10)
+    for _ in range(100):
+        bar.update(1)
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue()
+    # one line at the start, one every 10 s of the 200 s, and the last one
+    assert 20 <= len(lines) <= 23, lines
+    assert lines[-1].split("|")[-1].split()[0] == "100/100"

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from cellfit import __version__
 from cellfit.batch import predict_files
 from cellfit.checkpoint import resume_path
-from cellfit.console import FLAGS, run_training
+from cellfit.console import FLAGS, progress_bar, run_training
 from cellfit.demo import DEMO_SECONDS, run_demo
 from cellfit.devices import describe_devices
 from cellfit.errors import CellfitError, worded
@@ -352,7 +352,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     try:
         for ev in events:
             if files_bar is None:
-                files_bar = tqdm(total=ev.n_files, desc="files", unit="file", position=0)
+                # in a log: a line per file
+                files_bar = progress_bar(every=0, total=ev.n_files, desc="files",
+                                         unit="file", position=0)
                 # the second bar only on a terminal (in a log it would garble the lines)
                 inner = tqdm(total=0, desc="slices", unit="slice", position=1, leave=False,
                              disable=None)
