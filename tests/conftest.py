@@ -4,13 +4,22 @@ crashes under Mesa."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import segmentation_models_pytorch  # noqa: F401
 import torch  # noqa: F401
 import torchvision  # noqa: F401
+from hypothesis import settings
 
 from cellfit.synthetic import sparse_annotation, synthetic_cells
+
+# Property tests draw the same examples on every run (reproducible CI) and keep no example
+# database; HYPOTHESIS_PROFILE=explore draws new ones each run.
+settings.register_profile("ci", derandomize=True, database=None, deadline=None)
+settings.register_profile("explore", database=None, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture
