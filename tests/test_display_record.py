@@ -20,10 +20,10 @@ def test_the_starting_models_pretraining_is_not_counted_as_a_run_of_the_user():
     from cellfit.starting import starting_model_path
 
     info = read_model_info(starting_model_path())
-    # the shipped file says so, for each of its pretraining runs (v1, then v2's)
+    # the shipped file says so, for each of its pretraining runs (v1, then v2's and v3's)
     assert len(info.training) >= 2
     assert all(r["purpose"].startswith(STARTING_PURPOSE) for r in info.training)
-    assert info.training[-1]["purpose"] == STARTING_PURPOSE + " v2"
+    assert info.training[-1]["purpose"] == STARTING_PURPOSE + " v3"
     alone = model_record_html(info, None, saved=True)
     assert "Pretraining" in alone and "not your images" in alone and "Run 1" not in alone
     assert alone.count("Pretraining") == len(info.training)
