@@ -22,14 +22,14 @@ import torch
 import cellfit.train as ctrain
 from _clock import steps_take
 from _faults import fill_disk_under
-from _nets import TinyNet
+from _nets import FakeNetTrainer
 from cellfit.checkpoint import read_checkpoint, resume_path, write_checkpoint
 from cellfit.cli import main
 from cellfit.errors import CellfitError
 from cellfit.model import ModelInfo, build_model, load_model, read_model_info, save_model
 from cellfit.starting import TrainPlan
 from cellfit.synthetic import sparse_annotation, synthetic_cells
-from cellfit.train import TrainConfig, Trainer, new_model_info
+from cellfit.train import TrainConfig, Trainer
 
 TINY = {"patch_size": 32, "batch_size": 2, "device": "cpu", "val_every": 2, "warmup_steps": 3}
 #: the real U-Net++, small
@@ -40,17 +40,6 @@ SMALL_NET = {
     "device": "cpu",
     "val_every": 2,
 }
-
-
-class FakeNetTrainer(Trainer):
-    """The trainer with a two-convolution network: every other stage is the real one."""
-
-    def _build_network(self, planes, anns, model, info):
-        self.plan, self.init = TrainPlan.SCRATCH, None
-        self.info = new_model_info(self.config, planes, anns, scale=1.0)
-        torch.manual_seed(self.config.seed)
-        self.model = TinyNet(self.info.in_channels, self.info.n_classes)
-        self.fine_tuning, self.base_lr, self.teacher = False, self.config.lr, None
 
 
 @pytest.fixture(scope="module")

@@ -12,28 +12,17 @@ import pytest
 import torch
 
 from _clock import steps_take
-from _nets import TinyNet
+from _nets import FakeNetTrainer, TinyNet
 from cellfit.errors import CellfitError
 from cellfit.events import Progress
 from cellfit.model import ModelInfo, build_model, model_summary, read_model_info, save_model
 from cellfit.starting import TrainPlan, choose_start, plan_for_model, starting_model_path
 from cellfit.synthetic import sparse_annotation, synthetic_cells
-from cellfit.train import TrainConfig, Trainer, TrainEvent, config_dict, new_model_info
+from cellfit.train import TrainConfig, Trainer, TrainEvent, config_dict
 
 TINY = {"patch_size": 32, "batch_size": 2, "device": "cpu", "val_every": 2, "warmup_steps": 1}
 #: the real U-Net++, small
 SMALL_NET = {"decoder_channels": (16, 16, 16, 16, 16), "patch_size": 64}
-
-
-class FakeNetTrainer(Trainer):
-    """The trainer with its network stage replaced: every other stage is the real one."""
-
-    def _build_network(self, planes, anns, model, info):
-        self.plan, self.init = TrainPlan.SCRATCH, None
-        self.info = new_model_info(self.config, planes, anns, scale=1.0)
-        torch.manual_seed(self.config.seed)
-        self.model = TinyNet(self.info.in_channels, self.info.n_classes)
-        self.fine_tuning, self.base_lr, self.teacher = False, self.config.lr, None
 
 
 @pytest.fixture(scope="module")
