@@ -17,6 +17,7 @@ import builtins
 import errno
 import io
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,7 @@ def cli(capsys, *args) -> tuple[int, str, list[str]]:
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
+    assert "<tifffile" not in out + err  # the TIFF library's own log lines (issue #12)
     return code, err, [line for line in err.splitlines() if line.startswith("cellfit: ")]
 
 
@@ -83,6 +85,11 @@ def one_sentence(message: str | None, *fragments: str) -> str:
     assert "\n" not in message and message.rstrip().endswith("."), message
     for bad in ("Traceback", "internal error", "unexpected error", "please report"):
         assert bad not in message, message
+    # no library text: "(IndexError: list index out of range)", "header=b'hell'",
+    # "<tifffile.TiffPages @…> invalid offset…" (issue #12)
+    assert not re.search(r"\b[A-Za-z]*(Error|Exception)\b", message), message
+    for raw in ("<tifffile", "header=b", "TiffPage"):
+        assert raw not in message, message
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
     return message
@@ -176,9 +183,10 @@ def unreadable(monkeypatch):
 #: case -> a fragment of the one sentence that must answer it
 BAD_IMAGES = {
     "not a TIFF (a PNG)": "is not a TIFF file: cellfit reads .tif/.tiff files",
-    "text file named .tif": "could not be read as a TIFF",
+    "text file named .tif": "its content is not a TIFF image, though its name ends in .tif",
     "truncated TIFF": "the file may be truncated or corrupt: export it again",
     "corrupt TIFF": "the file may be truncated or corrupt: export it again",
+    "TIFF header, no page": "the file may be truncated or corrupt: export it again",
     "empty file": "could not be read as a TIFF: the file is empty (0 bytes)",
     "1-D image": "an image needs at least two dimensions",
     "NaN pixels": "has NaN or infinite pixels, which cellfit cannot use",
@@ -207,6 +215,8 @@ def write_bad_image(folder: Path, case: str, unreadable, name: str = "bad") -> P
             start, size = tif.pages[0].dataoffsets[0], tif.pages[0].databytecounts[0]
         raw[start + 8 : start + size] = b"\xff" * (size - 8)
         path.write_bytes(bytes(raw))
+    elif case == "TIFF header, no page":  # its first page lies past the end of the file
+        path.write_bytes(b"II*\x00" + (10**6).to_bytes(4, "little") + bytes(100))
     elif case == "empty file":
         path.write_bytes(b"")
     elif case == "1-D image":
@@ -887,7 +897,8 @@ def test_the_dock_says_what_is_wrong_and_stays_usable(
     widget.image_combo.setCurrentText("nan")
     expect(segment.predict_image, "has NaN or infinite pixels")
 
-    # Segment folder: each bad file is a warning, the good one is done
+    # Segment folder: each bad file is listed in the Segment tab with its reason (one
+    # warning names them), the good one is done
     folder = tmp_path / "in"
     for k, case in enumerate(
         (
@@ -907,9 +918,12 @@ def test_the_dock_says_what_is_wrong_and_stays_usable(
     segment.predict_folder()
     wait()
     warned = [m for sev, m in _notes(n) if sev == "warning"]
-    assert len(warned) == 6 and segment.last_batch_result.done == 1, _notes(n)
-    for message in warned:
-        one_sentence(message, " was not segmented: ")
+    assert len(warned) == 1 and segment.last_batch_result.done == 1, _notes(n)
+    one_sentence(warned[0], "6 files were not segmented (bad0.tif, bad1.tif, bad2.tif, …)")
+    listed = [segment.failed_list.item(i).text() for i in range(segment.failed_list.count())]
+    assert len(listed) == 6 and segment.failed_label.text() == "6 files were not segmented:"
+    for k, text in enumerate(listed):
+        one_sentence(text, f"bad{k}.tif")
     assert files_under(tmp_path / "out") == ["good_labels.tif"]
 
     # Save model into a folder that cannot be written, or onto a full disk

@@ -555,16 +555,27 @@ def test_predict_bad_files_are_reported_and_the_batch_goes_on(tmp_path, capsys, 
     (inputs / "b_cut.tif").write_bytes(raw[: len(raw) // 3])
     (inputs / "c_text.tif").write_text("not an image")
     tifffile.imwrite(inputs / "d_good.tif", image[::-1])
+    (inputs / "e_empty.tif").write_bytes(b"")
+    # a TIFF header whose first page lies past the end: tifffile logs a line of its own
+    (inputs / "f_offset.tif").write_bytes(b"II*\x00" + (10**6).to_bytes(4, "little") + bytes(100))
     before = snapshot(inputs)
     out = tmp_path / "out"
     code, o, err = run(capsys, "predict", model_file, inputs, "--out", out, "--probabilities")
     assert code == 1
     assert "Traceback" not in o + err
     reported = [line for line in err.splitlines() if line.startswith("cellfit: ")]
-    assert len(reported) == 2
+    assert len(reported) == 4
     assert "b_cut.tif" in reported[0] and "truncated or corrupt" in reported[0]
     assert "c_text.tif" in reported[1] and "could not be read as a TIFF" in reported[1]
-    assert "2 file(s) segmented" in err and "2 failed: b_cut.tif; c_text.tif" in err
+    assert "its content is not a TIFF image" in reported[1]
+    assert "e_empty.tif" in reported[2] and "the file is empty (0 bytes)" in reported[2]
+    assert "f_offset.tif" in reported[3] and "truncated or corrupt" in reported[3]
+    # plain words only: no library text (issue #12)
+    for raw_text in ("<tifffile", "TiffPage", "Error:", "header=b", "invalid offset",
+                     "list index out of range", "failed to read"):
+        assert raw_text not in o + err, raw_text
+    assert "2 file(s) segmented" in err
+    assert "4 failed: b_cut.tif; c_text.tif; e_empty.tif; f_offset.tif" in err
     assert sorted(p.name for p in out.iterdir()) == [
         "a_good_labels.tif",
         "a_good_prob.tif",
@@ -644,6 +655,35 @@ def test_predict_the_same_file_twice_is_done_once(tmp_path, capsys, model_file):
     assert code == 0, err
     assert "1 file(s) segmented" in err
     assert [p.name for p in out.iterdir()] == ["x_labels.tif"]
+
+
+def test_the_last_training_line_says_what_was_checked_and_what_the_scores_mean(tmp_path, capsys):
+    """Stray one- or two-pixel pieces of painted cells are not cells (issue #12: "6
+    held-back cells" of 7 painted, F1 0.99 beside AP50 0.25); the last line says what
+    the two scores mean, in the words of the dock's Train tab."""
+    from cellfit.train import validation_text
+
+    image, labels = synthetic_cells(SHAPE, n_cells=8, seed=1)
+    ann = sparse_annotation(labels, fraction=1.0, seed=0)
+    n_cells = len(np.setdiff1d(np.unique(ann), [0, 1]))
+    rng = np.random.default_rng(0)
+    strays = 0
+    while strays < 20:  # specks of the painted ids on unannotated pixels
+        y, x = (int(v) for v in rng.integers(1, SHAPE[0] - 2, 2))
+        if (ann[y - 1 : y + 2, x - 1 : x + 2] == 0).all():
+            ann[y, x] = 2 + strays % n_cells
+            strays += 1
+    write_pair(tmp_path, "a.tif", image, ann)
+    code, _, err = run(capsys, *_train_args(tmp_path, "--val-every", "2", "--init", "scratch"))
+    assert code == 0, err
+    rec = read_model_info(tmp_path / "m.cellfit").training[-1]
+    held = round(0.2 * n_cells)
+    assert rec["validated_on"] == f"{held} held-back cell{'s' if held != 1 else ''}"
+    line = next(line for line in err.splitlines() if line.startswith("Finished: "))
+    assert validation_text(rec) in line
+    assert f"Validation on {rec['validated_on']}: pixels right F1 " in line
+    assert ", cells matched AP50 " in line and "(1 is perfect; F1: cell and background" in line
+    assert "AP50: cells found one for one" in line
 
 
 def test_train_from_scratch_and_from_a_model_file(data, capsys):

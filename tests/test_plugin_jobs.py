@@ -259,8 +259,26 @@ def test_user_message():
     err = CellfitError("make {setting} smaller.", setting="tile")  # no control: plain words
     assert user_message(err, "x") == "make the tile size smaller."
     assert "ran out of memory" in user_message(MemoryError(), "training")
+    # a bug: one plain sentence, without the exception's own text (issue #12)
     msg = user_message(RuntimeError("boom"), "training")
-    assert msg.startswith("training stopped on an unexpected error (RuntimeError: boom)")
+    assert msg.startswith("training stopped on a fault in cellfit itself, not in your data")
+    assert "please report it" in msg and "boom" not in msg and "RuntimeError" not in msg
+
+
+def test_a_train_job_stopped_before_its_first_step_returns_no_model():
+    """Stop while the trainer gets ready: nothing was trained, so no model (the dock
+    keeps what it had) and no record (a model's earlier record is not this run's)."""
+    from cellfit.plugin.jobs import TrainJob
+
+    img, lab = synthetic_cells((64, 64), n_cells=6, seed=2)
+    ann = sparse_annotation(lab, fraction=0.8, seed=0)
+    job = TrainJob([img[None, None]], [ann[None]], TrainConfig(steps=2, init="scratch", **TINY),
+                   **ONE)
+    job.stop()
+    result = _drain(job.run())
+    assert result.error is None and result.stopped
+    assert result.model is None and result.info is None and result.record == {}
+    assert job.step_seconds == []
 
 
 def test_fast_tile_covers_small_planes_in_one_tile():

@@ -249,3 +249,129 @@ def test_a_finished_job_is_freed_though_napari_keeps_its_worker(dock, qtbot):
     del job
     gc.collect()
     assert gone() is None
+
+
+# ------------------------------------------- what a new user stumbled on (issue #12)
+def _tiny_model_file(tmp_path):
+    import torch
+
+    from cellfit.model import ModelInfo, build_model, save_model
+
+    torch.manual_seed(0)
+    info = ModelInfo(encoder="mobilenet_v2", decoder_channels=[16, 16, 16, 16, 16])
+    return save_model(tmp_path / "tiny.cellfit", build_model(info), info)
+
+
+def test_greyed_out_controls_say_why_and_what_to_do(dock, qtbot, tmp_path):
+    """Each disabled button's tooltip starts with why it is disabled and what to do, and
+    follows the state: a job running, no model, no prediction, no image."""
+    from cellfit.plugin._tooltips import TIPS, WHY_OFF, busy_reason
+
+    annotate, train, seg, model = (dock.annotate_panel, dock.train_panel,
+                                   dock.segment_panel, dock.model_panel)
+
+    def off(widget, why: str) -> None:
+        assert not widget.isEnabled()
+        assert widget.toolTip().startswith(why), widget.toolTip()
+
+    # an image, no model: segmenting and saving need one
+    off(seg.predict_button, WHY_OFF["no_model"])
+    off(seg.batch_button, WHY_OFF["no_model"])
+    off(model.save_button, "Train or load a model first")
+    off(annotate.copy_button, "Train (with the live preview) or segment the image first")
+    assert "'cells labels'" in annotate.copy_button.toolTip()
+    off(train.continue_button, WHY_OFF["no_stopped_run"])
+    off(train.stop_button, WHY_OFF["not_training"])
+    off(seg.cancel_button, WHY_OFF["not_segmenting"])
+    off(train.fresh_check, WHY_OFF["no_model_fresh"])
+    off(seg.slices_combo, WHY_OFF["one_slice"])
+    assert train.train_button.isEnabled()
+    assert "Open an image" not in train.train_button.toolTip()
+
+    # a model: the reasons go, the tooltips say what the buttons do
+    assert model.load_model_file(_tiny_model_file(tmp_path))
+    assert seg.predict_button.isEnabled() and seg.predict_button.toolTip() == TIPS["predict"]
+    assert model.save_button.isEnabled() and model.save_button.toolTip() == TIPS["save"]
+
+    # a job runs: every control it locks says what runs and how to end it
+    job = HeldJob()
+    dock.runner.start("train", job, lambda _result: None)
+    try:
+        for widget in (train.train_button, seg.predict_button, model.load_button,
+                       model.save_button, train.patch_combo):
+            off(widget, busy_reason("train"))
+        assert train.stop_button.isEnabled() and train.stop_button.toolTip() == TIPS["stop"]
+    finally:
+        with qtbot.waitSignal(dock.runner.finished, timeout=10_000):
+            job.release.set()
+    assert train.train_button.isEnabled()
+    assert not train.train_button.toolTip().startswith(busy_reason("train"))
+
+    # no image at all
+    dock.viewer.layers.clear()
+    off(annotate.create_button, WHY_OFF["no_image"])
+    off(annotate.cell_button, WHY_OFF["no_image"])
+    off(train.train_button, WHY_OFF["no_image"])
+    off(seg.predict_button, WHY_OFF["no_image"])
+
+
+def test_the_top_line_says_the_starting_model_segments_without_training(dock):
+    text = dock.model_label.text()
+    assert "No model yet" in text
+    assert "starting model" in text and "without any training" in text
+    assert "Use the starting model as is" in text
+
+
+def test_the_train_button_says_more_only_for_a_model_trained_on_painted_cells(dock, tmp_path):
+    """Use the starting model as is: nothing was trained on your cells yet, so the
+    button does not say "Train more"; a model file loaded (trained before) does."""
+    train, model = dock.train_panel, dock.model_panel
+    assert train.train_button.text() == "Train"
+    assert model.use_starting_model()
+    assert train.train_plan() == "adapt"
+    assert "more" not in train.train_button.text()
+    assert train.train_button.text() == "Train (adapt the starting model)"
+    assert model.load_model_file(_tiny_model_file(tmp_path))
+    assert train.train_plan() == "fine-tune"
+    assert train.train_button.text() == "Train more (fine-tune)"
+
+
+def test_an_error_is_said_in_full_in_the_dock_status_line(dock, qtbot):
+    """Errors go into the dock's status line too (a narrow window cuts napari's
+    notifications off); the next job clears it."""
+    status = dock.status_label
+    assert status.isHidden() and status.text() == ""
+    dock.segment_panel.predict_image()  # no model yet
+    assert not status.isHidden() and status.wordWrap()
+    assert status.text().startswith("There is no model yet: train one")
+    assert status.text().endswith("Use the starting model as is.")  # in full
+    dock.annotate_panel.use_prediction_as_annotation()
+    assert status.text().startswith("There is no 'cells labels' layer yet")
+    job = HeldJob()
+    with qtbot.waitSignal(dock.runner.finished, timeout=10_000):
+        dock.runner.start("predict", job, lambda _result: None)
+        assert status.isHidden() and status.text() == ""
+        job.release.set()
+
+
+def test_the_files_a_folder_batch_could_not_segment_are_listed_with_their_reasons(dock):
+    from cellfit.plugin.jobs import BatchResult
+
+    seg = dock.segment_panel
+    assert seg.failed_list.isHidden() and seg.failed_label.isHidden()
+    reasons = [
+        ("empty.tif", "image empty.tif could not be read as a TIFF: the file is empty (0 "
+                      "bytes), perhaps a copy or export that did not finish; export it again."),
+        ("cut.tif", "image cut.tif could not be read as a TIFF: the file may be truncated "
+                    "or corrupt: export it again."),
+    ]
+    seg._on_batch_result(BatchResult(done=3, failed=reasons, n_files=5, out_dir="/out"))
+    assert not seg.failed_list.isHidden()
+    assert seg.failed_label.text() == "2 files were not segmented:"
+    items = [seg.failed_list.item(i).text() for i in range(seg.failed_list.count())]
+    assert items == [r[:1].upper() + r[1:] for _, r in reasons]
+    assert "2 failed" in seg.seg_status.text()
+    # the status line names them and points to the list
+    assert "2 files were not segmented (empty.tif, cut.tif)" in dock.status_label.text()
+    seg._on_batch_result(BatchResult(done=1, n_files=1, out_dir="/out"))
+    assert seg.failed_list.isHidden() and seg.failed_list.count() == 0

@@ -146,7 +146,7 @@ def test_another_model_forgets_the_stopped_training(dock, monkeypatch):
     # a checkpoint gone meanwhile: Continue says so and forgets the run
     state.set_model(model, info, None, saved=False, stopped_run=stopped)
     shown = []
-    monkeypatch.setattr("cellfit.plugin.panels.train.show_error", shown.append)
+    monkeypatch.setattr("cellfit.plugin.panels._base.show_error", shown.append)  # Panel.error
     train.continue_training()
     assert shown and "cannot go on" in shown[0] and state.stopped_run is None
     assert dock.runner.job is None

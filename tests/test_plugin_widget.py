@@ -230,7 +230,7 @@ def test_the_whole_loop(make_napari_viewer, qtbot, tmp_path, nuclei_crop):
     # models: save, show the record, load it back
     path = models.save_model_file(tmp_path / "cells")
     assert path == tmp_path / "cells.cellfit" and path.exists()
-    widget.tabs.setCurrentIndex(3)
+    widget.tabs.setCurrentWidget(models)  # the Model tab
     text = models.record_view.toPlainText()
     assert "Run 2" in text and "Run 1" in text and "fine-tuned" in text
     assert "Validation" in text and "cells" in text
@@ -339,6 +339,29 @@ def test_error_paths_notify_one_sentence(make_napari_viewer, qtbot, tmp_path):
     segment.in_edit.setText(str(src))
     expect(segment.predict_folder, "broken.tif was not segmented")
     assert segment.last_batch_result.done == 1
+    assert widget.status_label.text().startswith("broken.tif was not segmented: image broken.tif")
+
+    # a folder of bad files (issue #12): each one is listed in the Segment tab with its
+    # reason in plain words, no library text ("IndexError: list index out of range",
+    # "<tifffile.TiffPages @…> invalid offset…")
+    raw = (src / "ok.tif").read_bytes()
+    (src / "cut.tif").write_bytes(raw[: len(raw) // 2])
+    (src / "empty.tif").write_bytes(b"")
+    (src / "offset.tif").write_bytes(b"II*\x00" + (10**6).to_bytes(4, "little") + bytes(100))
+    expect(segment.predict_folder, "4 files were not segmented (broken.tif, cut.tif, empty.tif")
+    failed = dict(segment.last_batch_result.failed)
+    assert sorted(failed) == ["broken.tif", "cut.tif", "empty.tif", "offset.tif"]
+    assert segment.failed_label.text() == "4 files were not segmented:"
+    items = [segment.failed_list.item(i).text() for i in range(segment.failed_list.count())]
+    assert len(items) == 4 and not segment.failed_list.isHidden()
+    for text in items:
+        assert "Error" not in text and "tifffile" not in text and "header=" not in text, text
+        assert str(src) not in text  # the file's name, not its whole path
+    assert any(t.startswith("Image empty.tif could not be read as a TIFF: the file is empty")
+               for t in items)
+    assert any(t.startswith("Image offset.tif could not be read as a TIFF: the file may be "
+                            "truncated or corrupt") for t in items)
+    assert "list under Segment folder" in widget.status_label.text()
 
 
 @pytest.mark.slow
@@ -402,6 +425,88 @@ def test_rgb_and_several_annotated_images(make_napari_viewer, qtbot):
     assert used == ["gray", "colour"]
     assert images[0].shape == (1, 1, 80, 90) and images[1].shape == (1, 3, 80, 90)
     assert anns[1].shape == (1, 80, 90)
+
+
+# ----------------------------------------------------- the preview's layers (#12)
+def test_the_live_preview_of_a_training_shows_above_the_annotation(make_napari_viewer, qtbot):
+    """After Use prediction as annotation the annotation holds every predicted cell:
+    the next training's live preview goes above it, not under it (the layers were
+    there already, below the annotation, and stay: they are the user's)."""
+    from cellfit.plugin._layers import prediction_layers
+
+    viewer, widget, ann, _lab = _painted_widget(make_napari_viewer, qtbot)
+    train = widget.train_panel
+    prediction_layers(viewer, viewer.layers["cells"], ann)  # as a Segment made them
+
+    def names() -> list[str]:
+        return [layer.name for layer in viewer.layers]
+
+    assert names().index("cells labels") < names().index("cells annotation")
+    train.train_button.click()
+    try:
+        order = names()
+        assert (order.index("cells annotation") < order.index("cells probability")
+                < order.index("cells labels"))
+        assert viewer.layers.selection.active.name == ann.name  # painting goes on
+    finally:
+        train.stop()
+        _wait_idle(qtbot, widget)
+    assert "cells labels" in viewer.layers and "cells probability" in viewer.layers
+
+
+def test_a_training_stopped_before_its_first_step_changes_nothing(
+    make_napari_viewer, qtbot, monkeypatch
+):
+    """Stop pressed while training gets ready: no model is made (the record of the
+    starting model's own training was shown as this run's: "1621 steps in 138 s"), and
+    the preview layers it added go again."""
+    from cellfit.plugin.jobs import TrainJob
+
+    class StoppedAtOnce(TrainJob):
+        def run(self):
+            self.stop()
+            return (yield from super().run())
+
+    monkeypatch.setattr("cellfit.plugin.panels.train.TrainJob", StoppedAtOnce)
+    viewer, widget, _ann, _lab = _painted_widget(make_napari_viewer, qtbot)
+    train = widget.train_panel
+    before = [layer.name for layer in viewer.layers]
+    train.train_button.click()
+    assert "cells labels" in viewer.layers
+    _wait_idle(qtbot, widget)
+    res = train.last_result
+    assert res.model is None and res.error is None and res.record == {}
+    assert widget.state.model is None
+    assert train.train_status.text().startswith("Training was stopped before the first step")
+    assert [layer.name for layer in viewer.layers] == before
+
+
+def test_a_failed_training_removes_the_layers_it_added_and_only_those(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    widget = _open_widget(viewer)
+    train = widget.train_panel
+    img, lab = synthetic_cells((96, 96), n_cells=6, seed=4)
+    viewer.add_image(img, name="cells")
+    ann = widget.annotate_panel.create_annotation_layer()
+    _paint(ann, np.where(sparse_annotation(lab, seed=0) > 0, 1, 0))  # background only
+    _tiny_training(widget, steps=2)
+    before = [layer.name for layer in viewer.layers]
+    train.train_button.click()
+    assert "cells labels" in viewer.layers  # added at once for the live preview
+    _wait_idle(qtbot, widget)
+    assert "no cell is annotated" in train.last_result.error
+    assert [layer.name for layer in viewer.layers] == before
+    assert "no cell is annotated" in widget.status_label.text()
+
+    # layers the user had are never removed
+    viewer.add_image(np.zeros((96, 96), np.float32), name="cells probability")
+    viewer.add_labels(np.zeros((96, 96), np.int32), name="cells labels")
+    widget.image_combo.setCurrentText("cells")
+    had = [layer.name for layer in viewer.layers]
+    train.train_button.click()
+    _wait_idle(qtbot, widget)
+    assert train.last_result.error
+    assert sorted(layer.name for layer in viewer.layers) == sorted(had)
 
 
 # ------------------------------------------------------------- the starting model

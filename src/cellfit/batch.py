@@ -15,6 +15,11 @@ plugin's batch button.
   redoes everything.
 * Scale-out: with ``scheduler``, files (and slices of long stacks) run as dask tasks
   on a dask.distributed cluster (:mod:`cellfit.distributed`).
+* Measurements: with ``measure``, every file's cells go into ``<stem>_cells.csv``
+  beside its labels (written with them), and the run's ``summary.csv`` has a row per
+  file with its quality flags (:mod:`cellfit.measure`). Measuring is not part of the
+  fingerprint: finished files are not predicted again for it; those without a current
+  table are measured from their labels.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from pathlib import Path
 from cellfit import model as model_files
 from cellfit.devices import resolve_device
 from cellfit.distributed import predict_files_distributed
-from cellfit.errors import CellfitError, Notice
+from cellfit.errors import CellfitError, Notice, fault
 from cellfit.file_prediction import (
     FORMATS,
     HUGE_PIXELS,
@@ -33,19 +38,30 @@ from cellfit.file_prediction import (
     FileProgress,
     LoadedModel,
     Settings,
+    file_summary,
     fingerprint,
     join_notices,
+    measure_outputs,
+    measurements_current,
     output_paths,
     output_state,
     run_file,
 )
 from cellfit.io import expand_inputs, open_image
-from cellfit.outputs import file_digest, make_output_folder
+from cellfit.measure import (
+    FileSummary,
+    expected_from_model,
+    rank_flagged,
+    summary_table,
+    write_table,
+)
+from cellfit.outputs import file_digest, make_output_folder, read_fingerprint
 from cellfit.predict import DEFAULT_OVERLAP, DEFAULT_TILE
 from cellfit.starting import estimate_diameter, is_starting, needs_diameter, starting_model_path
 
 __all__ = [
     "HUGE_PIXELS",
+    "SUMMARY_NAME",
     "FileEvent",
     "FileProgress",
     "LoadedModel",
@@ -54,6 +70,9 @@ __all__ = [
     "predict_files",
     "run_file",
 ]
+
+#: the run's summary table (one row per file), written into the output folder with ``measure``
+SUMMARY_NAME = "summary.csv"
 
 def _check_out_dir(files: Sequence[Path], out_dir: Path) -> None:
     out_r = out_dir.resolve()
@@ -108,6 +127,7 @@ def predict_files(
     amp: bool = True,
     diameter: float | None = None,
     tta: bool = False,
+    measure: bool = False,
 ) -> Iterator[FileEvent]:
     """Predict every TIFF in ``inputs`` (files or folders) into ``out_dir``.
 
@@ -139,6 +159,12 @@ def predict_files(
         Test-time augmentation: average the prediction over flipped and rotated copies
         of each tile (a little more accurate, 4-8 times slower). Outputs made without
         it are redone when it is asked for.
+    measure : bool
+        Measure every cell into ``<stem>_cells.csv`` beside its labels, and write
+        :data:`SUMMARY_NAME` (a row per file, with its quality flags) into ``out_dir``
+        after the last file; each file's last event carries its
+        :class:`~cellfit.measure.FileSummary` (``summary``; its ``flags`` are set when
+        the run ends). Instance models only.
     """
     if format not in FORMATS:
         raise CellfitError(f"unknown output format {format!r}: use tiff or zarr.")
@@ -147,7 +173,7 @@ def predict_files(
         batch_size=batch_size, device=device, postprocess=dict(postprocess or {}),
         link_slices=link_slices, format=format, compression=compression,
         huge_pixels=huge_pixels, amp=amp, slices_per_task=slices_per_task,
-        diameter=diameter, tta=tta,
+        diameter=diameter, tta=tta, measure=measure,
     )
     if is_starting(model_path):
         model_path = starting_model_path()
@@ -162,30 +188,104 @@ def predict_files(
             "diameter: leave {setting} out.",
             setting="diameter_option",
         )
+    if measure and info.mode != "instances":
+        raise CellfitError(
+            f"{Path(model_path).name} predicts classes, not single cells, so there are no "
+            "cells to measure: predict without measuring, or use an instance model."
+        )
     digest = file_digest(model_path)
-    first_notice = None
-    if settings.diameter is None and needs_diameter(info):
-        settings.diameter, first_notice = _estimate_diameter(model_path, files, settings)
+    # every output complete: nothing to predict, no model to load, no diameter to estimate
+    finished = _all_complete(files, out_dir, settings, digest)
+    estimated: tuple[Path, Notice] | None = None  # the file the diameter came from, and the note
+    if settings.diameter is None and needs_diameter(info) and not finished:
+        settings.diameter, source, note = _estimate_diameter(model_path, files, settings)
+        estimated = (source, note)
     if scheduler is not None:
         events = predict_files_distributed(model_path, files, out_dir, settings, digest,
                                            scheduler)
     else:
-        model = LoadedModel(model_path, settings)
+        model = None if finished else LoadedModel(model_path, settings)
         make_output_folder(out_dir)
         events = (
             ev
             for i, f in enumerate(files)
             for ev in _predict_or_skip(model, i, len(files), f, out_dir, settings, digest)
         )
+    summaries: dict[int, FileSummary] = {}
     for ev in events:
-        if first_notice is not None:
-            ev.notice = join_notices(first_notice, ev.notice)
-            first_notice = None
+        if estimated is not None and ev.path == estimated[0]:  # the note is that file's
+            ev.notice = join_notices(estimated[1], ev.notice)
+            estimated = None
+        if measure and ev.status != "plane":
+            ev.summary, note = _file_summary(ev, out_dir, settings)
+            ev.notice = join_notices(ev.notice, note)
+            summaries[ev.index] = ev.summary
         yield ev
+    if measure:
+        used = settings.diameter
+        if used is None and needs_diameter(info):  # every file was finished before
+            used = _diameter_used(files, out_dir, settings)
+        expected = expected_from_model(info, used)
+        ordered = [summaries[i] for i in sorted(summaries)]
+        rank_flagged(ordered, expected)
+        write_table(out_dir / SUMMARY_NAME, summary_table(ordered))
 
 
-def _estimate_diameter(model_path, files, settings) -> tuple[float, Notice]:
-    """The cell diameter of the first readable file (middle plane), and a notice."""
+def _all_complete(files: Sequence[Path], out_dir: Path, settings: Settings, digest: str) -> bool:
+    """Whether every file's outputs are complete (nothing to predict: no diameter to
+    estimate)."""
+    if settings.overwrite:
+        return False
+    for f in files:
+        lab, prob = output_paths(f, out_dir, settings.format)
+        wanted = (lab, prob) if settings.probabilities else (lab,)
+        try:
+            if output_state(wanted, fingerprint(digest, f, settings)) != "complete":
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _diameter_used(files: Sequence[Path], out_dir: Path, settings: Settings) -> float | None:
+    """The cell diameter the outputs of an earlier run were made with (from their
+    fingerprint), for a run that estimated none because every file was finished."""
+    for f in files:
+        fp = read_fingerprint(output_paths(f, out_dir, settings.format)[0])
+        if fp and isinstance(fp.get("diameter"), (int, float)):
+            return float(fp["diameter"])
+    return None
+
+
+def _file_summary(ev: FileEvent, out_dir: Path, settings: Settings
+                  ) -> tuple[FileSummary, str | None]:
+    """The summary of a finished, skipped or failed file (measuring the labels of an
+    earlier run that were not measured), and a note when it measured them."""
+    f = Path(ev.path)
+    if ev.status == "failed":
+        why = str(ev.error) if ev.error is not None else "unknown error"
+        return FileSummary(f.name, error=f"not segmented: {why}"), None
+    lab = output_paths(f, out_dir, settings.format)[0]
+    note = None
+    try:
+        if not measurements_current(lab):
+            table = measure_outputs(f, lab, settings)
+            if table is None:
+                return FileSummary(f.name, error="not measured: its planes are too large"), None
+            if ev.status == "skipped":
+                note = f"measured the existing labels into {table.name}"
+        return file_summary(f, lab), note
+    except CellfitError as exc:
+        return FileSummary(f.name, error=f"not measured: {exc}"), None
+    except Exception as exc:  # a bug met on one file must not stop the batch
+        return FileSummary(f.name, error=(
+            f"not measured: internal error ({type(exc).__name__}: {exc}); this is a bug in "
+            "cellfit: please report it")), None
+
+
+def _estimate_diameter(model_path, files, settings) -> tuple[float, Path, Notice]:
+    """The cell diameter of the first readable file (middle plane), that file, and a
+    notice."""
     device = resolve_device(settings.device)
     model, info = model_files.load_model(model_path, device)
     for f in files:
@@ -195,7 +295,7 @@ def _estimate_diameter(model_path, files, settings) -> tuple[float, Notice]:
         except CellfitError:
             continue  # reported when the file's turn comes
         d = estimate_diameter(model, info, plane, device=device)
-        return d, Notice(
+        return d, f, Notice(
             f"cell diameter estimated at {d:g} pixels from {f.name}; to choose it yourself, "
             "set {setting}",
             setting="diameter_option",
@@ -203,7 +303,7 @@ def _estimate_diameter(model_path, files, settings) -> tuple[float, Notice]:
     raise CellfitError("none of the input files could be read: check the inputs.")
 
 
-def _predict_or_skip(model: LoadedModel, i: int, n_files: int, f: Path, out_dir: Path,
+def _predict_or_skip(model: LoadedModel | None, i: int, n_files: int, f: Path, out_dir: Path,
                      settings: Settings, digest: str) -> Iterator[FileEvent]:
     """The events of file ``i`` of a local batch: skipped when its outputs are complete,
     otherwise predicted (outdated outputs replaced); a failure is an event too."""
@@ -220,6 +320,10 @@ def _predict_or_skip(model: LoadedModel, i: int, n_files: int, f: Path, out_dir:
             if state == "outdated":
                 notice = (f"{lab_path.name} was made by another model, from an older "
                           f"{f.name} or with other settings: replacing it")
+        if model is None:  # every output was complete when the run began
+            raise CellfitError(
+                f"the outputs of {f.name} changed while cellfit ran: run the command again."
+            )
         gen = run_file(model, f, lab_path, prob_path if settings.probabilities else None,
                        settings, fp)
         n_planes = 1
@@ -254,8 +358,5 @@ def _predict_or_skip(model: LoadedModel, i: int, n_files: int, f: Path, out_dir:
     except Exception as exc:  # a bug met on one file must not stop the batch
         yield FileEvent(
             i, n_files, f, "failed",
-            error=CellfitError(
-                f"internal error ({type(exc).__name__}: {exc}); this is a bug in cellfit: "
-                "please report it"
-            ),
+            error=fault(exc, f"segmenting {f.name}"),
         )

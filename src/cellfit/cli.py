@@ -1,5 +1,5 @@
 """The ``cellfit`` command line: ``train``, ``predict``, ``evaluate``, ``demo``, ``info``,
-``devices``.
+``export``, ``devices``.
 
 Every bad input ends with one sentence on stderr (what is wrong, what to do) and exit
 status 2, without a traceback. Outputs are written atomically.
@@ -19,19 +19,21 @@ import numpy as np
 from tqdm import tqdm
 
 from cellfit import __version__
-from cellfit.batch import predict_files
+from cellfit.batch import SUMMARY_NAME, predict_files
 from cellfit.checkpoint import resume_path
 from cellfit.console import FLAGS, progress_bar, run_training
 from cellfit.demo import DEMO_SECONDS, run_demo
 from cellfit.devices import describe_devices
-from cellfit.errors import CellfitError, worded
+from cellfit.errors import CellfitError, fault, worded
+from cellfit.export import FORMATS, export_model
 from cellfit.io import pair_files, read_image, read_labels
 from cellfit.losses import DEFAULT_LOSS
+from cellfit.measure import FileSummary, flagged_first
 from cellfit.metrics import aggregate_instance_metrics, instance_metrics, pixel_metrics
 from cellfit.model import DEFAULT_ENCODER, read_model_info
 from cellfit.starting import is_scratch, is_starting, starting_model_path
 from cellfit.targets import annotation_from_mask, looks_like_mask
-from cellfit.train import TrainConfig, Trainer
+from cellfit.train import TrainConfig, Trainer, validation_text
 
 __all__ = ["FLAGS", "main"]
 
@@ -136,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Writes DIR/<stem>_labels.tif (and <stem>_prob.tif) for each input, "
         "streaming: stacks slice by slice, huge images tile by tile. A rerun skips files "
         "whose outputs are complete (made by this model from this input); --overwrite "
-        "redoes them. Inputs are never modified.",
+        "redoes them. Inputs are never modified. --measure adds DIR/<stem>_cells.csv (a "
+        "row per cell) and DIR/summary.csv (a row per file, with quality flags).",
     )
     p.add_argument("model", metavar="MODEL",
                    help="a model file, or 'starting' for cellfit's starting model as is")
@@ -168,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true",
                    help="average the prediction over flipped and rotated copies of the "
                    "image: a little more accurate, 4-8 times slower")
+    p.add_argument("--measure", action="store_true",
+                   help="measure every cell (position, area, shape, intensities) into "
+                   "<stem>_cells.csv beside its labels, and write summary.csv (a row per "
+                   "file: cell count, median area and intensity, quality flags); finished "
+                   "files are measured from their labels, not predicted again")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
     p.add_argument("--tile", type=_positive_int, default=512, metavar="PIXELS")
     p.add_argument("--overlap", type=int, default=64, metavar="PIXELS")
@@ -190,6 +198,32 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="show a model file's settings and training record")
     i.add_argument("model", metavar="MODEL")
     i.add_argument("--json", action="store_true")
+
+    x = sub.add_parser(
+        "export",
+        help="write a model for other tools: ONNX, or a bioimage.io model package",
+        description="onnx: the network with its softmax (input: the image normalised and "
+        "resized as the model says, height and width multiples of 32; output: class "
+        "probabilities; the model's settings in the file's metadata). bioimageio: a .zip "
+        "for bioimageio.core, deepImageJ or ilastik, with ONNX and TorchScript weights, test "
+        "data, a README with the training record and data licences, and the cellfit model "
+        "itself, so that cellfit predict and info take the package too. Needs "
+        "pip install 'napari-cellfit[export]'.",
+    )
+    x.add_argument("model", metavar="MODEL",
+                   help="a model file, a package cellfit exported, or 'starting'")
+    x.add_argument("--format", choices=FORMATS, required=True)
+    x.add_argument("--out", required=True, metavar="PATH",
+                   help="file to write (.onnx; a .zip for bioimageio)")
+    x.add_argument("--overwrite", action="store_true", help="replace PATH if it exists")
+    x.add_argument("--author", action="append", metavar="NAME",
+                   help="bioimageio: an author of the package (repeat for several)")
+    x.add_argument("--license", metavar="SPDX",
+                   help="bioimageio: the package's licence, an SPDX identifier (default "
+                   "BSD-3-Clause, cellfit's)")
+    x.add_argument("--sample", metavar="TIFF",
+                   help="bioimageio: an image whose first plane makes the test data and cover "
+                   "(default: a synthetic image with cells of the model's size)")
 
     sub.add_parser("devices", help="say which devices PyTorch sees and which cellfit would use")
     return parser
@@ -304,12 +338,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer.save(out)
     rec = trainer.info.training[-1]
     val = rec.get("validation") or {}
-    names = {"precision": "precision", "recall": "recall", "f1": "F1", "iou": "IoU", "ap50": "AP@0.5"}
+    # the same words as the dock's Train tab, then the other pixel figures
+    checked = validation_text(rec) or "Validation: not run"
+    names = {"precision": "precision", "recall": "recall", "iou": "IoU"}
     figures = ", ".join(f"{names[k]} {val[k]:.3f}" for k in names if k in val)
+    if figures:
+        checked += f". At step {rec['best_step']}, pixel {figures}"
     status = "Finished" if completed else "Interrupted; kept the best model so far"
     print(
-        f"{status}: {rec['steps']} steps in {rec['seconds']:.0f} s. Validation ({rec['validated_on']}) "
-        f"at step {rec['best_step']}: {figures or 'n/a'}.\nSaved model to {out}",
+        f"{status}: {rec['steps']} steps in {rec['seconds']:.0f} s. {checked}."
+        f"\nSaved model to {out}",
         file=sys.stderr,
     )
     if not completed and checkpoint.is_file():
@@ -342,8 +380,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         slices_per_task=args.slices_per_task,
         diameter=args.diameter,
         tta=args.tta,
+        measure=args.measure,
     )
     failed: list[tuple[Path, str]] = []
+    summaries: list[FileSummary] = []
     done = skipped = 0
     files_bar = inner = None
     current = None
@@ -385,6 +425,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 inner.refresh()
                 continue
             files_bar.update(1)
+            if ev.summary is not None:
+                summaries.append(ev.summary)
             if ev.status == "done":
                 done += 1
             elif ev.status == "skipped":
@@ -414,7 +456,32 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if failed:
         summary += f", {len(failed)} failed: " + "; ".join(f"{p.name}" for p, _ in failed)
     print(summary + ".", file=sys.stderr)
+    if args.measure:
+        print(quality_report(summaries, Path(args.out)), file=sys.stderr)
     return EXIT_FAILED_FILES if failed else 0
+
+
+#: most flagged files the quality report lists (the rest: summary.csv)
+REPORT_FILES = 10
+
+
+def quality_report(summaries: Sequence[FileSummary], out: Path) -> str:
+    """The lines printed after ``cellfit predict --measure``: where the tables are, and
+    the flagged files, most suspicious first."""
+    lines = [f"Measurements: {out / '<name>_cells.csv'} per file, {out / SUMMARY_NAME} "
+             "for the run."]
+    flagged = flagged_first(summaries)
+    if not flagged:
+        measured = sum(1 for s in summaries if s.error is None)
+        lines.append(f"Quality: nothing unusual in the {measured} measured file(s).")
+        return "\n".join(lines)
+    lines.append(f"Quality: {len(flagged)} file(s) to check first:")
+    for s in flagged[:REPORT_FILES]:
+        lines.append(f"  {s.file}: " + "; ".join(f.text for f in s.flags) + ".")
+    if len(flagged) > REPORT_FILES:
+        lines.append(f"  ... and {len(flagged) - REPORT_FILES} more (the flags column of "
+                     f"{SUMMARY_NAME}).")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------ evaluate
@@ -541,6 +608,23 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------- export
+def cmd_export(args: argparse.Namespace) -> int:
+    model = starting_model_path() if is_starting(args.model) else args.model
+    if args.format == "onnx" and (args.author or args.license or args.sample):
+        raise CellfitError(
+            "--author, --license and --sample are for --format bioimageio: leave them out "
+            "for ONNX."
+        )
+    extra = {}
+    if args.format == "bioimageio":
+        extra = {"authors": args.author, "license": args.license, "sample": args.sample}
+    out = export_model(model, args.out, args.format, overwrite=args.overwrite, **extra)
+    what = "ONNX model" if args.format == "onnx" else "bioimage.io model package"
+    print(f"Wrote the {what} {out}.", file=sys.stderr)
+    return 0
+
+
 def cmd_devices(args: argparse.Namespace) -> int:
     print(describe_devices())
     return 0
@@ -552,6 +636,7 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "demo": cmd_demo,
     "info": cmd_info,
+    "export": cmd_export,
     "devices": cmd_devices,
 }
 
@@ -573,11 +658,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: say so plainly, details on request
         if os.environ.get("CELLFIT_DEBUG"):
             raise
-        print(
-            f"cellfit: internal error ({type(exc).__name__}: {exc}); this is a bug in cellfit: "
-            "please report it, with the output of the same command run with CELLFIT_DEBUG=1.",
-            file=sys.stderr,
-        )
+        print(f"cellfit: internal error: {fault(exc, 'the command')}", file=sys.stderr)
         return 3
 
 

@@ -2,7 +2,9 @@
 
 It simulates a user's sparse strokes from the image's complete ground truth (and
 says so), trains for about a minute, predicts the whole image, scores the result
-against the full truth and writes labels, probabilities, the model and an overview PNG.
+against the full truth and writes labels, probabilities, the model and an overview PNG,
+then measures every predicted nucleus into a table (``nuclei_cells.csv``) and plots the
+distribution of their areas against the true nuclei's (``areas.png``, with matplotlib).
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from skimage.segmentation import find_boundaries
 from cellfit.console import run_training
 from cellfit.data import nuclei_dsb2018
 from cellfit.io import atomic_write_tiff
+from cellfit.measure import measure_plane, write_table
 from cellfit.metrics import aggregate_instance_metrics, instance_metrics
 from cellfit.postprocess import instances_from_probs
 from cellfit.predict import predict_stack
 from cellfit.synthetic import sparse_annotation
 from cellfit.train import TrainConfig, Trainer
 
-__all__ = ["DEMO_SECONDS", "overview_png", "run_demo"]
+__all__ = ["DEMO_SECONDS", "area_plot_png", "overview_png", "run_demo"]
 
 #: how long the demo fine-tunes by default: about a minute, so the whole demo is quick
 DEMO_SECONDS = 60.0
@@ -54,6 +57,40 @@ def overview_png(path: Path, image: np.ndarray, annotation: np.ndarray, labels: 
     out = (np.clip(panel, 0, 1) * 255).astype(np.uint8)
     tmp = path.with_name(f".{path.name}.part")
     iio.imwrite(tmp, out, extension=".png")
+    tmp.replace(path)
+    return path
+
+
+def area_plot_png(path: Path, areas: np.ndarray, truth_areas: np.ndarray | None = None,
+                  unit: str = "pixels") -> Path | None:
+    """Write a histogram of cell areas (and of the true cells' areas, outlined) as a
+    PNG; None, writing nothing, when matplotlib is not installed."""
+    try:  # an optional dependency (the bench extra)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    areas = np.asarray(areas, dtype=float)
+    both = areas if truth_areas is None else np.concatenate([areas, truth_areas])
+    top = float(np.percentile(both, 99.5)) if len(both) else 1.0
+    bins = np.linspace(0, max(top, 1.0), 31)
+    fig = Figure(figsize=(6, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.hist(np.clip(areas, 0, bins[-1]), bins=bins, color="#f2b705", alpha=0.85,
+            label=f"predicted ({len(areas)} cells, median {np.median(areas):.0f})"
+            if len(areas) else "predicted (no cells)")
+    if truth_areas is not None and len(truth_areas):
+        ax.hist(np.clip(truth_areas, 0, bins[-1]), bins=bins, histtype="step", color="#c0392b",
+                linewidth=1.6, label=f"ground truth ({len(truth_areas)} cells, median "
+                f"{np.median(truth_areas):.0f})")
+    ax.set_xlabel(f"cell area ({unit})")
+    ax.set_ylabel("cells")
+    ax.set_title("Areas of the segmented nuclei")
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.part")
+    fig.savefig(tmp, format="png")
     tmp.replace(path)
     return path
 
@@ -89,6 +126,9 @@ def run_demo(out: Path, time_limit: float = DEMO_SECONDS, device: str = "auto",
     atomic_write_tiff(out / "nuclei_prob.tif", probs.astype(np.float32))
     atomic_write_tiff(out / "nuclei_annotation.tif", annotation.astype(np.uint16))
     png = overview_png(out / "overview.png", image, annotation, labels, truth)
+    cells = measure_plane(labels, image)
+    table = write_table(out / "nuclei_cells.csv", cells)
+    plot = area_plot_png(out / "areas.png", cells["area_px"], measure_plane(truth)["area_px"])
     say("")
     say(f"Result against all {n_true} true nuclei (only {n_painted} were annotated):")
     say(f"  precision {m['precision_50']:.3f}   recall {m['recall_50']:.3f}   "
@@ -96,5 +136,9 @@ def run_demo(out: Path, time_limit: float = DEMO_SECONDS, device: str = "auto",
     say(f"  found {len(np.unique(labels)) - 1} objects")
     say(f"Wrote {out}/: model.cellfit, nuclei_labels.tif, nuclei_prob.tif, "
         f"nuclei_annotation.tif and {png.name} (image | annotation | prediction).")
-    say(f"Next: cellfit predict {model_path} YOUR_TIFFS --out results/")
+    say(f"Measured {len(cells['id'])} nuclei into {table.name} (a row per nucleus: position, "
+        "area, shape, intensity); "
+        + (f"their areas against the true nuclei's: {plot.name}." if plot is not None else
+           "no area plot: matplotlib is not installed (pip install matplotlib)."))
+    say(f"Next: cellfit predict {model_path} YOUR_TIFFS --out results/ --measure")
     return 0 if completed else 130

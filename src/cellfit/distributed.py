@@ -6,6 +6,9 @@ output folder), one task per run of slices (predicts them, stores per-slice labe
 probabilities in the scratch zarr) and a *finalize* task (links slices if asked, writes
 the outputs with the same writer as a local run, renames them into place, removes the
 scratch). Workers keep the model loaded between tasks: each loads it once.
+With ``Settings.measure`` the workers measure the cells as they write the labels (the
+same :class:`~cellfit.file_prediction.OutputWriter`), and this machine reads the tables
+back for the run's summary.
 
 Workers must see the model, the inputs and the output folder at the same paths as
 this machine (a shared file system, as on any cluster).
@@ -22,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cellfit.errors import CellfitError
+from cellfit.errors import CellfitError, fault
 from cellfit.file_prediction import (
     FileEvent,
     LoadedModel,
@@ -161,7 +164,8 @@ def task_finalize(model_path, path, work, labels_path, prob_path, settings, fp, 
                 try:
                     fits = all(
                         writer.put(p, np.asarray(labels[p]),
-                                   np.asarray(prob[p]) if prob is not None else None)
+                                   np.asarray(prob[p]) if prob is not None else None,
+                                   img.plane(p) if settings.measure else None)
                         for p in range(img.n_planes)
                     )
                 except BaseException:
@@ -310,9 +314,12 @@ def predict_files_distributed(
                 res = fut.result()
             except CellfitError as exc:
                 res = {"status": "failed", "error": exc}
-            except Exception as exc:
+            except Exception as exc:  # a worker lost, or a bug: said plainly
+                lost = type(exc).__name__ in ("KilledWorker", "CommClosedError", "CancelledError")
                 res = {"status": "failed", "error": CellfitError(
-                    f"the task failed on a worker ({type(exc).__name__}: {exc})")}
+                    f"{f.name} could not be segmented on the cluster: its worker was lost; "
+                    "check the workers' logs and run the command again (finished files are "
+                    "kept).") if lost else fault(exc, f"segmenting {f.name}")}
             if i in works:
                 shutil.rmtree(works[i], ignore_errors=True)
             if res["status"] == "done":

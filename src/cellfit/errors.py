@@ -15,9 +15,13 @@ plugin as its control's label ("Cell diameter"); ``str(error)`` uses plain words
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Mapping
 
-__all__ = ["SETTING_WORDS", "CellfitError", "Notice", "worded"]
+__all__ = ["SETTING_WORDS", "CellfitError", "Notice", "fault", "worded"]
+
+log = logging.getLogger(__name__)
 
 #: plain words for each setting an error can name; front ends map the same keys to
 #: their own names (``cellfit.cli.FLAGS``, ``cellfit.plugin._tooltips.LABELS``)
@@ -31,8 +35,10 @@ SETTING_WORDS: dict[str, str] = {
     "encoder_weights": "the encoder weights",
     "init": "the model to start from",
     "labels": "the annotations",
+    "license": "the package's licence",
     "mode": "the training mode",
     "out": "the output",
+    "overwrite": "the overwrite option",
     "patch_size": "the patch size",
     "scheduler": "the cluster scheduler",
     "steps": "the number of training steps",
@@ -144,3 +150,22 @@ def worded(
     if isinstance(message, (CellfitError, Notice)):
         return message.worded(names)
     return str(message)
+
+
+def fault(exc: BaseException, what: str) -> CellfitError:
+    """A bug met while doing ``what`` ("segmenting a.tif"), as one plain sentence for
+    the user. The exception's own text (``IndexError: list index out of range``) is for
+    the developers: it is logged with its traceback, at debug level unless
+    ``CELLFIT_DEBUG`` is set, and kept as the error's ``__cause__``.
+
+    >>> str(fault(IndexError("list index out of range"), "segmenting a.tif"))
+    'segmenting a.tif stopped on a fault in cellfit itself, not in your data: please report it (run it again with CELLFIT_DEBUG=1 set to see the details).'
+    """
+    level = logging.ERROR if os.environ.get("CELLFIT_DEBUG") else logging.DEBUG
+    log.log(level, "%s failed", what, exc_info=exc)
+    err = CellfitError(
+        f"{what} stopped on a fault in cellfit itself, not in your data: please report "
+        "it (run it again with CELLFIT_DEBUG=1 set to see the details)."
+    )
+    err.__cause__ = exc
+    return err

@@ -13,6 +13,10 @@ and the cluster tasks (:mod:`cellfit.distributed`) share.
   pixels) are streamed row band by row band and labelled in blocks merged across
   seams (:mod:`cellfit.stream`).
 * :class:`FileEvent`: the progress of a batch, one file at a time.
+* With ``Settings.measure``, :class:`OutputWriter` also measures every cell as planes
+  are written and publishes ``<stem>_cells.csv`` with the labels
+  (:mod:`cellfit.measure`); :func:`measure_outputs` measures finished labels of an
+  earlier run, :func:`file_summary` reads a file's measurements back for the summary.
 """
 
 from __future__ import annotations
@@ -33,6 +37,15 @@ from cellfit.errors import CellfitError, Notice
 from cellfit.events import Progress, share_done
 from cellfit.io import ImageMeta, open_image
 from cellfit.link import SliceLinker
+from cellfit.measure import (
+    FileSummary,
+    Measurer,
+    TableWriter,
+    cells_csv_path,
+    image_range,
+    pixel_size_of,
+    read_table,
+)
 from cellfit.outputs import (
     TILE,
     label_dtype,
@@ -54,7 +67,10 @@ __all__ = [
     "LoadedModel",
     "OutputWriter",
     "Settings",
+    "file_summary",
     "fingerprint",
+    "measure_outputs",
+    "measurements_current",
     "output_paths",
     "output_state",
     "run_file",
@@ -113,6 +129,9 @@ class FileEvent(Progress):
     error: CellfitError | None = None
     tiles_done: int = 0
     tiles_total: int = 0
+    #: with ``measure``: the file's measurements in brief (:mod:`cellfit.measure`), on
+    #: its last event (done, skipped or failed)
+    summary: FileSummary | None = None
     file_fraction: float = field(init=False, default=1.0)
 
     def __post_init__(self) -> None:
@@ -163,6 +182,9 @@ class Settings:
     #: test-time augmentation: average over flipped and rotated copies of each tile
     #: (4-8 times slower; :class:`cellfit.predict.TileRunner`)
     tta: bool = False
+    #: measure every cell into ``<stem>_cells.csv`` beside the labels (instance models);
+    #: not part of the fingerprint: asking for it never redoes finished labels
+    measure: bool = False
 
 
 def output_paths(path: Path, out_dir: Path, fmt: str = "tiff") -> tuple[Path, Path]:
@@ -283,6 +305,10 @@ class OutputWriter:
         )
         self.lab_sink = None
         self.prob_sink = None
+        self.table = None
+        self.measurer = None
+        if settings.measure and self.instances:
+            self.measurer = Measurer(pixel_size=pixel_size_of(self.meta))
         if prob_path is not None:
             self.prob_sink = open_sink(
                 settings.format, prob_path,
@@ -306,8 +332,11 @@ class OutputWriter:
         """Whether the labels' dtype holds ids up to ``n_objects``."""
         return self.labels_dtype is None or n_objects <= np.iinfo(self.labels_dtype).max
 
-    def put(self, p: int, labels: np.ndarray, probs: np.ndarray | None) -> bool:
-        """Write plane ``p``'s labels (per-slice ids) and probabilities ``(K, Y, X)``.
+    def put(self, p: int, labels: np.ndarray, probs: np.ndarray | None,
+            raw: np.ndarray | None = None) -> bool:
+        """Write plane ``p``'s labels (per-slice ids) and probabilities ``(K, Y, X)``;
+        with ``Settings.measure``, measure its cells (``raw``: the plane's pixels
+        ``(C, Y, X)``, for the intensity columns).
 
         Returns False, writing nothing, when the plane has more objects than the
         labels' dtype holds (the file must be written again with wider labels).
@@ -319,6 +348,8 @@ class OutputWriter:
             return False
         dtype = self.labels_dtype or label_dtype(top)
         self.labels_sink(dtype).put(labels.astype(dtype, copy=False))
+        if self.measurer is not None:
+            self.measurer.add(labels, raw, plane=p)
         if self.prob_sink is not None and probs is not None:
             for k in range(probs.shape[0]):
                 self.prob_sink.put(probs[k])
@@ -330,10 +361,16 @@ class OutputWriter:
         sinks = [s for s in (self.lab_sink, self.prob_sink) if s is not None]
         for s in sinks:
             s.finish()
+        if self.measurer is not None:  # written last: never older than the labels
+            csv_path = cells_csv_path(self.labels_path)
+            remove_stale_temporaries(csv_path)
+            self.table = TableWriter(csv_path, self.measurer.table())
+            self.table.finish()
+            sinks.append(self.table)
         return tuple(s.close() for s in sinks)
 
     def abort(self) -> None:
-        for s in (self.lab_sink, self.prob_sink):
+        for s in (self.lab_sink, self.prob_sink, self.table):
             if s is not None:
                 s.abort()
 
@@ -424,15 +461,24 @@ def _predict_planes(model, img, labels_path, prob_path, settings, fp, dtype=None
     n = img.n_planes
     done = 0
     planes = _prefetch(img.plane, n)
+    held: dict[int, np.ndarray] = {}  # raw planes in flight, for the measurements
+
+    def keep(items):
+        for p, arr in items:
+            if writer.measurer is not None:
+                held[p] = arr
+            yield p, arr
+
     try:
-        for res in model.predictor.predict(planes, stats):
+        for res in model.predictor.predict(keep(planes), stats):
             notice = join_notices(notice, res.notice)
             if res.probabilities is None:
                 yield FileProgress(plane=done, n_planes=n, tiles_done=res.tiles_done,
                                    tiles_total=res.tiles_total, notice=notice)
                 notice = None
                 continue
-            if not writer.put(res.plane, model.labels(res.probabilities), res.probabilities):
+            if not writer.put(res.plane, model.labels(res.probabilities), res.probabilities,
+                              held.pop(res.plane, None)):
                 writer.abort()
                 return None
             done = res.plane + 1
@@ -477,6 +523,12 @@ def _predict_huge_planes(model, img, labels_path, prob_path, settings, fp, dtype
             notice, f"{img.name}: planes of {y}x{x} are too large to link; labels are per slice"
         )
         settings = replace(settings, link_slices=False)
+    if settings.measure:
+        notice = join_notices(
+            notice, f"{img.name}: planes of {y}x{x} are too large to measure; its cells are "
+            "not in the tables"
+        )
+        settings = replace(settings, measure=False)
     try:
         for p in range(img.n_planes):
             src = NormRows(img, p, info, stats)
@@ -562,3 +614,80 @@ def _tiles(z, lut: np.ndarray | None = None, channel: int | None = None):
             if t.shape != (TILE, TILE):
                 t = np.pad(t, ((0, TILE - t.shape[0]), (0, TILE - t.shape[1])))
             yield t
+
+
+# --------------------------------------------------------------------- measurements
+def measurements_current(labels_path: Path) -> bool:
+    """Whether the measurements table beside a labels output (``<stem>_cells.csv``)
+    exists and is from these labels: written with them or after them (a table older
+    than its labels describes an earlier result)."""
+    try:
+        table = cells_csv_path(labels_path).stat()
+        return table.st_mtime_ns >= Path(labels_path).stat().st_mtime_ns
+    except OSError:
+        return False
+
+
+def _label_planes(labels_path: Path, lead_shape: tuple[int, ...], plane_shape: tuple[int, int]):
+    """A function ``p -> labels of plane p`` over a labels output (TIFF or zarr), read
+    one plane at a time; one sentence when its shape is not the image's."""
+    labels_path = Path(labels_path)
+    if labels_path.is_dir():
+        import zarr  # an optional dependency, needed for zarr outputs only
+
+        z = zarr.open_array(str(labels_path), mode="r")
+        shape = tuple(z.shape)
+
+        def plane(p: int) -> np.ndarray:
+            idx = np.unravel_index(p, lead_shape) if lead_shape else ()
+            return np.asarray(z[tuple(int(i) for i in idx)])
+
+        closer = None
+    else:
+        lab = open_image(labels_path, lazy=True)
+        shape = tuple(lab.labels_shape)
+
+        def plane(p: int) -> np.ndarray:
+            return lab.plane(p)[0]
+
+        closer = lab
+    if int(np.prod(shape[:-2])) != int(np.prod(lead_shape)) or shape[-2:] != plane_shape:
+        if closer is not None:
+            closer.close()
+        raise CellfitError(
+            f"the labels {labels_path.name} have shape {shape}, not their image's "
+            f"({(*lead_shape, *plane_shape)}): predict the file again (--overwrite)."
+        )
+    return plane, closer
+
+
+def measure_outputs(path: Path, labels_path: Path, settings: Settings) -> Path | None:
+    """Measure the finished labels of ``path`` (an earlier run's) into
+    ``<stem>_cells.csv``, plane by plane, atomically. Returns the table's path, or None
+    for planes too large to measure (more than ``settings.huge_pixels`` pixels)."""
+    with open_image(path) as img:
+        y, x = img.plane_shape
+        if y * x > settings.huge_pixels:
+            return None
+        plane, closer = _label_planes(labels_path, tuple(img.lead_shape), (y, x))
+        try:
+            m = Measurer(pixel_size=pixel_size_of(img.meta))
+            for p in range(img.n_planes):
+                m.add(plane(p), img.plane(p), plane=p)
+        finally:
+            if closer is not None:
+                closer.close()
+    csv_path = cells_csv_path(labels_path)
+    remove_stale_temporaries(csv_path)
+    return TableWriter(csv_path, m.table()).close()
+
+
+def file_summary(path: Path, labels_path: Path) -> FileSummary:
+    """A file's measurements in brief, read back from its ``<stem>_cells.csv`` (with its
+    image's intensity range, read plane by plane)."""
+    table = read_table(cells_csv_path(labels_path))
+    with open_image(path) as img:
+        return FileSummary.of_table(
+            Path(path).name, table, planes=img.n_planes, plane_shape=img.plane_shape,
+            intensity=image_range(img),
+        )

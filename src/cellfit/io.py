@@ -9,8 +9,11 @@ leading axes so results can be written back with the input's shape.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
+import threading
+import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +22,8 @@ import numpy as np
 import tifffile
 
 from cellfit.errors import CellfitError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "LAZY_BYTES",
@@ -229,10 +234,50 @@ def _unreadable(path: Path, what: str, exc: OSError) -> CellfitError:
     )
 
 
+def _damaged(path: Path, what: str, exc: Exception, verb: str = "read as a TIFF") -> CellfitError:
+    """A file whose content cellfit cannot read, in one plain sentence: what the TIFF
+    library said (``IndexError: list index out of range``, ``<tifffile.TiffPages @…>
+    invalid offset…``) goes to the log, not to the user."""
+    log.info("%s %s could not be %s: %s: %s", what, path, verb, type(exc).__name__, exc)
+    if isinstance(exc, tifffile.TiffFileError) and "not a TIFF" in str(exc):
+        return CellfitError(
+            f"{what} {path} could not be read as a TIFF: its content is not a TIFF image, "
+            "though its name ends in .tif; save it as TIFF again (e.g. Fiji: File > Save "
+            "As > Tiff)."
+        )
+    return CellfitError(
+        f"{what} {path} could not be {verb}: the file may be truncated or corrupt: "
+        "export it again."
+    )
+
+
+class _DuringRead(logging.Filter):
+    """Keeps tifffile's own log lines off the terminal while cellfit reads a file (see
+    :func:`_quiet_tifffile`): a damaged file is reported as one sentence instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_READING, "depth", 0)
+
+
+_READING = threading.local()
+logging.getLogger("tifffile").addFilter(_DuringRead())
+
+
+@contextlib.contextmanager
+def _quiet_tifffile():
+    """Drop what tifffile logs in this thread meanwhile (it logs damaged pages as
+    warnings, e.g. "<tifffile.TiffPages @1000000> invalid offset to first page")."""
+    _READING.depth = getattr(_READING, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _READING.depth -= 1
+
+
 def _read_tiff(path: Path, what: str) -> tuple[np.ndarray, str, tuple | None]:
     _check_file(path, what)
     try:
-        with tifffile.TiffFile(path) as tif:
+        with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             axes = series.axes
             arr = series.asarray()
@@ -250,10 +295,7 @@ def _read_tiff(path: Path, what: str) -> tuple[np.ndarray, str, tuple | None]:
     except OSError as exc:  # the file system said no, not the file's content
         raise _unreadable(path, what, exc) from None
     except Exception as exc:
-        raise CellfitError(
-            f"{what} {path} could not be read as a TIFF ({type(exc).__name__}: {exc}); "
-            "the file may be truncated or corrupt: export it again."
-        ) from None
+        raise _damaged(path, what, exc) from None
     return np.asarray(arr), axes, resolution
 
 
@@ -426,6 +468,8 @@ class ImageMeta:
     resolution_unit: int | None = None
     imagej: dict = field(default_factory=dict)  # spacing, unit, finterval (ImageJ files)
     is_imagej: bool = False
+    #: ``(y, x, unit)`` pixel size of an OME-TIFF (PhysicalSizeY/X), None otherwise
+    physical_size: tuple | None = None
 
 
 _IJ_KEYS = ("spacing", "unit", "finterval", "fps", "xorigin", "yorigin", "zorigin")
@@ -448,7 +492,26 @@ def _tiff_meta(tif, series) -> ImageMeta:
         resolution_unit=int(unit.value) if unit is not None else None,
         imagej=ij,
         is_imagej=bool(tif.is_imagej),
+        physical_size=_ome_pixel_size(tif),
     )
+
+
+def _ome_pixel_size(tif) -> tuple | None:
+    """``(y, x, unit)`` from the first image of an OME-TIFF's metadata, or None."""
+    if not tif.is_ome:
+        return None
+    try:
+        root = ET.fromstring(tif.ome_metadata)
+        pixels = next(el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels")
+        x, y = pixels.get("PhysicalSizeX"), pixels.get("PhysicalSizeY")
+        if x is None or y is None:
+            return None
+        unit = pixels.get("PhysicalSizeXUnit", "µm")  # the OME default unit
+        if pixels.get("PhysicalSizeYUnit", "µm") != unit:
+            return None
+        return (float(y), float(x), unit)
+    except Exception:  # unreadable metadata: no calibration, as without OME
+        return None
 
 
 class LazyImage:
@@ -466,17 +529,18 @@ class LazyImage:
         self.path = Path(path)
         _check_file(self.path, "image")
         try:
-            self._tif = tifffile.TiffFile(self.path)
-            series = self._tif.series[0]
-            self.meta = _tiff_meta(self._tif, series)
-            shape, dtype = tuple(series.shape), np.dtype(series.dtype)
-            self._offset = series.dataoffset
-            self._zarr = None
-            if self._offset is None:
-                import zarr
+            with _quiet_tifffile():
+                self._tif = tifffile.TiffFile(self.path)
+                series = self._tif.series[0]
+                self.meta = _tiff_meta(self._tif, series)
+                shape, dtype = tuple(series.shape), np.dtype(series.dtype)
+                self._offset = series.dataoffset
+                self._zarr = None
+                if self._offset is None:
+                    import zarr
 
-                self._store = series.aszarr()
-                self._zarr = zarr.open_array(self._store, mode="r")
+                    self._store = series.aszarr()
+                    self._zarr = zarr.open_array(self._store, mode="r")
         except CellfitError:
             raise
         except OSError as exc:  # the file system said no, not the file's content
@@ -484,10 +548,7 @@ class LazyImage:
             raise _unreadable(self.path, "image", exc) from None
         except Exception as exc:
             self.close()
-            raise CellfitError(
-                f"image {self.path} could not be read as a TIFF ({type(exc).__name__}: {exc}); "
-                "the file may be truncated or corrupt: export it again."
-            ) from None
+            raise _damaged(self.path, "image", exc) from None
         if 0 in shape:
             self.close()
             raise CellfitError(f"image {self.path} is empty: check that it holds pixels.")
@@ -547,14 +608,12 @@ class LazyImage:
             raise IndexError(p)
         idx, rest = self._index(p, r0, r1)
         try:
-            arr = self._read(idx)
+            with _quiet_tifffile():
+                arr = self._read(idx)
         except OSError as exc:
             raise _unreadable(self.path, "image", exc) from None
         except Exception as exc:
-            raise CellfitError(
-                f"image {self.path} could not be read ({type(exc).__name__}: {exc}); the file "
-                "may be truncated or corrupt: export it again."
-            ) from None
+            raise _damaged(self.path, "image", exc, verb="read") from None
         check_finite(arr, f"image {self.path}")
         return to_planes(arr, rest, f"image {self.path}")[0][0]
 

@@ -20,6 +20,10 @@ file that fails a check is refused with one sentence (a :class:`CellfitError`):
 - the tensors must be exactly those of the network the info describes (names,
   shapes, kinds of number), which is checked on a network built without memory
   (``meta`` device) before any tensor is read.
+
+A bioimage.io package made by ``cellfit export`` is read as the model file it
+carries (:mod:`cellfit.packages`: the zip's directory bounded, the attachment read
+from the zip without extracting anything, then checked as above).
 """
 
 from __future__ import annotations
@@ -34,16 +38,17 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load, load_file, save
 from torch import nn
 
 import cellfit
 from cellfit.errors import CellfitError
 from cellfit.normalize import DEFAULT_NORMALIZATION
+from cellfit.packages import READ_ERRORS, PackagedModel, find_packaged_model
 
 __all__ = [
     "DEFAULT_DECODER_CHANNELS",
@@ -469,6 +474,7 @@ _RECORD: dict[str, tuple[Any, str]] = {
         "calibrated settings",
     ),
     "data_counts": (_optional(lambda v: isinstance(v, dict)), "counts of images"),
+    "intensity": (_optional(lambda v: isinstance(v, dict)), "intensity figures"),
     "data": (
         lambda v: isinstance(v, list) and all(isinstance(d, dict) for d in v),
         "a list of data sources",
@@ -545,7 +551,11 @@ def _file_kind(path: Path) -> str:
     ``{``), "torch" (a PyTorch zip checkpoint), "old torch" (torch.save's format before
     PyTorch 1.6), "pickle" (any other pickle) or "other"."""
     with path.open("rb") as f:
-        head = f.read(256)
+        return _kind_of(f.read(256))
+
+
+def _kind_of(head: bytes) -> str:
+    """What the first 256 bytes ``head`` of a file say it is (see :func:`_file_kind`)."""
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
     if head.startswith(b"PK\x03\x04"):
@@ -560,17 +570,21 @@ def _file_kind(path: Path) -> str:
 def _read_header(path: Path) -> tuple[_Tensors, dict[str, str]]:
     """The tensors (dtype and shape by name) and metadata of the safetensors file
     ``path``, checked with bounded reads; raises :class:`_Damaged`."""
-    size = path.stat().st_size
     with path.open("rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > MAX_HEADER_BYTES:
-            raise _Damaged(
-                f"its header claims {n} bytes, more than the {MAX_HEADER_BYTES // 2**20} MiB "
-                "cellfit reads"
-            )
-        if n > size - 8:
-            raise _Damaged(f"its header claims {n} bytes but the whole file has {size} bytes")
-        raw = f.read(n)
+        return _header_of(f, path.stat().st_size)
+
+
+def _header_of(f: IO[bytes], size: int) -> tuple[_Tensors, dict[str, str]]:
+    """:func:`_read_header` of the ``size`` bytes of the stream ``f`` (at its start)."""
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > MAX_HEADER_BYTES:
+        raise _Damaged(
+            f"its header claims {n} bytes, more than the {MAX_HEADER_BYTES // 2**20} MiB "
+            "cellfit reads"
+        )
+    if n > size - 8:
+        raise _Damaged(f"its header claims {n} bytes but the whole file has {size} bytes")
+    raw = f.read(n)
     if len(raw) != n:
         raise _Damaged("the file was cut short while it was read")
     header = _json(raw, "its header", walk=False)  # each entry's type is checked below
@@ -795,7 +809,12 @@ def read_model_info(path: str | os.PathLike) -> ModelInfo:
     :class:`CellfitError` in one sentence.
     """
     path = _check_model_path(path)
-    return _model_info(path, _model_header(path)[1])
+    package = _find_package(path)
+    try:
+        return _model_info(_label(path, package), _model_header(path, package)[1])
+    finally:
+        if package is not None:
+            package.close()
 
 
 def _check_model_path(path: str | os.PathLike) -> Path:
@@ -807,25 +826,54 @@ def _check_model_path(path: str | os.PathLike) -> Path:
     return path
 
 
-def _model_header(path: Path) -> tuple[_Tensors, dict[str, str]]:
-    """The checked header of the model file ``path`` (see :func:`_read_header`)."""
+def _find_package(path: Path) -> PackagedModel | None:
+    """The cellfit model in the bioimage.io package ``path`` (:mod:`cellfit.packages`),
+    None when ``path`` is no zip archive (or a PyTorch one): a model file, or a file
+    refused as one. A zip cellfit cannot use raises a :class:`CellfitError`."""
     try:
-        kind = _file_kind(path) if path.is_file() else "other"
+        if not path.is_file() or _file_kind(path) != "other":
+            return None
+        return find_packaged_model(path)
+    except OSError:
+        return None  # worded by _model_header, which reads the file again
+
+
+def _label(path: Path, package: PackagedModel | None) -> Path | str:
+    """How messages name the model: its file, or its attachment in a package."""
+    return path if package is None else f"{package.name} in {path}"
+
+
+def _model_header(
+    path: Path, package: PackagedModel | None = None
+) -> tuple[_Tensors, dict[str, str]]:
+    """The checked header of the model file ``path`` (see :func:`_read_header`), or of
+    the cellfit model in ``path``'s ``package``."""
+    label = _label(path, package)
+    try:
+        if package is None:
+            kind = _file_kind(path) if path.is_file() else "other"
+            if kind != "safetensors":
+                raise _not_a_model(path, kind)
+            return _read_header(path)
+        with package.open() as f:
+            kind = _kind_of(f.read(256))
         if kind != "safetensors":
-            raise _not_a_model(path, kind)
-        return _read_header(path)
+            raise _not_a_model(label, kind)
+        with package.open() as f:
+            return _header_of(f, package.size)
     except _Damaged as exc:
         raise CellfitError(
-            f"model file {path} is damaged or forged ({exc}): get an intact copy, or retrain "
+            f"model file {label} is damaged or forged ({exc}): get an intact copy, or retrain "
             "the model."
         ) from None
-    except OSError as exc:
+    except READ_ERRORS as exc:  # a file that cannot be read; a damaged zip
         raise CellfitError(
-            f"could not read model file {path} ({exc.strerror or exc}): check that it is readable."
+            f"could not read model file {label} ({getattr(exc, 'strerror', None) or exc}): "
+            "check that it is readable."
         ) from None
 
 
-def _model_info(path: Path, meta: dict[str, str]) -> ModelInfo:
+def _model_info(path: Path | str, meta: dict[str, str]) -> ModelInfo:
     """The :class:`ModelInfo` in a model file's metadata ``meta``, checked."""
     if "cellfit" not in meta:
         raise CellfitError(
@@ -844,7 +892,7 @@ def _model_info(path: Path, meta: dict[str, str]) -> ModelInfo:
         ) from None
 
 
-def _not_a_model(path: Path, kind: str) -> CellfitError:
+def _not_a_model(path: Path | str, kind: str) -> CellfitError:
     if kind in ("torch", "old torch"):
         return CellfitError(
             f"{path} is a pickled PyTorch file, which can run code when opened; cellfit only "
@@ -858,14 +906,14 @@ def _not_a_model(path: Path, kind: str) -> CellfitError:
     return CellfitError(f"{path} is not a cellfit model file: give a model saved by cellfit.")
 
 
-def _mismatch(path: Path, problem: str) -> CellfitError:
+def _mismatch(path: Path | str, problem: str) -> CellfitError:
     return CellfitError(
         f"the weights in {path} do not match the network it describes ({problem}): retrain "
         "or re-export the model."
     )
 
 
-def _network_for(path: Path, info: ModelInfo, tensors: _Tensors) -> nn.Module:
+def _network_for(path: Path | str, info: ModelInfo, tensors: _Tensors) -> nn.Module:
     """The network ``info`` describes, without weights, once the file's tensors are
     known to be exactly its own.
 
@@ -900,24 +948,35 @@ def load_model(
     The file is checked as :func:`read_model_info` does, and its tensors must be
     exactly those of the network the info describes (names, shapes, kinds of
     number) before any tensor is read.
+
+    ``path`` may also be a bioimage.io package made by ``cellfit export``: the cellfit
+    model it carries is read from the zip (:mod:`cellfit.packages`) and checked alike.
     """
     path = _check_model_path(path)
-    tensors, meta = _model_header(path)
-    info = _model_info(path, meta)
-    model = _network_for(path, info, tensors)
+    package = _find_package(path)
+    label = _label(path, package)
     try:
-        state = load_file(str(path))
-    except Exception:
-        raise CellfitError(
-            f"could not read the weights in model file {path}: get an intact copy, or retrain "
-            "the model."
-        ) from None
+        tensors, meta = _model_header(path, package)
+        info = _model_info(label, meta)
+        model = _network_for(label, info, tensors)
+        try:
+            state = load_file(str(path)) if package is None else load(package.read())
+        except CellfitError:
+            raise
+        except Exception:
+            raise CellfitError(
+                f"could not read the weights in model file {label}: get an intact copy, or "
+                "retrain the model."
+            ) from None
+    finally:
+        if package is not None:
+            package.close()
     if {k: tuple(v.shape) for k, v in state.items()} != {k: s for k, (_, s) in tensors.items()}:
-        raise _mismatch(path, "the file changed while it was read")
+        raise _mismatch(label, "the file changed while it was read")
     try:
         model.load_state_dict(state)
     except Exception:
-        raise _mismatch(path, "they cannot be loaded into it") from None
+        raise _mismatch(label, "they cannot be loaded into it") from None
     model.to(device)
     model.eval()
     return model, info

@@ -46,6 +46,7 @@ __all__ = [
     "read_fingerprint",
     "remove_stale_temporaries",
     "tmp_name",
+    "write_error",
 ]
 
 #: private TIFF tag holding the fingerprint (JSON)
@@ -102,7 +103,7 @@ def remove_stale_temporaries(path: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-def _write_error(path: Path, exc: OSError) -> CellfitError:
+def write_error(path: Path, exc: OSError) -> CellfitError:
     """A write that failed (a full disk, no permission), in one sentence."""
     return CellfitError(
         f"could not write {path} ({exc.strerror or exc}): check the free space and "
@@ -261,7 +262,7 @@ class TiffSink(Sink):
         if exc is None:
             exc = RuntimeError("the writer stopped before the last page")
         if isinstance(exc, OSError):
-            raise _write_error(self.path, exc) from None
+            raise write_error(self.path, exc) from None
         raise RuntimeError(f"writing {self.path.name} failed: {exc!r}") from exc
 
     def put(self, arr: np.ndarray) -> None:
@@ -358,7 +359,7 @@ class ZarrSink(Sink):
     def _fail(self, exc: OSError) -> NoReturn:
         """Remove the temporary and raise the write error as one sentence."""
         self.abort()
-        raise _write_error(self.path, exc) from None
+        raise write_error(self.path, exc) from None
 
     def put(self, arr: np.ndarray) -> None:
         try:

@@ -23,6 +23,7 @@ from cellfit.targets import IGNORE
 
 __all__ = [
     "DEFAULT_FG_FRACTION",
+    "STRAY_FRACTION",
     "BatchPrefetcher",
     "PatchSampler",
     "ValidationSplit",
@@ -30,6 +31,10 @@ __all__ = [
 ]
 
 DEFAULT_FG_FRACTION = 0.5
+#: a piece of a painted value smaller than this share of the typical cell is a stray
+#: piece, not a cell (see :func:`split_annotations`); the same quarter as the smallest
+#: cell the post-processing keeps (``TrainConfig.min_size_fraction``)
+STRAY_FRACTION = 0.25
 
 
 class PatchSampler:
@@ -260,6 +265,7 @@ def split_annotations(
     val_fraction: float = 0.2,
     min_cells: int = 5,
     seed: int | np.random.Generator = 0,
+    stray_fraction: float = STRAY_FRACTION,
 ) -> ValidationSplit:
     """Hold back a share of the annotated cells (and the background nearest them).
 
@@ -278,6 +284,15 @@ def split_annotations(
         training again then holds back the same cells as before (and a few more), so a
         model trained in an earlier round has never seen the cells that check the next
         one. A Generator draws the rank at random.
+    stray_fraction : float
+        A connected piece of a value smaller than this share of the typical cell (the
+        median area of the largest piece of each value in each plane) is a *stray
+        piece*, not an object: a slip of the brush, or the rim of a predicted cell
+        copied around painted pixels ("use prediction as annotation"). A quarter, as
+        the smallest cell the post-processing keeps (``min_size_fraction``): a piece
+        below it could never be found, so it is neither counted, held back nor scored
+        (it stays in the training part). 0: every piece is an object (semantic mode,
+        where a class's regions come in any size).
 
     Returns
     -------
@@ -288,10 +303,19 @@ def split_annotations(
     units = []
     ranks = []
     comps = []
+    strays = []
+    pieces = [_pieces(ann) for ann in annotations]
+    min_area = stray_fraction * _typical_area(pieces)
     for i, ann in enumerate(annotations):
         cells = np.where(ann >= 2, ann, 0)
-        comp = cc_label(cells, background=0, connectivity=1)
+        comp, areas, _ = pieces[i]
+        cell = areas >= min_area
+        lut = np.zeros(len(areas) + 1, np.int64)  # the cells numbered 1..n, strays 0
+        lut[1:][cell] = np.arange(1, int(cell.sum()) + 1)
+        stray = (comp > 0) & (lut[comp] == 0)
+        comp = lut[comp]
         comps.append(comp)
+        strays.append(stray)
         n = int(comp.max())
         units.extend((i, u) for u in range(1, n + 1))
         if rng is not None:
@@ -300,29 +324,56 @@ def split_annotations(
             ranks.extend(_stable_ranks(int(seed or 0), i, cells, comp, n))
     n_val = int(round(val_fraction * len(units)))
     if len(units) < min_cells or n_val == 0 or val_fraction <= 0:
-        return ValidationSplit(
-            [a.copy() for a in annotations], [a.copy() for a in annotations], 0, True
-        )
+        # validated on the training annotation, without its stray pieces
+        val = [a.copy() for a in annotations]
+        for v, st in zip(val, strays):
+            v[st] = 0
+        return ValidationSplit([a.copy() for a in annotations], val, 0, True)
     chosen = np.argsort(np.asarray(ranks), kind="stable")[:n_val]
     val_units: dict[int, set[int]] = {}
     for c in chosen:
         i, u = units[c]
         val_units.setdefault(i, set()).add(u)
     train, val = [], []
-    for i, (ann, comp) in enumerate(zip(annotations, comps)):
+    for i, (ann, comp, stray) in enumerate(zip(annotations, comps, strays)):
         chosen_here = val_units.get(i, set())
         tr = ann.copy()
         va = np.zeros_like(ann)
         if chosen_here and comp.max() > 0:
-            # every pixel takes the unit nearest to it; background follows its nearest cell
+            # every pixel takes the unit nearest to it; background follows its nearest
+            # cell; stray pieces stay in training
             _, (iy, ix) = ndi.distance_transform_edt(comp == 0, return_indices=True)
             nearest = comp[iy, ix]
-            is_val = np.isin(nearest, list(chosen_here)) & (ann != 0)
+            is_val = np.isin(nearest, list(chosen_here)) & (ann != 0) & ~stray
             va[is_val] = ann[is_val]
             tr[is_val] = 0
         train.append(tr)
         val.append(va)
     return ValidationSplit(train, val, n_val, False)
+
+
+def _pieces(ann: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The connected pieces of each value >= 2 of one plane (labelled 1..n), their
+    areas and their values (``areas[k - 1]``, ``values[k - 1]`` for piece ``k``)."""
+    cells = np.where(ann >= 2, ann, 0)
+    comp = cc_label(cells, background=0, connectivity=1)
+    n = int(comp.max())
+    areas = np.bincount(comp.ravel(), minlength=n + 1)[1:]
+    values = np.asarray(ndi.maximum(cells, comp, np.arange(1, n + 1)), np.int64).reshape(-1)
+    return comp, areas, values
+
+
+def _typical_area(pieces: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> float:
+    """The median area of the largest piece of each value in each plane (a cell's body,
+    however many stray pieces of its value lie about); 0 without any."""
+    largest: list[np.ndarray] = []
+    for _, areas, values in pieces:
+        uniq, inv = np.unique(values, return_inverse=True)
+        top = np.zeros(len(uniq), np.int64)
+        np.maximum.at(top, inv, areas)
+        largest.append(top)
+    both = np.concatenate(largest) if largest else np.zeros(0)
+    return float(np.median(both)) if both.size else 0.0
 
 
 def _stable_ranks(seed: int, image: int, values: np.ndarray, comp: np.ndarray, n: int) -> list[float]:

@@ -68,6 +68,7 @@ from cellfit.errors import CellfitError
 from cellfit.events import Progress
 from cellfit.io import ImageStack, to_planes
 from cellfit.losses import DEFAULT_LOSS, balanced_class_weights, build_loss
+from cellfit.measure import image_range, intensity_record
 from cellfit.metrics import aggregate_instance_metrics, pixel_metrics
 from cellfit.model import (
     DEFAULT_DECODER_CHANNELS,
@@ -110,7 +111,9 @@ __all__ = [
     "annotation_summary",
     "config_dict",
     "data_digest",
+    "scores_text",
     "train",
+    "validation_text",
 ]
 
 #: margin (pixels) around each annotated region cropped for validation
@@ -536,6 +539,8 @@ class Trainer:
                 )
             anns.append(ann.reshape(pl.shape[0], *pl.shape[2:]))
         self.summary = annotation_summary(anns, cfg.mode)
+        # the training images' intensities: a file unlike them is flagged after prediction
+        self.intensity = intensity_record([image_range(pl) for pl in planes])
         if self.summary["annotated_pixels"] == 0:
             raise CellfitError(
                 "no pixel is annotated: paint some cells (2, 3, ...) and some background (1) first."
@@ -641,7 +646,12 @@ class Trainer:
                     a = resize_plane(a[None], shape, order=0)[0]
                 norm_planes.append(np.ascontiguousarray(img))
                 train_anns.append(a)
-        self.split = split_annotations(train_anns, cfg.val_fraction, seed=cfg.seed)
+        # a piece of a painted cell smaller than the smallest cell kept is a stray, not a
+        # cell to hold back and score (classes come in regions of any size)
+        stray = cfg.min_size_fraction if cfg.mode == "instances" else 0.0
+        self.split = split_annotations(
+            train_anns, cfg.val_fraction, seed=cfg.seed, stray_fraction=stray
+        )
         self.train_targets = [self._targets(a) for a in self.split.train]
         self.val_annotations = self.split.val
         self.val_images = norm_planes
@@ -1294,7 +1304,7 @@ class Trainer:
             validation_history=self.history,
             validated_on="training annotation (fewer than 5 cells)"
             if self.split.on_training
-            else f"{self.split.n_val_cells} held-back cells",
+            else _cells(self.split.n_val_cells, "held-back cell"),
             best_step=self.best_step,
             kept=outcome["kept"],
             best_score=self.best_score,
@@ -1307,6 +1317,8 @@ class Trainer:
             seed=cfg.seed,
         )
         record.update({k: v for k, v in outcome.items() if k != "kept"})
+        if getattr(self, "intensity", None):
+            record["intensity"] = self.intensity
         if self.resumed_at:
             record["resumed_at"] = list(self.resumed_at)
         self.info.training.append(record)
@@ -1404,6 +1416,50 @@ def _crop_probabilities(
     probe.normalization = {"method": "none"}
     probe.scale = 1.0
     return predict_plane(model, probe, img, tile=512, overlap=64, device=device)
+
+
+def scores_text(validation: dict | None) -> str:
+    """The validation scores in short words, for progress: "pixels right F1 0.97, cells
+    matched AP50 0.80" ("" without scores). F1 scores the pixels (cell or background,
+    or each class, told apart); AP50 the cells (found one for one)."""
+    val = validation or {}
+    parts = []
+    if isinstance(val.get("f1"), (int, float)) and math.isfinite(val["f1"]):
+        parts.append(f"pixels right F1 {val['f1']:.2f}")
+    if isinstance(val.get("ap50"), (int, float)) and math.isfinite(val["ap50"]):
+        parts.append(f"cells matched AP50 {val['ap50']:.2f}")
+    return ", ".join(parts)
+
+
+def validation_text(record: dict) -> str:
+    """What a training run's validation found, in one clause for the user (the command
+    line's last line and the dock's Train tab say the same): what it was measured on,
+    the scores and what they mean. "" when the run was not validated.
+
+    >>> validation_text({"validated_on": "6 held-back cells",
+    ...                  "validation": {"f1": 0.99, "ap50": 0.25}})  # doctest: +NORMALIZE_WHITESPACE
+    'Validation on 6 held-back cells: pixels right F1 0.99, cells matched AP50 0.25
+    (1 is perfect; F1: cell and background pixels told apart, AP50: cells found one for
+    one, at least half overlapping, missed and extra cells counting against it)'
+    """
+    val = record.get("validation") or {}
+    scores = scores_text(val)
+    if not scores:
+        return ""
+    on = record.get("validated_on") or "the annotation"
+    if "ap50" in val:
+        meaning = (
+            "F1: cell and background pixels told apart, AP50: cells found one for one, "
+            "at least half overlapping, missed and extra cells counting against it"
+        )
+    else:
+        meaning = "F1: each pixel's class told right"
+    return f"Validation on {on}: {scores} (1 is perfect; {meaning})"
+
+
+def _cells(n: int, what: str) -> str:
+    """``n`` and ``what``, plural unless one: "1 held-back cell", "6 held-back cells"."""
+    return f"{n} {what}{'' if n == 1 else 's'}"
 
 
 def _brief(val: dict | None) -> dict:

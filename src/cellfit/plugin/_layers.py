@@ -41,6 +41,7 @@ __all__ = [
     "layer_data",
     "layer_stack_shape",
     "next_free_id",
+    "place_above",
     "plane_number",
     "plane_of",
     "plane_under_cursor",
@@ -271,6 +272,24 @@ def _layer_of_shape(viewer, name: str, kind: type, shape: tuple, annotation, add
     layer = add()
     _place_below(viewer, layer, annotation)
     return layer
+
+
+def place_above(viewer, layers: Sequence, annotation: Labels | None) -> None:
+    """Put ``layers`` (bottom to top) right above ``annotation`` where they lie below it:
+    the live preview of a training must not hide under the painting (after "Use
+    prediction as annotation" the annotation holds every predicted cell). The selected
+    layer stays selected."""
+    if annotation is None or annotation not in viewer.layers:
+        return
+    active = viewer.layers.selection.active
+    for layer in reversed(list(layers)):  # the top one first: each goes right above
+        if layer not in viewer.layers:
+            continue
+        src, dst = viewer.layers.index(layer), viewer.layers.index(annotation)
+        if src < dst:
+            viewer.layers.move(src, dst + 1)
+    if active is not None and active in viewer.layers:
+        viewer.layers.selection.active = active
 
 
 def _place_below(viewer, layer, annotation: Labels | None) -> None:

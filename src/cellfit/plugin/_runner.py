@@ -11,6 +11,7 @@ dock unless the CPU draws the window (see :func:`cellfit.plugin._display.softwar
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from functools import partial
@@ -22,9 +23,12 @@ from napari.utils.notifications import show_error
 from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import QApplication, QProgressBar
 
+from cellfit.errors import fault
 from cellfit.plugin._display import software_opengl
 
 __all__ = ["JobRunner"]
+
+log = logging.getLogger(__name__)
 
 
 class JobRunner(QObject):
@@ -51,6 +55,8 @@ class JobRunner(QObject):
     started = Signal(str)
     #: a job ended (its kind); emitted once the runner is idle again
     finished = Signal(str)
+    #: a sentence for the dock's status line: (severity, text)
+    said = Signal(str, str)
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -133,7 +139,10 @@ class JobRunner(QObject):
             self.pbar.update(value - self.pbar.n)
 
     def _on_worker_error(self, exc: Exception) -> None:  # jobs return errors; this is a bug
-        show_error(f"cellfit stopped on an unexpected error ({type(exc).__name__}: {exc}).")
+        log.error("cellfit job failed", exc_info=exc)
+        text = str(fault(exc, "cellfit"))
+        show_error(text)
+        self.said.emit("error", text)
 
     def _on_finished(self) -> None:
         if self.pbar is not None:

@@ -11,7 +11,20 @@ message such as "set {setting}" reads "set Cell diameter (Segment tab)" here and
 
 from __future__ import annotations
 
-__all__ = ["CHOICES", "LABELS", "ROWS", "TIPS", "train_button_tip"]
+__all__ = [
+    "CHOICES",
+    "COLUMN_TIPS",
+    "LABELS",
+    "NO_MODEL_LINE",
+    "ROWS",
+    "TIPS",
+    "TRAIN_BUTTON_TEXT",
+    "WHY_OFF",
+    "busy_reason",
+    "column_tip",
+    "off_tip",
+    "train_button_tip",
+]
 
 #: the row labels of the forms (without the colon) and the texts of check boxes
 ROWS: dict[str, str] = {
@@ -31,6 +44,8 @@ ROWS: dict[str, str] = {
     "inputs": "Images",
     "out": "Results to",
     "tta": "Average over flips and rotations (4–8× slower)",
+    "labels_layer": "Cells",
+    "measure_batch": "Also measure every cell (<name>_cells.csv)",
 }
 
 #: each setting an engine error can name (:data:`cellfit.errors.SETTING_WORDS`), as the
@@ -205,17 +220,77 @@ TIPS: dict[str, str] = {
     ),
     "batch": "Segments every TIFF with the current model: the same engine as `cellfit predict`.",
     "cancel": "Stop segmenting; finished files are kept.",
+    "failed": (
+        "The files the last Segment folder could not segment, and why. Fix or remove "
+        "them and press Segment folder again: the files already done are kept."
+    ),
     # Model
     "save": (
         "Save the model to one .cellfit file (weights and training record). "
         "`cellfit predict` and this plugin can load it."
     ),
-    "load": "Load a .cellfit model file, to segment or to fine-tune it.",
+    "load": "Load a .cellfit model file, to segment or to fine-tune it. You can also "
+            "drop a .cellfit file on napari's window.",
     "load_starting": (
         "Make the cellfit starting model the current model, as shipped: to segment "
         "with it (give the cell diameter in Segment) or to fine-tune it."
     ),
+    # Measure
+    "labels_layer": (
+        "The Labels layer whose cells to measure: one id per cell, as Segment makes them "
+        "('<image> labels') or as opened from a <name>_labels.tif."
+    ),
+    "measure_slices": "For a stack or time series: measure every slice, or only the one on screen.",
+    "measure": (
+        "Measure every cell of the chosen labels: position, area, diameter, shape and the "
+        "intensities of the image chosen at the top of the dock. Hover a cell to read its "
+        "values in napari's status bar."
+    ),
+    "table": (
+        "One row per cell (and slice). Click a column's title to sort by it; click a row "
+        "to centre the view on that cell."
+    ),
+    "save_table": (
+        "Save the table as a CSV file (one row per cell), the same columns as "
+        "`cellfit predict --measure` writes. Drop such a file on napari to see it again."
+    ),
+    "measure_cancel": "Stop measuring; nothing is kept.",
+    "measure_batch": (
+        "Also writes <name>_cells.csv (one row per cell) next to each <name>_labels.tif, "
+        "and summary.csv (one row per file, with what to check first): "
+        "`cellfit predict --measure`."
+    ),
 }
+
+#: what each column of a measurements table holds (the header's tooltips); the
+#: intensity and calibrated columns are matched by their beginning
+COLUMN_TIPS: dict[str, str] = {
+    "id": "The cell's id in the labels layer.",
+    "plane": "The slice (or time point), counted from 0.",
+    "centroid_y": "The cell's centre, row (pixels from the top).",
+    "centroid_x": "The cell's centre, column (pixels from the left).",
+    "area_px": "The cell's area in pixels.",
+    "area_": "The cell's area in the image's unit (squared).",
+    "equivalent_diameter_px": "The diameter of a circle of the cell's area, in pixels.",
+    "equivalent_diameter_": "The diameter of a circle of the cell's area, in the image's unit.",
+    "eccentricity": "0 for a circle, towards 1 for an elongated cell.",
+    "solidity": "The cell's area over that of its convex hull: 1 for a convex cell, less "
+                "for a ragged or notched one.",
+    "touches_edge": "The cell is cut by the image's edge: its size and shape are partial.",
+    "mean_intensity_": "The mean pixel value inside the cell, in this channel.",
+    "max_intensity_": "The largest pixel value inside the cell, in this channel.",
+    "integrated_intensity_": "The sum of the pixel values inside the cell, in this channel.",
+}
+
+
+def column_tip(column: str) -> str:
+    """The header tooltip of a measurements table's ``column``."""
+    if column in COLUMN_TIPS:
+        return COLUMN_TIPS[column]
+    for start, tip in COLUMN_TIPS.items():
+        if start.endswith("_") and column.startswith(start):
+            return tip
+    return ""
 
 _TRAIN_BUTTON = {
     "fine-tune": "Continue training the current model on your updated annotation.",
@@ -231,3 +306,71 @@ def train_button_tip(plan: str) -> str:
     return _TRAIN_BUTTON.get(
         plan, "Train a new model on every annotated slice, from random weights."
     )
+
+
+#: the Train button's text for a training plan: "more" only once the model in memory
+#: was trained on painted cells (in this session, or a model file loaded)
+TRAIN_BUTTON_TEXT = {
+    "fine-tune": "Train more (fine-tune)",
+    "adapt": "Train (adapt the starting model)",
+}
+
+#: the line at the top of the dock while there is no model
+NO_MODEL_LINE = (
+    "<i>No model yet.</i> The cellfit starting model can segment many kinds of cells "
+    "without any training: Segment tab, <i>Use the starting model as is</i>. Or paint a "
+    "few cells (Annotate) and Train, to adapt it to yours."
+)
+
+#: why a control is greyed out and what to do: the first line of its tooltip while it
+#: is (:func:`off_tip`); "{image}" is the chosen image's name
+WHY_OFF: dict[str, str] = {
+    "no_image": "Open an image first (File > Open, or File > Open Sample > cellfit).",
+    "no_model": (
+        "There is no model yet: press Use the starting model as is (Segment tab), train "
+        "one (Train tab) or load one (Model tab)."
+    ),
+    "no_model_save": "Train or load a model first: there is no model to save yet.",
+    "no_model_fresh": "There is no model yet to forget: Train makes a new one.",
+    "no_prediction": (
+        "Train (with the live preview) or segment the image first: there is no "
+        "'{image} labels' layer to copy cells from yet."
+    ),
+    "no_stopped_run": (
+        "Nothing to continue: Continue goes on with a training you stopped with Stop. "
+        "Press Train to train."
+    ),
+    "not_training": "Nothing is training now: Stop ends a running training.",
+    "not_segmenting": "Nothing is being segmented now: Cancel stops a running segmentation.",
+    "one_slice": "The image has a single slice.",
+    "no_labels": (
+        "There are no cells to measure: segment an image first (Segment tab), or open a "
+        "labels image (File > Open)."
+    ),
+    "no_table": "Press Measure cells first: there is no table to save yet.",
+    "not_measuring": "Nothing is being measured now: Cancel stops a running measurement.",
+    "fine_tune_keeps": (
+        "Train goes on with the current model, which keeps its own: tick Train a new "
+        "model to choose."
+    ),
+}
+
+#: what runs, by the job runner's kind, and how to end it
+_BUSY = {
+    "train": "Training is running: wait for it to end, or press Stop (Train tab).",
+    "preview": "The preview of the trained model is being drawn: wait a moment.",
+    "estimate": "The cell diameter is being estimated: wait a few seconds.",
+    "measure": "Cells are being measured: wait for it to end, or press Cancel (Measure tab).",
+}
+_BUSY_SEGMENTING = "Segmenting is running: wait for it to end, or press Cancel (Segment tab)."
+
+
+def busy_reason(kind: str | None) -> str:
+    """Why the controls are greyed out while a job of ``kind`` runs, and what to do."""
+    return _BUSY.get(kind or "", _BUSY_SEGMENTING)
+
+
+def off_tip(why: str | None, tip: str) -> str:
+    """A control's tooltip: ``tip`` when it is enabled (``why`` None), else why it is
+    greyed out and what to do, then ``tip``."""
+    return tip if not why else f"{why}\n\n{tip}"

@@ -32,10 +32,11 @@ import numpy as np
 import torch
 
 from cellfit.batch import predict_files
-from cellfit.errors import CellfitError, worded
+from cellfit.errors import CellfitError, fault, worded
 from cellfit.events import Progress
 from cellfit.file_prediction import FileEvent
 from cellfit.io import ImageStack, check_finite, check_labels
+from cellfit.measure import Measurer
 from cellfit.model import ModelInfo
 from cellfit.normalize import match_channels
 from cellfit.plugin._tooltips import LABELS
@@ -55,6 +56,8 @@ __all__ = [
     "BatchResult",
     "DiameterJob",
     "DiameterResult",
+    "MeasureJob",
+    "MeasureResult",
     "PredictJob",
     "PredictResult",
     "TrainJob",
@@ -91,10 +94,8 @@ def user_message(exc: BaseException, what: str) -> str:
             f"{what} ran out of memory: choose a smaller patch size, a smaller model, or "
             "segment fewer slices at once."
         )
-    return (
-        f"{what} stopped on an unexpected error ({type(exc).__name__}: {exc}); "
-        "the details are in the napari log: please report it."
-    )
+    # a bug: one plain sentence; the exception's own text goes to the log (see _log)
+    return fault(exc, what).worded(LABELS)
 
 
 def fast_tile(shape: Sequence[int], scale: float = 1.0) -> int:
@@ -310,6 +311,11 @@ class TrainJob:
             result.summary = dict(trainer.summary)
             n_before = len(self.info.training) if self.info is not None else 0
             yield from self._steps(trainer)
+            if self._stop.is_set() and not self.step_seconds:
+                # stopped before its first step: nothing was trained (and no record of
+                # this run exists: the starting model's own would be read as this one's)
+                result.stopped = True
+                return result
             result.model = trainer.model
             result.info = trainer.info
             result.stopped = self._stop.is_set()
@@ -542,6 +548,10 @@ class BatchResult:
     error: str | None = None
     seconds: float = 0.0
     notices: list[str] = field(default_factory=list)
+    #: with ``measure``: ``<name>_cells.csv`` per file and ``summary.csv`` were written;
+    #: ``flagged`` holds ``(file name, what looks wrong)``, the most suspicious first
+    measured: bool = False
+    flagged: list[tuple[str, str]] = field(default_factory=list)
 
 
 class BatchJob:
@@ -551,6 +561,9 @@ class BatchJob:
     ``diameter`` (pixels) is for a model that works on cells of any size; left out for
     such a model, the engine estimates it from the first file (a progress notice says so).
     ``tta`` averages over flipped and rotated copies (4 to 8 times slower).
+    ``measure`` measures every cell into ``<name>_cells.csv`` beside its labels and
+    writes the run's ``summary.csv`` with what to check first (``cellfit predict
+    --measure``; instance models only).
     """
 
     def __init__(
@@ -565,9 +578,11 @@ class BatchJob:
         threads: int | None = None,
         diameter: float | None = None,
         tta: bool = False,
+        measure: bool = False,
     ) -> None:
         self.diameter = diameter
         self.tta = tta
+        self.measure = measure
         self.model_path = Path(model_path)
         self.inputs = [Path(p) for p in inputs]
         self.out_dir = Path(out_dir)
@@ -599,9 +614,13 @@ class BatchJob:
                 device=self.device,
                 diameter=self.diameter,
                 tta=self.tta,
+                measure=self.measure,
             )
             yield Progress(text="Loading the model…")
+            summaries = []
             for ev in gen:
+                if getattr(ev, "summary", None) is not None:
+                    summaries.append(ev.summary)
                 notice = None
                 if ev.notice:
                     text = worded(ev.notice, LABELS)
@@ -612,6 +631,12 @@ class BatchJob:
                 if self._cancel.is_set():
                     result.cancelled = True
                     break
+            if self.measure and not result.cancelled:
+                result.measured = True
+                # the engine sets each file's flags once the last file is in
+                flagged = [s for s in summaries if s.flags]
+                flagged.sort(key=lambda s: -sum(f.severity for f in s.flags))
+                result.flagged = [(s.file, "; ".join(f.text for f in s.flags)) for s in flagged]
         except Exception as exc:
             _log(exc, "batch")
             result.error = user_message(exc, "the folder segmentation")
@@ -630,4 +655,93 @@ def _count(result: BatchResult, ev: FileEvent) -> None:
         result.skipped += 1
     elif ev.status == "failed":
         reason = worded(ev.error, LABELS) if ev.error is not None else "unknown error"
-        result.failed.append((ev.path.name, reason))
+        # the file's name is enough in the dock's list (the folder is the one chosen)
+        result.failed.append((ev.path.name, reason.replace(str(ev.path), ev.path.name)))
+
+
+# -------------------------------------------------------------------- measure
+@dataclass
+class MeasureResult:
+    """The measurements of the measured planes (``table``: column name → values, the
+    columns of :func:`cellfit.measure.table_columns`), or ``error`` (one sentence)."""
+
+    table: dict[str, np.ndarray] | None = None
+    planes: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    error: str | None = None
+    seconds: float = 0.0
+
+
+class MeasureJob:
+    """Measure the cells of a label image, plane after plane: the engine's
+    :class:`cellfit.measure.Measurer` (:func:`cellfit.measure.measure_plane` per plane),
+    reading one plane of the labels and of the image at a time (a lazy stack is never
+    loaded whole).
+
+    Parameters
+    ----------
+    labels : array, shape stack axes + (Y, X)
+        Instance labels (a Labels layer's array).
+    image : array, shape stack axes + (Y, X) [+ (RGB,)], optional
+        The raw intensities, of the labels' size (None: shapes only).
+    rgb : bool
+        ``image`` ends with a colour axis.
+    which : list of int, optional
+        The plane numbers to measure (row-major over the stack axes; all when None).
+    pixel_size, unit
+        The size of a pixel (y, x) in ``unit``, for calibrated columns (None: pixels).
+    """
+
+    def __init__(
+        self,
+        labels,
+        image=None,
+        *,
+        rgb: bool = False,
+        which: Sequence[int] | None = None,
+        pixel_size: tuple[float, float] | None = None,
+        unit: str | None = None,
+    ) -> None:
+        self.labels = labels
+        self.image = image
+        self.rgb = rgb
+        self.stack = tuple(int(s) for s in labels.shape[:-2])
+        n = int(np.prod(self.stack)) if self.stack else 1
+        self.which = list(range(n)) if which is None else [int(i) for i in which]
+        self.pixel_size = pixel_size
+        self.unit = unit
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def run(self) -> Generator[Progress, None, MeasureResult]:
+        """Measure the planes, yielding progress after each."""
+        t0 = time.perf_counter()
+        result = MeasureResult()
+        try:
+            measurer = Measurer(pixel_size=self.pixel_size, unit=self.unit)
+            n = len(self.which)
+            yield Progress(text=f"Measuring the cells of {_planes_text(n)}…")
+            for k, plane in enumerate(self.which):
+                if self._cancel.is_set():
+                    result.cancelled = True
+                    break
+                position = tuple(np.unravel_index(plane, self.stack)) if self.stack else ()
+                labels = np.asarray(self.labels[position])
+                image = None
+                if self.image is not None:
+                    image = np.asarray(self.image[position])
+                    image = np.moveaxis(image, -1, 0) if self.rgb else image
+                    check_finite(image, "the image")
+                measurer.add(labels, image, plane=plane)
+                result.planes.append(plane)
+                text = f"Measured slice {k + 1} of {n}…" if n > 1 else "Measured."
+                yield Progress(fraction=(k + 1) / n, text=text)
+            result.table = measurer.table()
+        except Exception as exc:
+            _log(exc, "measurement")
+            result.error = user_message(exc, "measuring the cells")
+        finally:
+            result.seconds = time.perf_counter() - t0
+        return result

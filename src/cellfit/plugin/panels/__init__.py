@@ -5,6 +5,7 @@ ends a job (:class:`~cellfit.plugin.panels._base.Panel`).
 ``annotate``  1 Annotate: the annotation layer, brushes, counts, copying a prediction
 ``train``     2 Train: training settings, Train / Stop, the live preview and plot
 ``segment``   3 Segment: the selected image, a folder of TIFFs, the cell diameter
+``measure``   4 Measure: per-cell measurements of a labels layer (table, features, CSV)
 ``model``     Model: save, load, the starting model, the model's record
 """
 
@@ -13,8 +14,9 @@ from cellfit.plugin import _safety  # noqa: F401  (first: imports the torch stac
 
 # isort: on
 from cellfit.plugin.panels.annotate import AnnotatePanel
+from cellfit.plugin.panels.measure import MeasurePanel
 from cellfit.plugin.panels.model import ModelPanel
 from cellfit.plugin.panels.segment import SegmentPanel
 from cellfit.plugin.panels.train import TrainPanel
 
-__all__ = ["AnnotatePanel", "ModelPanel", "SegmentPanel", "TrainPanel"]
+__all__ = ["AnnotatePanel", "MeasurePanel", "ModelPanel", "SegmentPanel", "TrainPanel"]

@@ -3,19 +3,19 @@ builders of controls."""
 
 from __future__ import annotations
 
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QComboBox, QLabel, QWidget
 
 from cellfit.plugin._runner import JobRunner
 from cellfit.plugin._state import CellfitState
-from cellfit.plugin._tooltips import ROWS
+from cellfit.plugin._tooltips import ROWS, WHY_OFF, busy_reason, off_tip
 
-__all__ = ["Panel", "combo", "row_label", "shrinkable", "small_label"]
+__all__ = ["Panel", "combo", "enable", "first", "row_label", "shrinkable", "small_label"]
 
 SMALL = "font-size: 11px; color: palette(mid);"
 BUSY = "Wait for the running job to finish, or press Stop."
-NO_IMAGE = "Open an image first (File > Open, or File > Open Sample > cellfit)."
+NO_IMAGE = WHY_OFF["no_image"]
 
 
 class Panel(QWidget):
@@ -28,6 +28,8 @@ class Panel(QWidget):
 
     #: the panel changed the model in memory (the dock then refreshes every panel)
     model_changed = Signal()
+    #: a sentence for the dock's status line: (severity "error" or "warning", text)
+    said = Signal(str, str)
 
     def __init__(self, state: CellfitState, runner: JobRunner) -> None:
         super().__init__()
@@ -43,6 +45,21 @@ class Panel(QWidget):
         """The model in memory changed (by this panel or another one)."""
         self.update_controls()
 
+    def error(self, text: str) -> None:
+        """Say an error: a napari notification, and the dock's status line (in full,
+        where a narrow window cuts notifications off)."""
+        show_error(text)
+        self.said.emit("error", text)
+
+    def warning(self, text: str) -> None:
+        """Say a warning: a notification, and the dock's status line."""
+        show_warning(text)
+        self.said.emit("warning", text)
+
+    def busy_why(self) -> str | None:
+        """Why controls are greyed out while a job runs (None when none runs)."""
+        return busy_reason(self.runner.kind) if self.runner.busy else None
+
     def image_for_a_job(self):
         """The chosen image layer when a job may start now; None (after saying why)
         when a job runs or no image is open."""
@@ -50,7 +67,7 @@ class Panel(QWidget):
             return None
         image = self.state.image_layer()
         if image is None:
-            show_error(NO_IMAGE)
+            self.error(NO_IMAGE)
         return image
 
     def refuse_while_busy(self) -> bool:
@@ -59,6 +76,18 @@ class Panel(QWidget):
             show_info(BUSY)
             return True
         return False
+
+
+def enable(widget: QWidget, why: str | None, tip: str) -> None:
+    """Enable ``widget`` when there is no reason against (``why`` None); greyed out,
+    its tooltip says why and what to do, then ``tip`` (what it does)."""
+    widget.setEnabled(not why)
+    widget.setToolTip(off_tip(why, tip))
+
+
+def first(*whys: str | None) -> str | None:
+    """The first reason that is set (None: none is)."""
+    return next((w for w in whys if w), None)
 
 
 def small_label(text: str) -> QLabel:
@@ -72,7 +101,7 @@ def small_label(text: str) -> QLabel:
 def shrinkable(box: QComboBox) -> QComboBox:
     """Let a combo box be narrower than its longest item (the dock stays narrow)."""
     box.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-    box.setMinimumContentsLength(10)
+    box.setMinimumContentsLength(8)  # a row label and the box fit a 300-pixel dock
     return box
 
 

@@ -11,14 +11,12 @@ from collections.abc import Callable
 
 import numpy as np
 from napari.layers import Labels
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_info
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
-    QCheckBox,
     QComboBox,
     QFormLayout,
     QGroupBox,
-    QHBoxLayout,
     QLabel,
     QPushButton,
     QVBoxLayout,
@@ -36,10 +34,19 @@ from cellfit.plugin._layers import (
     prediction_to_annotation,
     stack_position,
 )
+from cellfit.plugin._layout import WrapButton, WrapCheckBox, flow_row
 from cellfit.plugin._runner import JobRunner
 from cellfit.plugin._state import CellfitState
-from cellfit.plugin._tooltips import TIPS
-from cellfit.plugin.panels._base import NO_IMAGE, Panel, row_label, shrinkable, small_label
+from cellfit.plugin._tooltips import TIPS, WHY_OFF
+from cellfit.plugin.panels._base import (
+    NO_IMAGE,
+    Panel,
+    enable,
+    first,
+    row_label,
+    shrinkable,
+    small_label,
+)
 
 __all__ = ["AnnotatePanel"]
 
@@ -71,7 +78,7 @@ class AnnotatePanel(Panel):
         runner.finished.connect(self.update_counts)
 
         lay = QVBoxLayout(self)
-        self.create_button = QPushButton("Create annotation layer")
+        self.create_button = WrapButton("Create annotation layer")
         self.create_button.setToolTip(TIPS["create"])
         self.create_button.clicked.connect(self.create_annotation_layer)
         lay.addWidget(self.create_button)
@@ -83,7 +90,6 @@ class AnnotatePanel(Panel):
         form.addRow(row_label("annotation"), self.ann_combo)
         lay.addLayout(form)
 
-        row = QHBoxLayout()
         self.bg_button = QPushButton("Background brush")
         self.bg_button.setToolTip(TIPS["background"])
         self.bg_button.clicked.connect(self.background_brush)
@@ -93,9 +99,8 @@ class AnnotatePanel(Panel):
         self.erase_button = QPushButton("Eraser")
         self.erase_button.setToolTip(TIPS["eraser"])
         self.erase_button.clicked.connect(self.eraser)
-        for b in (self.bg_button, self.cell_button, self.erase_button):
-            row.addWidget(b)
-        lay.addLayout(row)
+        # the brushes go on two lines in a narrow dock
+        lay.addWidget(flow_row(self.bg_button, self.cell_button, self.erase_button))
 
         self.count_label = QLabel("No annotation yet.")
         self.count_label.setWordWrap(True)
@@ -123,7 +128,7 @@ class AnnotatePanel(Panel):
                 "Train again."
             )
         )
-        self.ring_check = QCheckBox("Add a background ring around them")
+        self.ring_check = WrapCheckBox("Add a background ring around them")
         self.ring_check.setChecked(True)
         self.ring_check.setToolTip(TIPS["ring"])
         blay.addWidget(self.ring_check)
@@ -181,7 +186,7 @@ class AnnotatePanel(Panel):
         viewer = self.state.viewer
         image = self.state.image_layer()
         if image is None:
-            show_error(NO_IMAGE)
+            self.error(NO_IMAGE)
             return None
         name = f"{image.name} annotation"
         shape = labels_shape(image)
@@ -231,7 +236,7 @@ class AnnotatePanel(Panel):
             return
         new_id = next_free_id(layer)
         if layer.data.dtype.kind in "ui" and new_id > np.iinfo(layer.data.dtype).max:
-            show_error(
+            self.error(
                 f"The annotation layer holds {layer.data.dtype} values and cannot take a cell "
                 f"id above {new_id - 1}: no more cells can be added to it."
             )
@@ -286,11 +291,11 @@ class AnnotatePanel(Panel):
         """
         image = self.state.image_layer()
         if image is None:
-            show_error("Open an image first.")
+            self.error(NO_IMAGE)
             return 0
         pred = find_layer(self.state.viewer, f"{image.name} labels", Labels)
         if pred is None:
-            show_error(
+            self.error(
                 f"There is no '{image.name} labels' layer yet: train (with live preview) or "
                 "segment the image first."
             )
@@ -305,7 +310,7 @@ class AnnotatePanel(Panel):
                 old, np.asarray(pred.data[position]), ring=2 if self.ring_check.isChecked() else 0
             )
         except CellfitError as exc:
-            show_error(str(exc))
+            self.error(str(exc))
             return 0
         if n == 0:
             show_info(
@@ -329,15 +334,21 @@ class AnnotatePanel(Panel):
     def update_controls(self, *_args) -> None:
         has_image = self.state.image_layer() is not None
         name = self.state.image_name
-        self.create_button.setEnabled(has_image)
+        no_image = None if has_image else WHY_OFF["no_image"]
+        enable(self.create_button, no_image, TIPS["create"])
         self.create_button.setText(
             f"Create annotation layer for '{name}'" if name else "Create annotation layer"
         )
-        for b in (self.bg_button, self.cell_button, self.erase_button):
-            b.setEnabled(has_image)
+        for b, key in ((self.bg_button, "background"), (self.cell_button, "new_cell"),
+                       (self.erase_button, "eraser")):
+            enable(b, no_image, TIPS[key])
         has_prediction = find_layer(self.state.viewer, f"{name} labels", Labels) is not None
         other_job = self.runner.busy and self.runner.kind != "train"
-        self.copy_button.setEnabled(has_image and has_prediction and not other_job)
+        enable(self.copy_button, first(
+            no_image,
+            None if has_prediction else WHY_OFF["no_prediction"].format(image=name),
+            self.busy_why() if other_job else None,
+        ), TIPS["copy"])
         no_layer = self.annotation_layer() is None
         if no_layer and has_image and self.count_label.text() == "No annotation yet.":
             self.count_label.setText(NO_LAYER)

@@ -10,19 +10,21 @@ from cellfit.plugin import _safety  # noqa: F401  (first: imports the torch stac
 from collections.abc import Callable
 from pathlib import Path
 
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_info
 from qtpy.QtCore import Signal
-from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QPushButton, QTextBrowser, QVBoxLayout
+from qtpy.QtWidgets import QFileDialog, QPushButton, QTextBrowser, QVBoxLayout
 
 from cellfit.devices import resolve_device
 from cellfit.errors import CellfitError
 from cellfit.model import load_model, save_model
 from cellfit.plugin._display import encoder_name, model_record_html, user_runs
+from cellfit.plugin._layout import flow_row
 from cellfit.plugin._runner import JobRunner
 from cellfit.plugin._state import CellfitState
-from cellfit.plugin._tooltips import TIPS
-from cellfit.plugin.panels._base import Panel
+from cellfit.plugin._tooltips import NO_MODEL_LINE, TIPS, WHY_OFF
+from cellfit.plugin.panels._base import Panel, enable, first
 from cellfit.starting import starting_model_path
+from cellfit.train import scores_text
 
 __all__ = ["ModelPanel", "model_line"]
 
@@ -45,7 +47,6 @@ class ModelPanel(Panel):
         super().__init__(state, runner)
         self.device = device
         lay = QVBoxLayout(self)
-        row = QHBoxLayout()
         self.save_button = QPushButton("Save model…")
         self.save_button.setToolTip(TIPS["save"])
         self.save_button.clicked.connect(self._save_dialog)
@@ -55,10 +56,7 @@ class ModelPanel(Panel):
         self.load_starting_button = QPushButton("Starting model")
         self.load_starting_button.setToolTip(TIPS["load_starting"])
         self.load_starting_button.clicked.connect(self.use_starting_model)
-        row.addWidget(self.save_button)
-        row.addWidget(self.load_button)
-        row.addWidget(self.load_starting_button)
-        lay.addLayout(row)
+        lay.addWidget(flow_row(self.save_button, self.load_button, self.load_starting_button))
         self.record_view = QTextBrowser()
         self.record_view.setOpenLinks(False)
         self.record_view.setMinimumHeight(260)
@@ -68,7 +66,7 @@ class ModelPanel(Panel):
         """Save the current model to ``path`` (a .cellfit file)."""
         state = self.state
         if not state.has_model:
-            show_error("There is no model to save yet: train one first.")
+            self.error("There is no model to save yet: train one first.")
             return None
         path = Path(path)
         if path.suffix == "":
@@ -78,15 +76,18 @@ class ModelPanel(Panel):
         except CellfitError:
             shipped = False
         if shipped:
-            show_error("That file is cellfit's own starting model: save under another name.")
+            self.error("That file is cellfit's own starting model: save under another name.")
             return None
         try:
             save_model(path, state.model, state.info)
         except CellfitError as exc:  # a full disk, no write permission: one sentence
-            show_error(str(exc))
+            self.error(str(exc))
             return None
         except OSError as exc:
-            show_error(f"Could not save the model to {path}: {exc}")
+            self.error(
+                f"Could not save the model to {path} ({exc.strerror or 'the system refused'}): "
+                "check the free space and that you may write to that folder."
+            )
             return None
         state.model_path, state.model_saved = path, True
         self.model_changed.emit()
@@ -94,13 +95,14 @@ class ModelPanel(Panel):
         return path
 
     def load_model_file(self, path: str | Path) -> bool:
-        """Load a .cellfit model file; it becomes the current model (Train fine-tunes it)."""
+        """Load a .cellfit model file (or a bioimage.io package made by ``cellfit export``,
+        which carries one); it becomes the current model (Train fine-tunes it)."""
         if self.refuse_while_busy():
             return False
         try:
             model, info = load_model(path, resolve_device(self.device()))
         except CellfitError as exc:
-            show_error(str(exc))
+            self.error(str(exc))
             return False
         self._adopt(model, info, Path(path))
         show_info(f"Loaded the model {Path(path).name}: Segment uses it, Train fine-tunes it.")
@@ -112,7 +114,7 @@ class ModelPanel(Panel):
         if self.refuse_while_busy():
             return False
         if self.state.model is not None and not self.state.model_saved:
-            show_error(
+            self.error(
                 "The current model is not saved: save it first (Model tab, Save model…), "
                 "then switch to the starting model."
             )
@@ -121,7 +123,7 @@ class ModelPanel(Panel):
             path = starting_model_path()
             model, info = load_model(path, resolve_device(self.device()))
         except CellfitError as exc:
-            show_error(str(exc))
+            self.error(str(exc))
             return False
         self._adopt(model, info, path)
         show_info(
@@ -148,7 +150,7 @@ class ModelPanel(Panel):
     def _load_dialog(self) -> None:
         path, _ = QFileDialog.getOpenFileName(
             self, "Load a cellfit model", str(self.state.model_path or Path.home()),
-            "cellfit model (*.cellfit *.safetensors);;All files (*)",
+            "cellfit model (*.cellfit *.safetensors *.zip);;All files (*)",
         )
         if path:
             self.load_model_file(path)
@@ -159,21 +161,23 @@ class ModelPanel(Panel):
         self.update_controls()
 
     def update_controls(self, *_args) -> None:
-        busy = self.runner.busy
-        self.save_button.setEnabled(self.state.model is not None and not busy)
-        self.load_button.setEnabled(not busy)
-        self.load_starting_button.setEnabled(not busy)
+        busy = self.busy_why()
+        no_model = None if self.state.model is not None else WHY_OFF["no_model_save"]
+        enable(self.save_button, first(busy, no_model), TIPS["save"])
+        enable(self.load_button, busy, TIPS["load"])
+        enable(self.load_starting_button, busy, TIPS["load_starting"])
 
 
 def model_line(state: CellfitState) -> str:
     """The line about the model in memory shown at the top of the dock (HTML)."""
     info = state.info
     if info is None:
-        return "<i>No model yet:</i> paint a few cells, then Train (or load a model in the Model tab)."
+        return NO_MODEL_LINE
     last = info.training[-1] if info.training else {}
     runs = user_runs(info.training)
     val = last.get("validation") or {}
-    score = f", last validation F1 {val['f1']:.2f}" if "f1" in val else ""
+    scores = scores_text(val)  # the Train tab's words
+    score = f", last validation: {scores}" if scores else ""
     where = state.model_path.name if state.model_path else "not saved"
     if state.model_path and not state.model_saved:
         where += ", changed since saved"

@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from napari.layers import Image
-from napari.utils.notifications import show_error, show_info, show_warning
+from napari.utils.notifications import show_info
 from qtpy.QtWidgets import (
-    QCheckBox,
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
@@ -24,6 +23,8 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
+    QListWidget,
+    QListWidgetItem,
     QProgressBar,
     QPushButton,
     QSpinBox,
@@ -41,9 +42,10 @@ from cellfit.plugin._layers import (
     plane_of,
     show_prediction,
 )
+from cellfit.plugin._layout import WrapCheckBox, flow_row
 from cellfit.plugin._runner import JobRunner
 from cellfit.plugin._state import CellfitState
-from cellfit.plugin._tooltips import CHOICES, ROWS, TIPS
+from cellfit.plugin._tooltips import CHOICES, ROWS, TIPS, WHY_OFF
 from cellfit.plugin.jobs import (
     BatchJob,
     BatchResult,
@@ -51,7 +53,7 @@ from cellfit.plugin.jobs import (
     DiameterResult,
     PredictResult,
 )
-from cellfit.plugin.panels._base import Panel, combo, row_label
+from cellfit.plugin.panels._base import Panel, combo, enable, first, row_label
 
 __all__ = ["SegmentPanel"]
 
@@ -79,7 +81,7 @@ class SegmentPanel(Panel):
         self.starting_button.setToolTip(TIPS["use_starting"])
         lay.addWidget(self.starting_button)
         lay.addWidget(self._build_diameter())
-        self.tta_check = QCheckBox(ROWS["tta"])
+        self.tta_check = WrapCheckBox(ROWS["tta"])
         self.tta_check.setChecked(self.state.tta)
         self.tta_check.setToolTip(TIPS["tta"])
         self.tta_check.toggled.connect(self._on_tta_changed)
@@ -118,10 +120,8 @@ class SegmentPanel(Panel):
         self.estimate_button = QPushButton("Estimate")
         self.estimate_button.setToolTip(TIPS["estimate"])
         self.estimate_button.clicked.connect(self.estimate_diameter)
-        drow = QHBoxLayout()
-        drow.addWidget(self.diameter_spin, 1)
-        drow.addWidget(self.estimate_button)
-        dform.addRow(row_label("diameter"), drow)
+        # the box and Estimate go on two lines in a narrow dock
+        dform.addRow(row_label("diameter"), flow_row(self.diameter_spin, self.estimate_button))
         return self.diameter_box
 
     def _build_image(self) -> QGroupBox:
@@ -132,7 +132,7 @@ class SegmentPanel(Panel):
         self.min_size_spin = QSpinBox()
         self.min_size_spin.setRange(0, 100_000)
         self.min_size_spin.setValue(0)
-        self.min_size_spin.setSpecialValueText("automatic (from your cells)")
+        self.min_size_spin.setSpecialValueText("automatic")  # from your cells: its tooltip
         self.min_size_spin.setSuffix(" pixels")
         self.min_size_spin.setToolTip(TIPS["min_size"])
         self.min_size_spin.valueChanged.connect(self._on_min_size_changed)
@@ -150,18 +150,54 @@ class SegmentPanel(Panel):
         form.addRow(row_label("inputs"), in_row)
         self.out_edit, out_row = self._folder_row(TIPS["out"])
         form.addRow(row_label("out"), out_row)
-        self.prob_check = QCheckBox("Also save probability maps")
+        self.prob_check = WrapCheckBox("Also save probability maps")
         self.prob_check.setToolTip(TIPS["probabilities"])
         form.addRow(self.prob_check)
-        self.overwrite_check = QCheckBox("Replace existing results")
+        self.overwrite_check = WrapCheckBox("Replace existing results")
         self.overwrite_check.setChecked(False)  # as `cellfit predict`: finished files are kept
         self.overwrite_check.setToolTip(TIPS["overwrite"])
         form.addRow(self.overwrite_check)
+        self.measure_check = WrapCheckBox(ROWS["measure_batch"])
+        self.measure_check.setToolTip(TIPS["measure_batch"])
+        form.addRow(self.measure_check)
         self.batch_button = QPushButton("Segment folder")
         self.batch_button.setToolTip(TIPS["batch"])
         self.batch_button.clicked.connect(self.predict_folder)
         form.addRow(self.batch_button)
+        # the files the last batch could not segment, each with its reason
+        self.failed_label = QLabel()
+        self.failed_label.setWordWrap(True)
+        self.failed_list = QListWidget()
+        self.failed_list.setWordWrap(True)
+        # a line between one file and the next (alternating colours are unreadable in
+        # napari's dark theme)
+        self.failed_list.setStyleSheet(
+            "QListWidget::item { border-bottom: 1px solid palette(mid); padding: 3px 0; }"
+        )
+        self.failed_list.setMaximumHeight(140)
+        self.failed_list.setToolTip(TIPS["failed"])
+        form.addRow(self.failed_label)
+        form.addRow(self.failed_list)
+        self.show_failed([])
         return box
+
+    def show_failed(self, failed: list[tuple[str, str]]) -> None:
+        """List the files a batch could not segment, each with its reason (hidden
+        when none failed)."""
+        self.failed_list.clear()
+        for name, reason in failed:
+            text = reason[:1].upper() + reason[1:]
+            if name not in reason:
+                text = f"{name}: {text}"
+            item = QListWidgetItem(text)
+            item.setToolTip(text)
+            self.failed_list.addItem(item)
+        n = len(failed)
+        self.failed_label.setText(
+            f"{n} file{'s were' if n != 1 else ' was'} not segmented:" if n else ""
+        )
+        self.failed_label.setVisible(bool(n))
+        self.failed_list.setVisible(bool(n))
 
     def _folder_row(self, tip: str) -> tuple[QLineEdit, QWidget]:
         edit = QLineEdit()
@@ -194,7 +230,7 @@ class SegmentPanel(Panel):
     def _has_model(self) -> bool:
         """True when there is a model to segment with; otherwise say how to get one."""
         if not self.state.has_model:
-            show_error(
+            self.error(
                 "There is no model yet: train one (Train tab), load a model file (Model "
                 "tab) or press Use the starting model as is."
             )
@@ -215,7 +251,7 @@ class SegmentPanel(Panel):
         try:
             job = self.state.predict_job(image, which)
         except CellfitError as exc:
-            show_error(str(exc))
+            self.error(str(exc))
             return
         self._image_name, self._stack = image.name, layer_stack_shape(image)
         self.seg_status.setText(f"Segmenting '{image.name}'…")
@@ -231,7 +267,7 @@ class SegmentPanel(Panel):
     def _on_predict_result(self, result: PredictResult) -> None:
         self.last_predict_result = result
         if result.error:
-            show_error(result.error)
+            self.error(result.error)
             self.seg_status.setText(f"Segmentation failed: {result.error}")
             return
         if result.cancelled or result.labels is None or result.probability is None:
@@ -285,7 +321,7 @@ class SegmentPanel(Panel):
         self.last_diameter_result = result
         if result.error or result.diameter is None:
             msg = result.error or "The cell diameter could not be estimated."
-            show_error(msg)
+            self.error(msg)
             self.seg_status.setText(f"No estimate: {msg}")
             return
         self.diameter_spin.setValue(result.diameter)
@@ -306,10 +342,10 @@ class SegmentPanel(Panel):
         if not self._has_model():
             return
         if not src:
-            show_error("Choose the folder of TIFF images to segment (Images: Browse…).")
+            self.error("Choose the folder of TIFF images to segment (Images: Browse…).")
             return
         if not dst:
-            show_error("Choose a folder for the results (Results to: Browse…).")
+            self.error("Choose a folder for the results (Results to: Browse…).")
             return
         state = self.state
         if state.model_path is not None and state.model_saved:
@@ -330,7 +366,9 @@ class SegmentPanel(Panel):
             threads=state.threads(torch.device(device)),
             diameter=state.segment_diameter(),
             tta=state.tta,
+            measure=self.measure_check.isChecked(),
         )
+        self.show_failed([])
         self.seg_status.setText(f"Segmenting the TIFF files of {src}…")
         self.runner.start("batch", job, self._on_batch_result, on_yield=self._on_progress,
                           bar=self.seg_bar, desc="cellfit: segmenting a folder")
@@ -341,7 +379,7 @@ class SegmentPanel(Panel):
             shutil.rmtree(self._batch_tmp, ignore_errors=True)
             self._batch_tmp = None
         if result.error:
-            show_error(result.error)
+            self.error(result.error)
             self.seg_status.setText(f"Folder segmentation failed: {result.error}")
             return
         parts = [f"{result.done} file{'s' if result.done != 1 else ''} segmented"]
@@ -354,10 +392,21 @@ class SegmentPanel(Panel):
             parts.append(f"{len(result.failed)} failed")
         head = "Folder segmentation cancelled" if result.cancelled else "Folder done"
         text = f"{head}: {', '.join(parts)}, in {result.seconds:.0f} s. Results are in {result.out_dir}."
+        if result.measured:
+            text += _measured_text(result.flagged)
         self.seg_status.setText(text)
         show_info(text)
-        for name, reason in result.failed:
-            show_warning(f"{name} was not segmented: {reason}")
+        self.show_failed(result.failed)
+        if len(result.failed) == 1:
+            name, reason = result.failed[0]
+            self.warning(f"{name} was not segmented: {reason}")
+        elif result.failed:
+            names = ", ".join(name for name, _ in result.failed[:3])
+            more = ", …" if len(result.failed) > 3 else ""
+            self.warning(
+                f"{len(result.failed)} files were not segmented ({names}{more}): the list "
+                "under Segment folder (Segment tab) says why for each."
+            )
 
     def cancel(self) -> None:
         """Cancel the running segmentation (finished files are kept)."""
@@ -368,17 +417,31 @@ class SegmentPanel(Panel):
 
     # ---------------------------------------------------------------- controls
     def update_controls(self, *_args) -> None:
-        busy = self.runner.busy
+        busy = self.busy_why()
         image = self.state.image_layer()
-        has_image = image is not None
+        no_image = None if image is not None else WHY_OFF["no_image"]
         has_model = self.state.model is not None
-        self.predict_button.setEnabled(not busy and has_image and has_model)
-        self.batch_button.setEnabled(not busy and has_model)
+        no_model = None if has_model else WHY_OFF["no_model"]
+        enable(self.predict_button, first(busy, no_image, no_model), TIPS["predict"])
+        enable(self.batch_button, first(busy, no_model), TIPS["batch"])
         self.starting_button.setVisible(not has_model)
-        self.starting_button.setEnabled(not busy)
+        enable(self.starting_button, busy, TIPS["use_starting"])
         self.diameter_box.setVisible(self.state.model_needs_diameter())
-        self.diameter_spin.setEnabled(not busy)
-        self.tta_check.setEnabled(not busy)
-        self.estimate_button.setEnabled(not busy and has_image)
-        self.cancel_button.setEnabled(busy and self.runner.kind in ("predict", "batch"))
-        self.slices_combo.setEnabled(not busy and has_image and bool(layer_stack_shape(image)))
+        enable(self.diameter_spin, busy, TIPS["diameter"])
+        enable(self.tta_check, busy, TIPS["tta"])
+        enable(self.measure_check, busy, TIPS["measure_batch"])
+        enable(self.estimate_button, first(busy, no_image), TIPS["estimate"])
+        segmenting = self.runner.busy and self.runner.kind in ("predict", "batch")
+        enable(self.cancel_button, None if segmenting else WHY_OFF["not_segmenting"],
+               TIPS["cancel"])
+        one = None if image is None or layer_stack_shape(image) else WHY_OFF["one_slice"]
+        enable(self.slices_combo, first(busy, no_image, one), TIPS["slices"])
+
+
+def _measured_text(flagged: list[tuple[str, str]]) -> str:
+    """What a folder segmentation with measurements adds to its summary sentence."""
+    text = " Cells measured: a _cells.csv table per file, and summary.csv (a row per file)"
+    if not flagged:
+        return text + "; nothing looks unusual."
+    names = ", ".join(name for name, _ in flagged[:3]) + (", …" if len(flagged) > 3 else "")
+    return text + f"; check first: {names} (summary.csv says why)."

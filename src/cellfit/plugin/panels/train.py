@@ -23,9 +23,8 @@ from functools import partial
 import numpy as np
 import torch
 from napari.layers import Image, Labels
-from napari.utils.notifications import show_error, show_info, show_warning
+from napari.utils.notifications import show_info
 from qtpy.QtWidgets import (
-    QCheckBox,
     QComboBox,
     QFormLayout,
     QHBoxLayout,
@@ -45,18 +44,27 @@ from cellfit.plugin._layers import (
     labels_shape,
     layer_data,
     layer_stack_shape,
+    place_above,
     plane_of,
     prediction_layers,
     show_prediction,
 )
+from cellfit.plugin._layout import WrapButton, WrapCheckBox, reveal
 from cellfit.plugin._plot import TrainingPlot
 from cellfit.plugin._runner import JobRunner
 from cellfit.plugin._state import CellfitState, StoppedRun
-from cellfit.plugin._tooltips import CHOICES, LABELS, TIPS, train_button_tip
+from cellfit.plugin._tooltips import (
+    CHOICES,
+    LABELS,
+    TIPS,
+    TRAIN_BUTTON_TEXT,
+    WHY_OFF,
+    train_button_tip,
+)
 from cellfit.plugin.jobs import PredictResult, TrainJob, TrainResult, TrainUpdate
-from cellfit.plugin.panels._base import Panel, combo, row_label, shrinkable
+from cellfit.plugin.panels._base import Panel, combo, enable, first, row_label, shrinkable
 from cellfit.starting import TrainPlan
-from cellfit.train import TrainConfig
+from cellfit.train import TrainConfig, scores_text, validation_text
 
 __all__ = ["TrainPanel"]
 
@@ -104,22 +112,23 @@ class TrainPanel(Panel):
         self._in_place = False  # the model in memory is trained (not a new one)
         self._run: StoppedRun | None = None  # the running training, should it be stopped
         self._preview_after = False  # preview the kept model once the job ended
+        self._made_layers: list = []  # the preview layers this training added
         self._last_ui = 0.0
         runner.finished.connect(self._on_finished)
 
         lay = QVBoxLayout(self)
         lay.addLayout(self._build_settings())
-        self.preview_check = QCheckBox("Live preview while training")
+        self.preview_check = WrapCheckBox("Live preview while training")
         self.preview_check.setChecked(True)
         self.preview_check.setToolTip(TIPS["preview"].format(seconds=PREVIEW_EVERY))
         lay.addWidget(self.preview_check)
-        self.fresh_check = QCheckBox("Train a new model (forget the current one)")
+        self.fresh_check = WrapCheckBox("Train a new model (forget the current one)")
         self.fresh_check.setToolTip(TIPS["fresh"])
         self.fresh_check.toggled.connect(self.update_controls)
         lay.addWidget(self.fresh_check)
 
         row = QHBoxLayout()
-        self.train_button = QPushButton("Train")
+        self.train_button = WrapButton("Train")  # "Train more (fine-tune)": 2 lines if narrow
         self.train_button.clicked.connect(self.start_training)
         self.continue_button = QPushButton("Continue")
         self.continue_button.setToolTip(CONTINUE_TIP)
@@ -157,6 +166,7 @@ class TrainPanel(Panel):
         self.budget_spin.setValue(DEFAULT_SECONDS)
         self.budget_spin.setToolTip(TIPS["budget"])
         self.budget_unit = combo(CHOICES["budget_unit"], TIPS["budget_unit"])
+        self.budget_unit.setMinimumContentsLength(len("seconds"))  # next to the number
         budget.addWidget(self.budget_spin)
         budget.addWidget(self.budget_unit)
         form.addRow(row_label("budget"), budget)
@@ -268,14 +278,14 @@ class TrainPanel(Panel):
             return
         annotation = self.state.annotation_layer()
         if annotation is None:
-            show_error(
+            self.error(
                 "There is no annotation yet: press Create annotation layer (Annotate tab) and "
                 "paint a few cells and some background."
             )
             return
         images, anns, used = self.training_data(image, annotation)
         if not images:
-            show_error(
+            self.error(
                 "Nothing is annotated yet: paint a few cells (New cell) and some background "
                 "(Background brush), then press Train."
             )
@@ -306,7 +316,7 @@ class TrainPanel(Panel):
         if not run.can_continue:
             self.state.forget_stopped_run()
             self.update_controls()
-            show_error(
+            self.error(
                 "The stopped training cannot go on any more (its checkpoint is gone): "
                 "press Train to train again."
             )
@@ -325,7 +335,7 @@ class TrainPanel(Panel):
         try:
             device = resolve_device(config.device)
         except CellfitError as exc:
-            show_error(str(exc))
+            self.error(str(exc))
             return
         if not config.resume:  # a new run replaces a stopped one; its plot starts afresh
             self.state.forget_stopped_run()
@@ -358,8 +368,16 @@ class TrainPanel(Panel):
             "train", self.job, self._on_result, on_yield=self._on_update,
             bar=self.train_bar, desc=f"cellfit: {what.lower()}",
         )
+        reveal(self.plot)  # a short window: the dock scrolls to the progress and the plot
+        self._made_layers = []
         if preview is not None:  # while the trainer gets ready in its thread
-            prediction_layers(self.state.viewer, image, self.state.annotation_layer())
+            viewer, annotation = self.state.viewer, self.state.annotation_layer()
+            had = list(viewer.layers)
+            layers = prediction_layers(viewer, image, annotation)
+            self._made_layers = [layer for layer in layers if layer not in had]
+            # the preview shows above the painting (which may hold every predicted
+            # cell after Use prediction as annotation)
+            place_above(viewer, layers, annotation)
 
     def on_slice_changed(self) -> None:
         """The viewer moved to another slice: preview that one from now on."""
@@ -376,7 +394,7 @@ class TrainPanel(Panel):
     def _on_update(self, up: TrainUpdate) -> None:
         ev = up.event
         if ev.notice:
-            show_warning(f"Training: {worded(ev.notice, LABELS)}.")
+            self.warning(f"Training: {worded(ev.notice, LABELS)}.")
         self.plot.add_loss(ev.step, ev.loss, redraw=False)
         v = ev.validation
         if v:
@@ -418,18 +436,19 @@ class TrainPanel(Panel):
     def _best_scores(self) -> str:
         if not self.plot.val_steps:
             return ""
-        f1, ap = self.plot.f1[-1], self.plot.ap50[-1]
-        parts = []
-        if np.isfinite(f1):
-            parts.append(f"F1 {f1:.2f}")
-        if np.isfinite(ap):
-            parts.append(f"AP50 {ap:.2f}")
-        return ", ".join(parts)
+        return scores_text({"f1": self.plot.f1[-1], "ap50": self.plot.ap50[-1]})
 
     def _on_result(self, result: TrainResult) -> None:
         self.last_result = result
+        made, self._made_layers = self._made_layers, []
+        if result.error or result.model is None or result.info is None:
+            # failed, or stopped before its first step: the layers it added go again
+            # (never a layer the user had)
+            for layer in made:
+                if layer in self.state.viewer.layers:
+                    self.state.viewer.layers.remove(layer)
         if result.error:
-            show_error(result.error)
+            self.error(result.error)
             self.train_status.setText(f"Training failed: {result.error}")
             return
         if result.model is None or result.info is None:
@@ -449,14 +468,11 @@ class TrainPanel(Panel):
         self._preview_after = self.preview_check.isChecked()
         self.fresh_check.setChecked(False)
         rec = result.record
-        val = rec.get("validation") or {}
-        scores = ", ".join(
-            f"{name} {val[key]:.2f}" for key, name in (("f1", "F1"), ("ap50", "AP50")) if key in val
-        )
         head = "Training stopped" if result.stopped else "Training finished"
         text = f"{head}: {rec.get('steps', 0)} steps in {rec.get('seconds', 0):.0f} s"
-        if scores:
-            text += f". Validation on {rec.get('validated_on', 'the annotation')}: {scores}"
+        checked = validation_text(rec)  # the command line's words too
+        if checked:
+            text += f". {checked}"
         if rec.get("guard"):  # the model it started from was kept
             text += f". {rec['guard']}"
         elif stopped is not None:
@@ -510,27 +526,32 @@ class TrainPanel(Panel):
 
     # ---------------------------------------------------------------- controls
     def update_controls(self, *_args) -> None:
-        busy = self.runner.busy
-        has_image = self.state.image_layer() is not None
+        busy = self.busy_why()
+        no_image = None if self.state.image_layer() is not None else WHY_OFF["no_image"]
         plan = self.train_plan()
         goes_on = plan in (TrainPlan.FINE_TUNE, TrainPlan.ADAPT)
-        self.train_button.setEnabled(not busy and has_image)
-        self.train_button.setText("Train more (fine-tune)" if goes_on else "Train")
-        self.train_button.setToolTip(train_button_tip(str(plan)))
-        self.continue_button.setEnabled(not busy and self.state.stopped_run is not None)
-        self.stop_button.setEnabled(busy and self.runner.kind == "train")
-        self.fresh_check.setEnabled(self.state.model is not None and not busy)
-        self.start_combo.setEnabled(not busy and not goes_on)
-        self.start_combo.setToolTip(TIPS["start_fine_tune"] if goes_on else TIPS["start"])
-        self.mode_combo.setEnabled(not busy and not goes_on)
-        self.encoder_combo.setEnabled(not busy and plan == TrainPlan.SCRATCH)
+        # "more" only for a model trained on painted cells (here, or a file loaded)
+        self.train_button.setText(TRAIN_BUTTON_TEXT.get(str(plan), "Train"))
+        enable(self.train_button, first(busy, no_image), train_button_tip(str(plan)))
+        stopped = None if self.state.stopped_run is not None else WHY_OFF["no_stopped_run"]
+        enable(self.continue_button, first(busy, stopped), CONTINUE_TIP)
+        training = self.runner.busy and self.runner.kind == "train"
+        enable(self.stop_button, None if training else WHY_OFF["not_training"], TIPS["stop"])
+        no_model = None if self.state.model is not None else WHY_OFF["no_model_fresh"]
+        enable(self.fresh_check, first(busy, no_model), TIPS["fresh"])
+        keeps = WHY_OFF["fine_tune_keeps"] if goes_on else None
+        enable(self.start_combo, first(busy, keeps), TIPS["start"])
+        enable(self.mode_combo, first(busy, keeps), TIPS["mode"])
         if goes_on:
             tip = TIPS["encoder_fine_tune"]
         elif plan == TrainPlan.STARTING:
             tip = TIPS["encoder_starting"]
         else:
             tip = TIPS["encoder"]
-        self.encoder_combo.setToolTip(tip)
-        for w in (self.budget_spin, self.budget_unit, self.patch_combo, self.loss_combo,
-                  self.weights_combo, self.device_combo, self.preview_check):
-            w.setEnabled(not busy)
+        own_size = None if plan == TrainPlan.SCRATCH else tip
+        enable(self.encoder_combo, first(busy, own_size), TIPS["encoder"] if own_size else tip)
+        for w, key in ((self.budget_spin, "budget"), (self.budget_unit, "budget_unit"),
+                       (self.patch_combo, "patch_size"), (self.loss_combo, "loss"),
+                       (self.weights_combo, "class_weights"), (self.device_combo, "device")):
+            enable(w, busy, TIPS[key])
+        enable(self.preview_check, busy, TIPS["preview"].format(seconds=PREVIEW_EVERY))
