@@ -375,3 +375,52 @@ def test_the_files_a_folder_batch_could_not_segment_are_listed_with_their_reason
     assert "2 files were not segmented (empty.tif, cut.tif)" in dock.status_label.text()
     seg._on_batch_result(BatchResult(done=1, n_files=1, out_dir="/out"))
     assert seg.failed_list.isHidden() and seg.failed_list.count() == 0
+
+
+def test_the_docks_own_segmentation_is_never_taken_for_the_annotation(dock):
+    """With only '<image> labels' open (a segmentation, e.g. from Use the starting
+    model as is), Annotate has no annotation layer and counts no painted cells;
+    the user's own labels layers are still offered."""
+    viewer = dock.viewer
+    annotate = dock.annotate_panel
+    _img, lab = synthetic_cells((64, 64), n_cells=4, seed=1)
+    viewer.add_labels(lab.astype(np.int32), name="cells labels")
+    dock.image_combo.setCurrentText("cells")
+    annotate.refresh_choices()
+    choices = [annotate.ann_combo.itemText(i) for i in range(annotate.ann_combo.count())]
+    assert "cells labels" not in choices
+    assert annotate.annotation_layer() is None
+    assert dock.state.annotation_name == ""
+    viewer.add_labels(np.zeros((64, 64), np.int32), name="my painting")
+    annotate.refresh_choices()
+    assert annotate.ann_combo.currentText() == "my painting"
+    assert annotate.annotation_layer().name == "my painting"
+
+
+def test_saving_never_writes_a_bare_model_over_a_package(dock, tmp_path, monkeypatch):
+    """A model loaded from a bioimage.io package (.zip) is saved as a .cellfit: the
+    save dialog proposes that name, and a .zip name is refused with the package left
+    byte for byte."""
+    from cellfit.model import ModelInfo, build_model
+    from cellfit.plugin.panels import model as model_panel_module
+
+    models = dock.model_panel
+    info = ModelInfo(encoder="mobilenet_v2", decoder_channels=[16, 16, 16, 16, 16])
+    package = tmp_path / "shared.zip"
+    package.write_bytes(b"PK\x03\x04 a package from a colleague")
+    dock.state.set_model(build_model(info), info, package, saved=True)
+    errors = []
+    monkeypatch.setattr(models, "error", errors.append)
+    assert models.save_model_file(package) is None
+    assert package.read_bytes() == b"PK\x03\x04 a package from a colleague"
+    assert errors and "save the model as a .cellfit file" in errors[-1]
+
+    proposed = []
+
+    def dialog(_parent, _title, start, _filter):
+        proposed.append(start)
+        return "", ""
+
+    monkeypatch.setattr(model_panel_module.QFileDialog, "getSaveFileName", dialog)
+    models._save_dialog()
+    assert proposed == [str(tmp_path / "shared.cellfit")]

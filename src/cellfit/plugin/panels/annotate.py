@@ -145,7 +145,12 @@ class AnnotatePanel(Panel):
 
     def refresh_choices(self) -> None:
         """Refill the annotation list: the Labels layers of the chosen image's size,
-        '<image> annotation' first (and chosen when the choice is not another one)."""
+        '<image> annotation' first (and chosen when the choice is not another one).
+
+        '<image> labels', where the dock writes its segmentation, is never offered: it
+        is overwritten by every training preview and segmentation, and picking it
+        would count predicted cells as painted ones ("use prediction as annotation"
+        copies it into the annotation instead)."""
         image = self.state.image_layer()
         current = self.ann_combo.currentText()
         self.ann_combo.blockSignals(True)
@@ -155,10 +160,12 @@ class AnnotatePanel(Panel):
             names = [
                 layer.name
                 for layer in self.state.viewer.layers
-                if isinstance(layer, Labels) and tuple(layer.data.shape) == shape
+                if isinstance(layer, Labels)
+                and tuple(layer.data.shape) == shape
+                and layer.name != f"{image.name} labels"
             ]
             default = f"{image.name} annotation"
-            names.sort(key=lambda n: (n != default, n.endswith(" labels"), n))
+            names.sort(key=lambda n: (n != default, n))
             self.ann_combo.addItems(names)
             if current in names and current != "" and (default not in names or current == default):
                 self.ann_combo.setCurrentText(current)

@@ -71,6 +71,13 @@ class ModelPanel(Panel):
         path = Path(path)
         if path.suffix == "":
             path = path.with_suffix(".cellfit")
+        if path.suffix.lower() == ".zip":  # a package would be replaced by a bare model
+            self.error(
+                f"{path.name} is a name for a bioimage.io package, which the dock does not "
+                "write: save the model as a .cellfit file (make a package from it with "
+                "`cellfit export`)."
+            )
+            return None
         try:
             shipped = path.resolve() == starting_model_path().resolve()
         except CellfitError:
@@ -139,6 +146,8 @@ class ModelPanel(Panel):
 
     def _save_dialog(self) -> None:
         start = str(self.state.model_path or Path.home() / "cells.cellfit")
+        if Path(start).suffix.lower() == ".zip":  # loaded from a package: save the model in it
+            start = str(Path(start).with_suffix(".cellfit"))
         if self.state.is_shipped_starting_model():
             start = str(Path.home() / "cells.cellfit")
         path, _ = QFileDialog.getSaveFileName(
