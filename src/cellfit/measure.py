@@ -27,6 +27,7 @@ or the channel's name).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -645,39 +646,39 @@ class TableWriter:
         if self._finished:
             return
         cols, n = _rows(self.table)
-        try:
-            with open(self.tmp, "wb") as fh:  # UTF-8 text, written in blocks of rows
-                buf = io.StringIO()
-                w = csv.writer(buf)
-                w.writerow(cols)
-                columns = [self.table[c] for c in cols]
-                for i in range(n):
-                    w.writerow([_text(col[i]) for col in columns])
-                    if buf.tell() > _BLOCK:
-                        fh.write(buf.getvalue().encode("utf-8"))
-                        buf.seek(0)
-                        buf.truncate()
-                fh.write(buf.getvalue().encode("utf-8"))
-        except OSError as exc:
-            self.abort()
-            raise write_error(self.path, exc) from None
-        except BaseException:
-            self.abort()
-            raise
+        with self._removing_the_temporary_on_failure(), open(self.tmp, "wb") as fh:  # UTF-8 text, written in blocks of rows
+            buf = io.StringIO()
+            w = csv.writer(buf)
+            w.writerow(cols)
+            columns = [self.table[c] for c in cols]
+            for i in range(n):
+                w.writerow([_text(col[i]) for col in columns])
+                if buf.tell() > _BLOCK:
+                    fh.write(buf.getvalue().encode("utf-8"))
+                    buf.seek(0)
+                    buf.truncate()
+            fh.write(buf.getvalue().encode("utf-8"))
         self._finished = True
 
     def close(self) -> Path:
         self.finish()
-        try:
+        with self._removing_the_temporary_on_failure():
             os.replace(self.tmp, self.path)
+        self._closed = True
+        return self.path
+
+    @contextlib.contextmanager
+    def _removing_the_temporary_on_failure(self):
+        """Any failure removes the temporary; a system error (full disk, no permission)
+        becomes one sentence naming the output."""
+        try:
+            yield
         except OSError as exc:
             self.abort()
             raise write_error(self.path, exc) from None
         except BaseException:
             self.abort()
             raise
-        self._closed = True
-        return self.path
 
     def abort(self) -> None:
         if not self._closed:
