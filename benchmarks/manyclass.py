@@ -6,7 +6,8 @@ figure can be reproduced:
 - **32 classes**: background (class 0, about 99 % of the pixels) and 31 rare object
   classes. Each rare class is one combination of a **shape** (disc, ellipse, rod, star,
   ring, crescent), a **size** (about 8, 18 or 36 pixels across, ±15 %, so the sizes never
-  overlap) and a **texture** (flat, dotted, striped, noisy, hollow: a bright rim). Most
+  overlap) and a **texture** (flat, dotted, striped, noisy, hollow: a bright rim; the
+  small objects are flat, too small to show a texture). Most
   classes have the **same mean brightness** (0.5 over a background of about 0.1): each
   object's texture is scaled so its mean over the object is exactly its class's
   brightness, so brightness alone cannot tell them apart; a few are dimmer (0.3) or
@@ -92,10 +93,17 @@ class ObjectClass:
 
 
 def _classes() -> tuple[ObjectClass, ...]:
-    """The 31 rare classes: fixed combinations (independent of the benchmark's seed)."""
+    """The 31 rare classes: fixed combinations (independent of the benchmark's seed).
+
+    Every class can be told from the others by eye: a texture (period 4–5 pixels) is
+    only visible on an object at least three periods across, so the small objects
+    (8 pixels) are all flat and differ by shape (one class per shape); the other 25
+    are drawn among the medium and large shape × texture combinations.
+    """
     rng = np.random.default_rng(15)
-    combos = list(product(SHAPES, SIZES, TEXTURES))
-    picked = [combos[i] for i in rng.permutation(len(combos))[:31]]
+    small = [(shape, "small", "flat") for shape in SHAPES]
+    combos = list(product(SHAPES, ("medium", "large"), TEXTURES))
+    picked = small + [combos[i] for i in rng.permutation(len(combos))[: 31 - len(small)]]
     # 23 share BRIGHT; 4 dimmer, 4 brighter
     levels = [BRIGHT] * 23 + [0.3] * 4 + [0.8] * 4
     levels = [levels[i] for i in rng.permutation(31)]
@@ -104,6 +112,7 @@ def _classes() -> tuple[ObjectClass, ...]:
 
 CLASSES = _classes()
 CLASS_NAMES = ["background"] + [c.name for c in CLASSES]
+SINGLE_NAMES = ["background", "object"]
 
 
 # ------------------------------------------------------------------------- generator
@@ -312,7 +321,18 @@ def run_forest(train: list[Scene], test: list[Scene], seed: int, log) -> tuple[l
     return preds, {"seconds": round(time.perf_counter() - t0, 1), "fit_seconds": round(fit_s, 1)}
 
 
-def run_cellfit(name: str, train: list[Scene], test: list[Scene], args, log) -> tuple[list[np.ndarray], dict]:
+def single_class(scenes: list[Scene]) -> list[Scene]:
+    """The same scenes with every object of one class ("object"): the single-class case
+    (foreground against background) of semantic mode."""
+    out = []
+    for s in scenes:
+        ann = None if s.annotation is None else np.minimum(s.annotation, 2)
+        out.append(Scene(s.image, (s.classes > 0).astype(np.uint8), s.objects, s.signal, ann))
+    return out
+
+
+def run_cellfit(name: str, train: list[Scene], test: list[Scene], args, log,
+                names: list[str] = CLASS_NAMES) -> tuple[list[np.ndarray], dict]:
     import torch
 
     from cellfit.predict import predict_stack
@@ -320,7 +340,7 @@ def run_cellfit(name: str, train: list[Scene], test: list[Scene], args, log) -> 
 
     settings = dict(mode="semantic", steps=args.steps, time_limit=None, seed=args.seed,
                     device=args.device, patch_size=args.patch, batch_size=args.batch,
-                    val_fraction=0.0, scale=1.0, class_names=CLASS_NAMES, **CONFIGS[name])
+                    val_fraction=0.0, scale=1.0, class_names=list(names), **CONFIGS[name])
     cfg = TrainConfig(**settings)
     t0 = time.perf_counter()
     trainer = Trainer([s.image for s in train], [s.annotation for s in train], cfg)
@@ -342,21 +362,21 @@ def run_cellfit(name: str, train: list[Scene], test: list[Scene], args, log) -> 
                    "loss_end": float(np.mean(losses[-10:])) if losses else None}
 
 
-def score(preds: list[np.ndarray], test: list[Scene]) -> dict:
+def score(preds: list[np.ndarray], test: list[Scene], names: list[str] = CLASS_NAMES) -> dict:
     """IoU per class (pooled over the test images), the rare classes' summary, pixel accuracy."""
-    cm = np.zeros((N_CLASSES, N_CLASSES), np.int64)
+    n = len(names)
+    cm = np.zeros((n, n), np.int64)
     for p, s in zip(preds, test):
-        cm += np.bincount(s.classes.ravel().astype(np.int64) * N_CLASSES
-                          + np.minimum(p.ravel(), N_CLASSES - 1),
-                          minlength=N_CLASSES**2).reshape(N_CLASSES, N_CLASSES)
+        cm += np.bincount(s.classes.ravel().astype(np.int64) * n + np.minimum(p.ravel(), n - 1),
+                          minlength=n**2).reshape(n, n)
     tp = np.diag(cm).astype(float)
     union = cm.sum(0) + cm.sum(1) - tp
     iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
     present = cm.sum(1)[1:] > 0
     rare = iou[1:][present]
     return {
-        "iou": {CLASS_NAMES[k]: (None if np.isnan(iou[k]) else round(float(iou[k]), 4))
-                for k in range(N_CLASSES)},
+        "iou": {names[k]: (None if np.isnan(iou[k]) else round(float(iou[k]), 4))
+                for k in range(n)},
         "mean_rare_iou": round(float(np.nanmean(rare)), 4),
         "rare_above_half": int((rare > 0.5).sum()),
         "rare_at_zero": int((rare == 0).sum()),
@@ -448,6 +468,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--configs", nargs="+", default=["ce", "defaults", "focal", "dice", "rf"],
                    choices=list(CONFIGS))
+    p.add_argument("--single-configs", nargs="*", default=["ce", "defaults"], choices=list(CONFIGS),
+                   help="also run these on the same scenes with all objects in one class")
     p.add_argument("--json", type=Path, help="write the results here (after every method)")
     p.add_argument("--report", type=Path, help="only print (and --write-docs) this JSON's table")
     p.add_argument("--write-docs", action="store_true")
@@ -474,20 +496,25 @@ def main(argv=None) -> int:
         res = {"command": "python benchmarks/manyclass.py " + shlex.join(sys.argv[1:] if argv is None else argv),
                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "machine": machine(), "engine": engine_version(), "background_share": round(bg, 4),
-               "painted_pixels": painted[1:].tolist(), "runs": {}}
-        for name in args.configs:
-            log(f"{name}: start")
-            if name == "rf":
-                preds, info = run_forest(train, test, args.seed, log)
-            else:
-                preds, info = run_cellfit(name, train, test, args, log)
-            res["runs"][name] = {"info": info, "scores": score(preds, test)}
-            s = res["runs"][name]["scores"]
-            log(f"{name}: mean rare IoU {s['mean_rare_iou']:.3f}, >0.5: {s['rare_above_half']}, "
-                f"at 0: {s['rare_at_zero']}, pixel accuracy {s['pixel_accuracy']:.4f} ({info['seconds']:.0f} s)")
-            if args.json:
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                args.json.write_text(json.dumps(res, indent=1))
+               "painted_pixels": painted[1:].tolist(), "runs": {}, "single": {"runs": {}}}
+        sets = [(res["runs"], args.configs, train, test, CLASS_NAMES, "")]
+        if args.single_configs:
+            sets.append((res["single"]["runs"], args.single_configs, single_class(train),
+                         single_class(test), SINGLE_NAMES, "1 class, "))
+        for runs, configs, tr, te, names, tag in sets:
+            for name in configs:
+                log(f"{tag}{name}: start")
+                if name == "rf":
+                    preds, info = run_forest(tr, te, args.seed, log)
+                else:
+                    preds, info = run_cellfit(name, tr, te, args, log, names)
+                runs[name] = {"info": info, "scores": score(preds, te, names)}
+                s = runs[name]["scores"]
+                log(f"{tag}{name}: mean rare IoU {s['mean_rare_iou']:.3f}, >0.5: {s['rare_above_half']}, "
+                    f"at 0: {s['rare_at_zero']}, pixel accuracy {s['pixel_accuracy']:.4f} ({info['seconds']:.0f} s)")
+                if args.json:
+                    args.json.parent.mkdir(parents=True, exist_ok=True)
+                    args.json.write_text(json.dumps(res, indent=1))
     print(table(res))
     if args.write_docs:
         write_section(REPO / "docs" / "benchmarks.md", section(res), START, END)

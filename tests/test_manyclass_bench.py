@@ -62,6 +62,14 @@ def test_brightness_alone_does_not_tell_the_classes_apart(mc, scenes):
     assert len({c.size for c in same}) == 3
 
 
+def test_every_class_can_be_told_apart_by_eye(mc):
+    # a texture needs room to show: the small (8 pixel) classes are flat and differ by shape
+    small = [c for c in mc.CLASSES if c.size == "small"]
+    assert small and all(c.texture == "flat" for c in small)
+    assert len({(c.shape, c.brightness) for c in small}) == len(small)
+    assert len({(c.shape, c.size, c.texture) for c in mc.CLASSES}) == 31
+
+
 def test_annotation_follows_the_semantic_convention_and_is_sparse(mc, scenes):
     painted_objects = total_objects = 0
     for s in scenes:

@@ -71,6 +71,47 @@ def test_fg_fraction_over_represents_cells():
     assert most > 0.82
 
 
+def _two_class_scene():
+    """Class 1 painted on a 40 x 40 block, class 2 on a single 2 x 2 speck, background
+    on a strip: drawing among cell pixels would almost never centre on class 2."""
+    t = np.full((120, 120), IGNORE, np.uint8)
+    t[:10, :] = 0
+    t[20:60, 20:60] = 1
+    t[100:102, 100:102] = 2
+    img = np.zeros((1, 120, 120), np.float32)
+    return img, t
+
+
+def _centred_classes(sampler, n=400):
+    out = []
+    for _ in range(n):
+        plane, y, x = sampler._centre()
+        out.append(int(sampler.targets[plane][y, x]))
+    return np.bincount(out, minlength=3)
+
+
+def test_class_balanced_sampling_centres_each_painted_class_as_often():
+    img, t = _two_class_scene()
+    plain = _centred_classes(PatchSampler([img], [t], patch_size=16, fg_fraction=1.0, seed=0))
+    balanced = _centred_classes(
+        PatchSampler([img], [t], patch_size=16, fg_fraction=1.0, seed=0, class_balanced=True)
+    )
+    assert plain[2] < 10  # 4 of 1604 cell pixels: the speck is almost never the centre
+    assert abs(balanced[1] - balanced[2]) < 80 and balanced[2] > 150
+    assert balanced[0] == 0  # fg_fraction 1: never a background centre
+
+
+def test_class_frequencies_count_what_patches_hold_without_changing_the_draws():
+    img, t = _two_class_scene()
+    a = PatchSampler([img], [t], patch_size=16, seed=3, class_balanced=True)
+    b = PatchSampler([img], [t], patch_size=16, seed=3, class_balanced=True)
+    freq = a.class_frequencies(3, n_patches=64)
+    assert freq.shape == (3,) and freq[2] > 0 and freq[1] > freq[2]
+    xa, ya = a.sample(8)
+    xb, yb = b.sample(8)
+    assert np.array_equal(ya, yb)  # estimating the frequencies drew nothing from training's stream
+
+
 def test_fg_fraction_measured_on_pixels():
     """Cell pixels make up a far larger share of sampled pixels than of the image."""
     image, labels = synthetic_cells((128, 128), n_cells=3, radius=(4, 5), seed=2)

@@ -10,7 +10,7 @@ plugin's batch button.
   renamed when complete; one bad file is reported and the batch goes on.
 * Resume: an output that exists is complete (nothing else is ever renamed into place)
   and carries a fingerprint (model digest, input size and time, linking,
-  post-processing and test-time augmentation settings). A rerun skips files whose outputs are complete and match;
+  post-processing, test-time augmentation and uncertainty settings). A rerun skips files whose outputs are complete and match;
   outputs made by another model or from a changed input are redone; ``overwrite``
   redoes everything.
 * Scale-out: with ``scheduler``, files (and slices of long stacks) run as dask tasks
@@ -46,6 +46,7 @@ from cellfit.file_prediction import (
     output_paths,
     output_state,
     run_file,
+    wanted_outputs,
 )
 from cellfit.io import expand_inputs, open_image
 from cellfit.measure import (
@@ -128,6 +129,7 @@ def predict_files(
     diameter: float | None = None,
     tta: bool = False,
     measure: bool = False,
+    uncertainty: bool = False,
 ) -> Iterator[FileEvent]:
     """Predict every TIFF in ``inputs`` (files or folders) into ``out_dir``.
 
@@ -165,6 +167,11 @@ def predict_files(
         after the last file; each file's last event carries its
         :class:`~cellfit.measure.FileSummary` (``summary``; its ``flags`` are set when
         the run ends). Instance models only.
+    uncertainty : bool
+        Also write ``<stem>_uncertainty`` (float32 in [0, 1]: how unsure the model is of
+        each pixel, :func:`cellfit.uncertainty.uncertainty_from_probs`), one plane per
+        labels plane; runs test-time augmentation. On this machine only (not with
+        ``scheduler``), and not for planes of more than ``huge_pixels`` pixels.
     """
     if format not in FORMATS:
         raise CellfitError(f"unknown output format {format!r}: use tiff or zarr.")
@@ -173,8 +180,14 @@ def predict_files(
         batch_size=batch_size, device=device, postprocess=dict(postprocess or {}),
         link_slices=link_slices, format=format, compression=compression,
         huge_pixels=huge_pixels, amp=amp, slices_per_task=slices_per_task,
-        diameter=diameter, tta=tta, measure=measure,
+        diameter=diameter, tta=tta, measure=measure, uncertainty=uncertainty,
     )
+    if uncertainty and scheduler is not None:
+        raise CellfitError(
+            "the uncertainty map is made on this machine only: run without {setting} to "
+            "get it.",
+            setting="scheduler",
+        )
     if is_starting(model_path):
         model_path = starting_model_path()
     files = expand_inputs(inputs, "input")
@@ -237,8 +250,7 @@ def _all_complete(files: Sequence[Path], out_dir: Path, settings: Settings, dige
     if settings.overwrite:
         return False
     for f in files:
-        lab, prob = output_paths(f, out_dir, settings.format)
-        wanted = (lab, prob) if settings.probabilities else (lab,)
+        wanted = wanted_outputs(f, out_dir, settings)
         try:
             if output_state(wanted, fingerprint(digest, f, settings)) != "complete":
                 return False
@@ -308,7 +320,7 @@ def _predict_or_skip(model: LoadedModel | None, i: int, n_files: int, f: Path, o
     """The events of file ``i`` of a local batch: skipped when its outputs are complete,
     otherwise predicted (outdated outputs replaced); a failure is an event too."""
     lab_path, prob_path = output_paths(f, out_dir, settings.format)
-    wanted = (lab_path, prob_path) if settings.probabilities else (lab_path,)
+    wanted = wanted_outputs(f, out_dir, settings)
     notice = None
     try:
         fp = fingerprint(digest, f, settings)
@@ -325,7 +337,7 @@ def _predict_or_skip(model: LoadedModel | None, i: int, n_files: int, f: Path, o
                 f"the outputs of {f.name} changed while cellfit ran: run the command again."
             )
         gen = run_file(model, f, lab_path, prob_path if settings.probabilities else None,
-                       settings, fp)
+                       settings, fp, uncertainty_path=wanted[-1] if settings.uncertainty else None)
         n_planes = 1
         try:
             while True:

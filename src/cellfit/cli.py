@@ -30,7 +30,7 @@ from cellfit.io import pair_files, read_image, read_labels
 from cellfit.losses import DEFAULT_LOSS
 from cellfit.measure import FileSummary, flagged_first
 from cellfit.metrics import aggregate_instance_metrics, instance_metrics, pixel_metrics
-from cellfit.model import DEFAULT_ENCODER, read_model_info
+from cellfit.model import BACKGROUND_COLOR, DEFAULT_ENCODER, ModelInfo, read_model_info
 from cellfit.starting import is_scratch, is_starting, starting_model_path
 from cellfit.targets import annotation_from_mask, looks_like_mask
 from cellfit.train import TrainConfig, Trainer, validation_text
@@ -109,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--encoder-weights", metavar="imagenet|FILE",
                    help="pretrained encoder weights: 'imagenet' (needs internet) or a local file")
     t.add_argument("--mode", choices=("instances", "semantic"), default="instances")
+    t.add_argument("--class-names", action="append", metavar="NAMES",
+                   help="semantic mode: the names of the classes painted 2, 3, ... (class 1, "
+                   "2, ...), comma-separated or the flag repeated, e.g. "
+                   "--class-names nucleus,mitosis,debris; background (1) is 'background'. "
+                   "Kept in the model (cellfit info shows them)")
+    t.add_argument("--class-colors", action="append", metavar="COLOURS",
+                   help="semantic mode: a colour for each of those classes, such as "
+                   "'#e6194b,#3cb44b' (default: a palette that tells dozens of classes apart)")
     t.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--patch-size", type=_positive_int, default=256, metavar="PIXELS")
@@ -135,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "predict",
         help="segment TIFF files or folders with a trained model",
-        description="Writes DIR/<stem>_labels.tif (and <stem>_prob.tif) for each input, "
+        description="Writes DIR/<stem>_labels.tif (and <stem>_prob.tif, "
+        "<stem>_uncertainty.tif) for each input, "
         "streaming: stacks slice by slice, huge images tile by tile. A rerun skips files "
         "whose outputs are complete (made by this model from this input); --overwrite "
         "redoes them. Inputs are never modified. --measure adds DIR/<stem>_cells.csv (a "
@@ -171,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true",
                    help="average the prediction over flipped and rotated copies of the "
                    "image: a little more accurate, 4-8 times slower")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also write <stem>_uncertainty (float32, 0 = sure to 1 = unsure, "
+                   "one value per pixel) showing where the model is unsure, the places "
+                   "worth painting next; implies --tta (4-8 times slower); not with "
+                   "--scheduler or for single planes too large for memory")
     p.add_argument("--measure", action="store_true",
                    help="measure every cell (position, area, shape, intensities) into "
                    "<stem>_cells.csv beside its labels, and write summary.csv (a row per "
@@ -241,6 +255,30 @@ def _parse_weights(text: str) -> str | list[float]:
         ) from None
 
 
+def _listed(values: list[str] | None) -> list[str] | None:
+    """The items of a repeatable, comma-separated option (None: not given)."""
+    if not values:
+        return None
+    return [item.strip() for value in values for item in value.split(",")]
+
+
+def _class_settings(args: argparse.Namespace) -> dict:
+    """``--class-names`` and ``--class-colors`` as TrainConfig fields (background first)."""
+    names, colors = _listed(args.class_names), _listed(args.class_colors)
+    if (names or colors) and args.mode != "semantic":
+        flag = "--class-names" if names else "--class-colors"
+        raise CellfitError(
+            f"{flag} is for semantic mode (classes painted 2, 3, ...): add --mode semantic, "
+            "or leave it out to segment cells."
+        )
+    out: dict = {}
+    if names is not None:
+        out["class_names"] = ["background", *names]
+    if colors is not None:
+        out["class_colors"] = [BACKGROUND_COLOR, *colors]
+    return out
+
+
 def _time_limit(args: argparse.Namespace) -> float | None:
     """``--time-limit``; without it, the training's default length unless ``--steps``
     is given (then the steps alone end the training)."""
@@ -250,6 +288,7 @@ def _time_limit(args: argparse.Namespace) -> float | None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    classes = _class_settings(args)  # a flag of the wrong mode: said before reading files
     fresh = args.encoder is not None or args.encoder_weights is not None
     if args.init is None:
         args.init = "scratch" if fresh else "starting"
@@ -308,6 +347,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         checkpoint=checkpoint,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
+        **classes,
     )
     if checkpoint.is_file() and not args.resume:
         print(f"cellfit: note: {checkpoint} holds an interrupted training of {out}; this new "
@@ -381,6 +421,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         diameter=args.diameter,
         tta=args.tta,
         measure=args.measure,
+        uncertainty=args.uncertainty,
     )
     failed: list[tuple[Path, str]] = []
     summaries: list[FileSummary] = []
@@ -550,6 +591,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- info
+def class_lines(info: ModelInfo, width: int = 88) -> list[str]:
+    """The classes of a semantic model for ``cellfit info``: "value name colour" for
+    each, one a line up to 12 classes, else as many to a line as fit in ``width``
+    (painted value k + 1 is class k; background is painted 1)."""
+    items = [f"{k + 1}: {name} {color}"
+             for k, (name, color) in enumerate(zip(info.class_names, info.colors()))]
+    if len(items) <= 12:
+        return items
+    lines, line = [], ""
+    for item in items:
+        if line and len(line) + 3 + len(item) > width - 12:
+            lines.append(line)
+            line = ""
+        line = f"{line}   {item}" if line else item
+    return [*lines, line] if line else lines
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     if is_starting(args.model):
         args.model = starting_model_path()
@@ -565,7 +623,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     )
     print(f"model       {args.model}")
     print(f"network     U-Net++ / {info.encoder}, {info.in_channels} channel(s) in")
-    print(f"mode        {info.mode}: {', '.join(info.class_names)}")
+    if info.mode == "semantic":
+        print(f"mode        semantic: {info.n_classes - 1} class"
+              f"{'es' if info.n_classes != 2 else ''} and background (painted value: name "
+              "colour; a predicted class map holds the painted value minus 1)")
+        for line in class_lines(info):
+            print(f"            {line}")
+    else:
+        print(f"mode        {info.mode}: {', '.join(info.class_names)}")
     print(f"normalise   {norm_text}")
     if info.cell_diameter and not info.diameter:
         print(f"cell size   any: images are resized so cells are {info.cell_diameter:g} px "

@@ -58,6 +58,7 @@ from cellfit.postprocess import classes_from_probs, labels_from_probs, postproce
 from cellfit.predict import DEFAULT_OVERLAP, DEFAULT_TILE, PlanePredictor, TileRunner
 from cellfit.starting import apply_diameter, needs_diameter
 from cellfit.stream import BlockLabeller, NormRows, ResizeRows, RowStream, stack_stats
+from cellfit.uncertainty import uncertainty_from_probs
 
 __all__ = [
     "FORMATS",
@@ -74,6 +75,8 @@ __all__ = [
     "output_paths",
     "output_state",
     "run_file",
+    "uncertainty_path",
+    "wanted_outputs",
 ]
 
 #: planes with more pixels than this (8192 x 8192) are predicted as huge planes
@@ -185,6 +188,15 @@ class Settings:
     #: measure every cell into ``<stem>_cells.csv`` beside the labels (instance models);
     #: not part of the fingerprint: asking for it never redoes finished labels
     measure: bool = False
+    #: also write ``<stem>_uncertainty`` (float32 in [0, 1], one plane per labels
+    #: plane; :func:`cellfit.uncertainty.uncertainty_from_probs`); implies ``tta``
+    uncertainty: bool = False
+
+    @property
+    def augmented(self) -> bool:
+        """Whether prediction runs test-time augmentation (asked, or implied by
+        ``uncertainty``)."""
+        return bool(self.tta or self.uncertainty)
 
 
 def output_paths(path: Path, out_dir: Path, fmt: str = "tiff") -> tuple[Path, Path]:
@@ -192,6 +204,19 @@ def output_paths(path: Path, out_dir: Path, fmt: str = "tiff") -> tuple[Path, Pa
     (``.zarr`` with ``fmt="zarr"``)."""
     suffix = _SUFFIX[fmt]
     return out_dir / f"{path.stem}_labels{suffix}", out_dir / f"{path.stem}_prob{suffix}"
+
+
+def uncertainty_path(path: Path, out_dir: Path, fmt: str = "tiff") -> Path:
+    """``<out>/<stem>_uncertainty.tif`` for an input file (``.zarr`` with ``fmt="zarr"``)."""
+    return out_dir / f"{Path(path).stem}_uncertainty{_SUFFIX[fmt]}"
+
+
+def wanted_outputs(path: Path, out_dir: Path, settings: Settings) -> tuple[Path, ...]:
+    """The outputs ``settings`` ask for: the labels, then the probabilities and the
+    uncertainty when asked."""
+    lab, prob = output_paths(path, out_dir, settings.format)
+    return (lab, *((prob,) if settings.probabilities else ()),
+            *((uncertainty_path(path, out_dir, settings.format),) if settings.uncertainty else ()))
 
 
 # ---------------------------------------------------------------------- loaded model
@@ -213,7 +238,7 @@ class LoadedModel:
             )
         self.runner = TileRunner(
             self.model, self.device, batch_size=settings.batch_size, amp=settings.amp,
-            tta=settings.tta,
+            tta=settings.augmented,
         )
         self.predictor = PlanePredictor(
             self.model, self.info, self.runner, tile=settings.tile, overlap=settings.overlap
@@ -235,7 +260,8 @@ def fingerprint(model_digest: str, path: Path, settings: Settings) -> dict:
         "link_slices": bool(settings.link_slices),
         "postprocess": dict(sorted((settings.postprocess or {}).items())),
         **({"diameter": settings.diameter} if settings.diameter is not None else {}),
-        **({"tta": True} if settings.tta else {}),
+        **({"tta": True} if settings.augmented else {}),
+        **({"uncertainty": True} if settings.uncertainty else {}),
     }
 
 
@@ -277,6 +303,7 @@ class OutputWriter:
         *,
         labels_dtype=None,
         tiled: bool = False,
+        uncertainty_path: Path | None = None,
     ) -> None:
         self.info = info
         self.settings = settings
@@ -305,6 +332,7 @@ class OutputWriter:
         )
         self.lab_sink = None
         self.prob_sink = None
+        self.unc_sink = None
         self.table = None
         self.measurer = None
         if settings.measure and self.instances:
@@ -315,6 +343,12 @@ class OutputWriter:
                 (*self.stack_shape, self.info.n_classes, *self.plane_shape), np.float32,
                 self.prob_axes, self.meta, tiled=tiled, compression=settings.compression,
                 fingerprint=fp,
+            )
+        if uncertainty_path is not None:
+            self.unc_sink = open_sink(
+                settings.format, uncertainty_path, (*self.stack_shape, *self.plane_shape),
+                np.float32, self.lab_axes, self.meta, tiled=tiled,
+                compression=settings.compression, fingerprint=fp,
             )
 
     def labels_sink(self, dtype):
@@ -353,12 +387,14 @@ class OutputWriter:
         if self.prob_sink is not None and probs is not None:
             for k in range(probs.shape[0]):
                 self.prob_sink.put(probs[k])
+        if self.unc_sink is not None and probs is not None:
+            self.unc_sink.put(uncertainty_from_probs(probs, self.info.mode))
         return True
 
     def close(self) -> tuple[Path, ...]:
         """Publish the outputs, once every one of them is complete (an output that
         fails to finish leaves the others unpublished too: aborted by the caller)."""
-        sinks = [s for s in (self.lab_sink, self.prob_sink) if s is not None]
+        sinks = [s for s in (self.lab_sink, self.prob_sink, self.unc_sink) if s is not None]
         for s in sinks:
             s.finish()
         if self.measurer is not None:  # written last: never older than the labels
@@ -370,7 +406,7 @@ class OutputWriter:
         return tuple(s.close() for s in sinks)
 
     def abort(self) -> None:
-        for s in (self.lab_sink, self.prob_sink, self.table):
+        for s in (self.lab_sink, self.prob_sink, self.unc_sink, self.table):
             if s is not None:
                 s.abort()
 
@@ -383,14 +419,18 @@ def run_file(
     prob_path: Path | None,
     settings: Settings,
     fp: dict | None = None,
+    *,
+    uncertainty_path: Path | None = None,
 ) -> Iterator[FileProgress]:
     """Predict one file into its outputs, streaming.
 
     A generator of :class:`FileProgress` events (after each finished plane, and after
     batches of tiles inside a plane); its return value is the tuple of outputs.
     On any error or when closed early, no output or temporary is left.
+    ``uncertainty_path``: also write the uncertainty there (the model must have been
+    loaded with test-time augmentation, ``Settings.uncertainty``).
     """
-    for p in (labels_path, prob_path):
+    for p in (labels_path, prob_path, uncertainty_path):
         if p is not None:
             remove_stale_temporaries(p)
     img = open_image(path)
@@ -398,12 +438,19 @@ def run_file(
         # the scratch folder of huge planes, left behind by a killed run (nothing runs at SIGKILL)
         remove_stale_temporaries(labels_path.parent / f"{img.name}.work")
         y, x = img.plane_shape
-        predict = _predict_huge_planes if y * x > settings.huge_pixels else _predict_planes
-        outputs = yield from predict(model, img, labels_path, prob_path, settings, fp)
+        huge = y * x > settings.huge_pixels
+        if huge and uncertainty_path is not None:
+            raise CellfitError(
+                f"the planes of {img.name} ({y}x{x} pixels) are too large for an uncertainty "
+                "map: predict them without it, or crop the image."
+            )
+        predict = _predict_huge_planes if huge else _predict_planes
+        unc = {} if huge else {"uncertainty_path": uncertainty_path}
+        outputs = yield from predict(model, img, labels_path, prob_path, settings, fp, **unc)
         if outputs is None:  # more objects than 16-bit labels hold: write 32-bit labels
             outputs = yield from predict(
                 model, img, labels_path, prob_path, settings, fp, dtype=np.uint32,
-                notice=f"{path.name}: more than 65535 objects, writing 32-bit labels",
+                notice=f"{path.name}: more than 65535 objects, writing 32-bit labels", **unc,
             )
         if outputs is None:  # pragma: no cover - over four billion objects
             raise RuntimeError(f"{path.name}: more objects than 32-bit labels hold")
@@ -451,13 +498,13 @@ def _prefetch(read: Callable[[int], np.ndarray], n: int) -> Iterator[tuple[int, 
 
 
 def _predict_planes(model, img, labels_path, prob_path, settings, fp, dtype=None,
-                    notice=None):
+                    notice=None, uncertainty_path=None):
     """Predict the planes of a file one after another (read one ahead, tiles batched
     across planes) and write them as they come. Returns the outputs, or None when the
     labels outgrew ``dtype`` (nothing is left written)."""
     stats = stack_stats(img, model.info)
     writer = OutputWriter(model.info, img, labels_path, prob_path, settings, fp,
-                          labels_dtype=dtype)
+                          labels_dtype=dtype, uncertainty_path=uncertainty_path)
     n = img.n_planes
     done = 0
     planes = _prefetch(img.plane, n)

@@ -28,6 +28,7 @@ from the zip without extracting anything, then checked as above).
 
 from __future__ import annotations
 
+import colorsys
 import json
 import math
 import os
@@ -51,6 +52,8 @@ from cellfit.normalize import DEFAULT_NORMALIZATION
 from cellfit.packages import READ_ERRORS, PackagedModel, find_packaged_model
 
 __all__ = [
+    "BACKGROUND_COLOR",
+    "CLASS_PALETTE",
     "DEFAULT_DECODER_CHANNELS",
     "DEFAULT_ENCODER",
     "FORMAT_VERSION",
@@ -60,6 +63,8 @@ __all__ = [
     "REQUIRED_FIELDS",
     "ModelInfo",
     "build_model",
+    "default_class_colors",
+    "is_color",
     "load_encoder_weights",
     "load_model",
     "package_versions",
@@ -88,6 +93,9 @@ class ModelInfo:
     n_classes: int = 3
     mode: str = "instances"
     class_names: list[str] = field(default_factory=lambda: ["background", "cell", "boundary"])
+    # one "#rrggbb" colour per class, background first (semantic models); None: the
+    # default palette (:func:`default_class_colors`), as in files made before colours
+    class_colors: list[str] | None = None
     decoder_channels: list[int] = field(default_factory=lambda: list(DEFAULT_DECODER_CHANNELS))
     normalization: dict = field(default_factory=lambda: dict(DEFAULT_NORMALIZATION))
     boundary_width: int = 1
@@ -109,6 +117,11 @@ class ModelInfo:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
+
+    def colors(self) -> list[str]:
+        """The colour of each class ("#rrggbb", background first): its own, else the
+        default palette."""
+        return list(self.class_colors or default_class_colors(self.n_classes))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ModelInfo:
@@ -134,6 +147,43 @@ class ModelInfo:
             raise CellfitError(
                 f"the model information is damaged ({exc}): retrain or re-export the model."
             ) from None
+
+
+#: the colour of background (class 0): the quiet blue the dock paints background with
+BACKGROUND_COLOR = "#598cd9"
+#: the colours of classes 1, 2, ... of a semantic model: 20 colours far apart (after
+#: Sasha Trubetskoy's list of distinct colours; none close to the background blue),
+#: then hues a golden angle apart at alternating lightness (:func:`default_class_colors`)
+CLASS_PALETTE = (
+    "#e6194b", "#3cb44b", "#ffe119", "#f58231", "#911eb4", "#42d4f4", "#f032e6",
+    "#bfef45", "#fabed4", "#469990", "#dcbeff", "#9a6324", "#fffac8", "#800000",
+    "#aaffc3", "#808000", "#ffd8b1", "#000075", "#a9a9a9", "#ffffff",
+)
+_HEX_COLOR = re.compile(r"#[0-9a-f]{6}")
+
+
+def default_class_colors(n_classes: int) -> list[str]:
+    """The default colours of ``n_classes`` classes, background first ("#rrggbb"):
+    :data:`BACKGROUND_COLOR`, then :data:`CLASS_PALETTE`, then generated hues, so that
+    dozens of classes stay told apart and a class keeps its colour whatever the count.
+
+    >>> default_class_colors(3)
+    ['#598cd9', '#e6194b', '#3cb44b']
+    """
+    out = [BACKGROUND_COLOR, *CLASS_PALETTE][: max(n_classes, 0)]
+    k = 0
+    while len(out) < n_classes:
+        hue = (k * 0.381966 + 0.05) % 1.0  # the golden angle, as a share of the circle
+        light = (0.45, 0.7, 0.3)[k % 3]
+        r, g, b = colorsys.hls_to_rgb(hue, light, 0.85)
+        out.append(f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}")
+        k += 1
+    return out
+
+
+def is_color(v: Any) -> bool:
+    """True for a colour as model files keep it: "#rrggbb", lower case."""
+    return isinstance(v, str) and _HEX_COLOR.fullmatch(v) is not None
 
 
 #: the fields a model file must hold: they describe the network and what it is fed
@@ -415,6 +465,10 @@ _FIELDS: dict[str, tuple[Any, str]] = {
         lambda v: isinstance(v, list) and all(isinstance(n, str) and len(n) <= 200 for n in v),
         "a list of names",
     ),
+    "class_colors": (
+        _optional(lambda v: isinstance(v, list) and all(is_color(c) for c in v)),
+        'a list of colours such as "#e6194b"',
+    ),
     "decoder_channels": (
         lambda v: (
             isinstance(v, list)
@@ -455,7 +509,13 @@ _RECORD: dict[str, tuple[Any, str]] = {
     "best_score": (_optional(_is_number), "a number"),
     "final_loss": (_optional(_is_number), "a number"),
     "validation": (
-        _optional(_figures(("precision", "recall", "f1", "iou", "ap50", "score"))),
+        _optional(
+            lambda v: (
+                _figures(("precision", "recall", "f1", "iou", "ap50", "score"))(v)
+                and isinstance(v.get("class_iou", {}), dict)
+                and all(_is_number(x) for x in v.get("class_iou", {}).values())
+            )
+        ),
         "validation figures",
     ),
     "annotation": (
@@ -512,6 +572,11 @@ def _info_from_json(text: str | bytes) -> ModelInfo:
         raise _Damaged(
             f"it names {len(known['class_names'])} classes for a network of "
             f"{known['n_classes']} outputs"
+        )
+    colors = known.get("class_colors")
+    if colors is not None and len(colors) != known["n_classes"]:
+        raise _Damaged(
+            f"it gives {len(colors)} class colours for a network of {known['n_classes']} outputs"
         )
     if known["mode"] == "instances" and known["n_classes"] != 3:
         raise _Damaged(f"an instance model has 3 outputs, not {known['n_classes']}")

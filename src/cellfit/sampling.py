@@ -4,6 +4,13 @@ The sampler never returns a patch without annotated pixels: every patch is place
 around an annotated pixel. A fraction ``fg_fraction`` of the patches (0.5 by default)
 is placed around a *cell* pixel (any class but background), the rest around any
 annotated pixel, so cells are over-represented however little of the image they cover.
+With ``class_balanced`` (semantic mode) a cell-centred patch first draws one of the
+painted classes, each as likely as the others, then a pixel of it: a class painted on
+16 pixels is then at the centre of as many patches as one painted on 10,000, where
+drawing among all cell pixels would show it a few times in a whole training.
+:meth:`PatchSampler.class_frequencies` estimates how often each class then reaches
+the loss, for class weights that balance what the loss sees rather than what was
+painted.
 :class:`BatchPrefetcher` draws the next batch in a background thread while the
 training step computes.
 """
@@ -55,6 +62,9 @@ class PatchSampler:
     intensity : {"mild", "strong"}
         Intensity jitter: gain 0.75–1.25 (mild) or 0.5–2 with a gamma change (strong).
     seed : int or numpy Generator
+    class_balanced : bool
+        Cell-centred patches draw a class first (uniformly among the painted classes
+        other than background), then one of its pixels.
     """
 
     def __init__(
@@ -66,6 +76,7 @@ class PatchSampler:
         augment: bool = True,
         seed: int | np.random.Generator = 0,
         intensity: str = "mild",
+        class_balanced: bool = False,
     ) -> None:
         if len(images) != len(targets) or not images:
             raise ValueError("images and targets must be non-empty lists of equal length")
@@ -87,6 +98,12 @@ class PatchSampler:
         self._foreground = np.concatenate(fg_idx)
         if len(self._annotated) == 0:
             raise ValueError("no annotated pixels to sample from")
+        self._by_class: list[np.ndarray] = []
+        if class_balanced and len(self._foreground):
+            cls = np.concatenate([t.ravel()[f[:, 1]] for t, f in zip(self.targets, fg_idx)])
+            order = np.argsort(cls, kind="stable")
+            values, starts = np.unique(cls[order], return_index=True)
+            self._by_class = np.split(self._foreground[order], starts[1:])
 
     @property
     def n_channels(self) -> int:
@@ -96,6 +113,8 @@ class PatchSampler:
         pool = self._annotated
         if len(self._foreground) and self.rng.random() < self.fg_fraction:
             pool = self._foreground
+            if self._by_class:
+                pool = self._by_class[self.rng.integers(len(self._by_class))]
         plane, flat = pool[self.rng.integers(len(pool))]
         w = self.targets[plane].shape[1]
         return int(plane), int(flat // w), int(flat % w)
@@ -138,6 +157,20 @@ class PatchSampler:
         if rng.random() < 0.3:
             x = x + rng.normal(0, rng.uniform(0.0, 0.05), size=x.shape).astype(np.float32)
         return x, y
+
+    def class_frequencies(self, n_classes: int, n_patches: int = 256) -> np.ndarray:
+        """Annotated pixels of each class in ``n_patches`` patches drawn as training
+        draws them (without augmentation, from a generator of its own, so training's
+        draws are not changed): how often each class reaches the loss."""
+        counts = np.zeros(n_classes, np.int64)
+        rng, self.rng = self.rng, np.random.default_rng(12345)
+        try:
+            for _ in range(n_patches):
+                _, y = self._crop(*self._centre())
+                counts += np.bincount(y[y != IGNORE].ravel(), minlength=n_classes)[:n_classes]
+        finally:
+            self.rng = rng
+        return counts
 
     def sample(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """A batch: images ``(B, C, P, P)`` float32 and targets ``(B, P, P)`` uint8."""

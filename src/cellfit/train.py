@@ -75,6 +75,8 @@ from cellfit.model import (
     DEFAULT_ENCODER,
     ModelInfo,
     build_model,
+    default_class_colors,
+    is_color,
     load_model,
     save_model,
     training_record,
@@ -109,6 +111,9 @@ __all__ = [
     "TrainPlan",
     "Trainer",
     "annotation_summary",
+    "class_iou_text",
+    "class_ious",
+    "class_settings",
     "config_dict",
     "data_digest",
     "scores_text",
@@ -121,6 +126,12 @@ VAL_MARGIN = 32
 #: a model fitted to cells of one size keeps it while the painted cells' median diameter
 #: stays within this factor of it (cells of one kind seldom differ twofold in diameter)
 SIZE_TOLERANCE = 1.5
+
+
+#: semantic mode: cell-centred patches draw a painted class first (see PatchSampler)
+SEMANTIC_CLASS_SAMPLING = False
+#: semantic mode: "balanced" class weights from the pixels the sampler shows the loss
+SEMANTIC_SAMPLED_WEIGHTS = False
 
 
 @dataclass
@@ -158,6 +169,11 @@ class TrainConfig:
         ``calibrate`` act: on fewer than 10 cells one cell found or missed moves AP@0.5
         by 0.1 or more, so a difference between two models (or two thresholds) is as
         likely luck as a real change.
+    class_names, class_colors : list of str, optional
+        Semantic mode: the name and colour ("#rrggbb") of each class, background
+        first (painted value k + 1 is class k), one per class of the model (None: "class
+        1", "class 2", ... and :func:`cellfit.model.default_class_colors`). Kept in the
+        model; given when fine-tuning, they rename and recolour its classes.
     encoder_lr_scale : float
         Learning rate of the encoder relative to the decoder (below 1 keeps a
         pretrained encoder close to where it started).
@@ -247,6 +263,7 @@ class TrainConfig:
     encoder_weights: str | None = None
     normalization: dict = field(default_factory=lambda: dict(DEFAULT_NORMALIZATION))
     class_names: list[str] | None = None
+    class_colors: list[str] | None = None
     preview_every: float = 3.0
     scale: str | float = "auto"
     cell_diameter: float = 30.0
@@ -405,11 +422,12 @@ def new_model_info(
             "that all have the same channels."
         )
     n_classes = n_classes_for(config.mode, list(anns))
+    colors = None
     if config.mode == "instances":
         names = list(INSTANCE_CLASSES)
     else:
-        names = config.class_names or ["background"] + [f"class {i}" for i in range(1, n_classes)]
-        names = (names + [f"class {i}" for i in range(len(names), n_classes)])[:n_classes]
+        names = ["background"] + [f"class {i}" for i in range(1, n_classes)]
+        names, colors = class_settings(config, n_classes, names)
     return ModelInfo(
         scale=scale,
         encoder=config.encoder,
@@ -417,11 +435,60 @@ def new_model_info(
         n_classes=int(n_classes),
         mode=config.mode,
         class_names=names,
+        class_colors=colors,
         decoder_channels=list(config.decoder_channels),
         normalization=dict(config.normalization),
         boundary_width=config.boundary_width,
     )
 
+
+
+def class_settings(
+    config: TrainConfig, n_classes: int, names: list[str], colors: list[str] | None = None
+) -> tuple[list[str], list[str]]:
+    """The class names and colours of a semantic model of ``n_classes`` classes:
+    ``config.class_names`` and ``config.class_colors`` where given (checked), else
+    ``names`` and ``colors`` (None: the default colours).
+
+    Raises
+    ------
+    CellfitError
+        A list of the wrong length (one sentence that counts the painted classes), a
+        name empty, too long or given twice, or a colour not "#rrggbb".
+    """
+    painted = f"{n_classes - 1} painted class{'es' if n_classes != 2 else ''} (values 2 to {n_classes})"
+    given = config.class_names
+    if given is not None:
+        if len(given) != n_classes:
+            raise CellfitError(
+                f"{len(given) - 1} class name{'s were' if len(given) != 2 else ' was'} given "
+                f"for {painted}: give one name for each class, in the order of their values."
+            )
+        bad = [n for n in given if not isinstance(n, str) or not 0 < len(n.strip()) <= 200]
+        if bad:
+            raise CellfitError(
+                f"the class name {bad[0]!r} cannot be used: give names of 1 to 200 characters."
+            )
+        twice = sorted({n for n in given if given.count(n) > 1})
+        if twice:
+            raise CellfitError(
+                f"the class name {twice[0]!r} is given twice: give each class its own name."
+            )
+        names = [n.strip() for n in given]
+    colors = list(colors) if colors is not None else default_class_colors(n_classes)
+    if config.class_colors is not None:
+        if len(config.class_colors) != n_classes:
+            raise CellfitError(
+                f"{len(config.class_colors) - 1} class colours were given for {painted}: "
+                "give one colour for each class, in the order of their values."
+            )
+        wrong = [c for c in config.class_colors if not is_color(str(c).lower())]
+        if wrong:
+            raise CellfitError(
+                f"the class colour {wrong[0]!r} is not understood: give colours such as #e6194b."
+            )
+        colors = [str(c).lower() for c in config.class_colors]
+    return names, colors
 
 
 class Trainer:
@@ -519,6 +586,11 @@ class Trainer:
             )
         if cfg.resume and cfg.checkpoint is None:
             raise CellfitError("resuming needs the checkpoint of the interrupted training.")
+        if cfg.mode == "instances" and (cfg.class_names or cfg.class_colors):
+            raise CellfitError(
+                "class names and colours are for semantic mode (classes); in instance mode "
+                "every painted cell is of one kind: train in semantic mode to name classes."
+            )
 
     def _prepare_inputs(
         self, images: Sequence[ImageStack | np.ndarray], annotations: Sequence[np.ndarray]
@@ -585,6 +657,10 @@ class Trainer:
             if model is not None and info is not None:
                 self._check_compatible(info, anns)
                 self.info = copy.deepcopy(info)
+                if self.info.mode == "semantic":  # renamed or recoloured classes
+                    self.info.class_names, self.info.class_colors = class_settings(
+                        cfg, self.info.n_classes, self.info.class_names, self.info.colors()
+                    )
                 self.model = model
                 self._fit_cell_size()
             else:
@@ -668,6 +744,7 @@ class Trainer:
             augment=cfg.augment,
             seed=self.rng,
             intensity=cfg.intensity_augment,
+            class_balanced=cfg.mode == "semantic" and SEMANTIC_CLASS_SAMPLING,
         )
         self.batches = _RewindableBatches(self.sampler, convert=self._to_tensors)
         self.batch_size = cfg.batch_size or (8 if self.device.type == "cuda" else 4)
@@ -679,6 +756,11 @@ class Trainer:
         self.class_counts = class_counts(self.train_targets, self.info.n_classes)
         if isinstance(cfg.class_weights, str):
             if cfg.class_weights == "balanced":
+                if cfg.mode == "semantic" and SEMANTIC_SAMPLED_WEIGHTS:
+                    # balance what the loss sees: the classes' pixels in patches drawn
+                    # as training draws them (class-balanced), not the painted counts
+                    seen = self.sampler.class_frequencies(self.info.n_classes)
+                    return balanced_class_weights(np.where(self.class_counts > 0, seen, 0))
                 return balanced_class_weights(self.class_counts)
             if cfg.class_weights == "none":
                 return None
@@ -1300,7 +1382,7 @@ class Trainer:
             loss=cfg.loss,
             class_weights=self.class_weights,
             class_pixels=self.class_counts,
-            validation=_brief(self.best_validation) if self.best_validation else None,
+            validation=_brief(self.best_validation, classes=True) if self.best_validation else None,
             validation_history=self.history,
             validated_on="training annotation (fewer than 5 cells)"
             if self.split.on_training
@@ -1454,7 +1536,51 @@ def validation_text(record: dict) -> str:
         )
     else:
         meaning = "F1: each pixel's class told right"
-    return f"Validation on {on}: {scores} (1 is perfect; {meaning})"
+    text = f"Validation on {on}: {scores} (1 is perfect; {meaning})"
+    by_class = class_iou_text(val)
+    return f"{text}. {by_class}" if by_class else text
+
+
+def class_ious(validation: dict | None) -> dict[str, float]:
+    """The IoU of each class but background measured by a validation (semantic mode),
+    in class order: from its ``class_iou`` (a training record) or ``per_class`` (a
+    :class:`TrainEvent`; classes with no held-back pixel left out)."""
+    val = validation or {}
+    if isinstance(val.get("class_iou"), dict):
+        return {str(k): float(v) for k, v in val["class_iou"].items() if _is_figure(v)}
+    table = val.get("per_class")
+    if not isinstance(table, dict) or "ap50" in val:
+        return {}
+    return {
+        name: float(row["iou"])
+        for name, row in list(table.items())[1:]
+        if row.get("support", 0) > 0 and _is_figure(row.get("iou"))
+    }
+
+
+def _is_figure(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def class_iou_text(validation: dict | None, most: int = 5) -> str:
+    """The per-class IoU of a semantic validation in one short sentence: every class
+    when there are at most ``most``, else the ``most`` worst and the mean ("" in
+    instance mode or without figures).
+
+    >>> class_iou_text({"class_iou": {"nucleus": 0.9, "mitosis": 0.25}})
+    'IoU by class: nucleus 0.90, mitosis 0.25'
+    >>> class_iou_text({"class_iou": {f"c{i}": i / 10 for i in range(1, 8)}}, most=2)
+    'IoU by class, the 2 worst of 7: c1 0.10, c2 0.20; mean 0.40'
+    """
+    ious = class_ious(validation)
+    if not ious:
+        return ""
+    if len(ious) <= most:
+        return "IoU by class: " + ", ".join(f"{n} {v:.2f}" for n, v in ious.items())
+    worst = sorted(ious.items(), key=lambda kv: kv[1])[:most]
+    mean = sum(ious.values()) / len(ious)
+    listed = ", ".join(f"{n} {v:.2f}" for n, v in worst)
+    return f"IoU by class, the {most} worst of {len(ious)}: {listed}; mean {mean:.2f}"
 
 
 def _cells(n: int, what: str) -> str:
@@ -1462,11 +1588,16 @@ def _cells(n: int, what: str) -> str:
     return f"{n} {what}{'' if n == 1 else 's'}"
 
 
-def _brief(val: dict | None) -> dict:
-    """Validation figures rounded to 4 digits, without the per-class table."""
+def _brief(val: dict | None, classes: bool = False) -> dict:
+    """Validation figures rounded to 4 digits, without the per-class table (with
+    ``classes``, the IoU of each class measured, as ``class_iou``, in semantic mode)."""
     if not val:
         return {}
-    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in val.items() if k != "per_class"}
+    out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in val.items() if k != "per_class"}
+    ious = class_ious(val) if classes else {}
+    if ious:
+        out["class_iou"] = {n: round(v, 4) for n, v in ious.items()}
+    return out
 
 
 def train(

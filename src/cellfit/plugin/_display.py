@@ -8,7 +8,12 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from napari.utils.colormaps import Colormap, CyclicLabelColormap, label_colormap
+from napari.utils.colormaps import (
+    Colormap,
+    CyclicLabelColormap,
+    DirectLabelColormap,
+    label_colormap,
+)
 
 from cellfit.model import ModelInfo
 
@@ -16,11 +21,13 @@ __all__ = [
     "ENCODERS",
     "STARTING_PURPOSE",
     "annotation_colormap",
+    "class_map_colormap",
     "encoder_name",
     "model_record_html",
     "number",
     "opengl_renderer",
     "probability_colormap",
+    "semantic_annotation_colormap",
     "software_opengl",
     "user_runs",
 ]
@@ -49,6 +56,35 @@ def annotation_colormap() -> CyclicLabelColormap:
         colors[1] = BACKGROUND_COLOR
         _COLORMAP = CyclicLabelColormap(colors=colors)
     return _COLORMAP
+
+
+#: the colour of painted values no class is named for yet (semantic mode)
+UNNAMED_COLOR = (0.6, 0.6, 0.6, 1.0)
+
+
+def _rgba(color: str, alpha: float = 1.0) -> tuple[float, float, float, float]:
+    """``"#rrggbb"`` as RGBA floats."""
+    return (int(color[1:3], 16) / 255, int(color[3:5], 16) / 255, int(color[5:7], 16) / 255, alpha)
+
+
+def semantic_annotation_colormap(colors: list[str]) -> DirectLabelColormap:
+    """The annotation's colours in semantic mode: 0 transparent, 1 background (its
+    colour, see-through), value k + 1 the colour of class k (``colors``: one per class,
+    background first); values beyond them grey."""
+    mapping: dict = {None: UNNAMED_COLOR, 0: (0.0, 0.0, 0.0, 0.0)}
+    mapping[1] = _rgba(colors[0], BACKGROUND_COLOR[3])
+    for k, color in enumerate(colors[1:], 1):
+        mapping[k + 1] = _rgba(color)
+    return DirectLabelColormap(color_dict=mapping)
+
+
+def class_map_colormap(colors: list[str]) -> DirectLabelColormap:
+    """A predicted class map's colours: 0 (background) transparent, class k the colour
+    of class k (``colors``: one per class, background first)."""
+    mapping: dict = {None: UNNAMED_COLOR, 0: (0.0, 0.0, 0.0, 0.0)}
+    for k, color in enumerate(colors[1:], 1):
+        mapping[k] = _rgba(color)
+    return DirectLabelColormap(color_dict=mapping)
 
 
 _SOFTWARE_GL_NAMES = ("llvmpipe", "softpipe", "swrast", "swiftshader", "software rasterizer",

@@ -9,7 +9,14 @@ the stack axes. The dock's own layers, named after their image, are
 
 ``<image> annotation``   the painting (Labels; 0 not annotated, 1 background, 2… cells)
 ``<image> probability``  the cell probability of the prediction (Image, 0–1)
-``<image> labels``       the predicted cells (Labels)
+``<image> labels``       the predicted cells (Labels), or in semantic mode the class
+                         map (0 background, k class k), coloured by class
+``<image> class probability``  semantic mode: the probability of each class (Image,
+                         0–1), the class on a slider of its own, its first axis
+``<image> uncertainty``  how unsure the model is of each pixel (Image, 0–1;
+                         "Suggest where to paint")
+``<image> suggestions``  the ranked boxes to paint next (Shapes, numbered)
+``<image> cell to check``  the box round the predicted cell being checked (Shapes)
 
 No Qt here (napari's layer types only).
 """
@@ -23,18 +30,27 @@ from cellfit.plugin import _safety  # noqa: F401  (first: imports the torch stac
 from collections.abc import Sequence
 
 import numpy as np
-from napari.layers import Image, Labels
+from napari.layers import Image, Labels, Shapes
+from napari.utils.colormaps import DirectLabelColormap, label_colormap
 from scipy import ndimage as ndi
 
 from cellfit.errors import CellfitError
 from cellfit.io import to_planes
-from cellfit.plugin._display import annotation_colormap, probability_colormap
+from cellfit.plugin._display import (
+    annotation_colormap,
+    class_map_colormap,
+    probability_colormap,
+    semantic_annotation_colormap,
+)
 from cellfit.train import annotation_summary
 
 __all__ = [
     "ANNOTATION_DTYPE",
+    "MAX_CLASS_PROBABILITY_BYTES",
     "add_annotation_layer",
     "annotated_planes",
+    "class_probability_layer",
+    "color_annotation",
     "count_annotation",
     "find_layer",
     "labels_shape",
@@ -48,12 +64,17 @@ __all__ = [
     "planes_of",
     "prediction_layers",
     "prediction_to_annotation",
+    "show_boxes",
     "show_prediction",
+    "show_uncertainty",
     "stack_position",
     "stack_shape",
 ]
 
 ANNOTATION_DTYPE = np.uint16
+#: the largest per-class probability layer the dock makes (bytes; float32 for every
+#: class of every slice): beyond it a notice says to use the probability files instead
+MAX_CLASS_PROBABILITY_BYTES = 2 * 2**30
 
 
 # ---------------------------------------------------------------- plane arithmetic
@@ -215,6 +236,57 @@ def add_annotation_layer(viewer, image: Image, name: str) -> Labels:
     )
 
 
+def color_annotation(layer: Labels, colors: list[str] | None) -> None:
+    """Colour an annotation layer: by class (``colors``, background first: semantic
+    mode), or with the dock's cell colours (None: instance mode)."""
+    layer.colormap = (
+        semantic_annotation_colormap(colors) if colors is not None else annotation_colormap()
+    )
+
+
+def _style_labels(layer: Labels, colors: list[str] | None) -> None:
+    """A prediction layer as a class map filled with the class colours (``colors``),
+    or as cells outlined in napari's label colours (None)."""
+    if colors is not None:
+        layer.colormap = class_map_colormap(colors)
+        layer.contour = 0
+    elif isinstance(layer.colormap, DirectLabelColormap):
+        layer.colormap = label_colormap()
+        layer.contour = 1
+
+
+def class_probability_layer(viewer, image: Image, n_classes: int) -> Image | None:
+    """'<image> class probability' for ``n_classes`` classes, added (zeros) if missing
+    or of another shape; None when it would be larger than
+    :data:`MAX_CLASS_PROBABILITY_BYTES`. Its first axis is the class (0 background):
+    napari gives it a slider of its own."""
+    shape = (int(n_classes), *labels_shape(image))
+    name = f"{image.name} class probability"
+    layer = find_layer(viewer, name, Image)
+    if layer is not None and tuple(layer.data.shape) == shape:
+        return layer
+    if int(np.prod(shape)) * 4 > MAX_CLASS_PROBABILITY_BYTES:
+        return None
+    if layer is not None:
+        viewer.layers.remove(layer)
+    active = viewer.layers.selection.active
+    layer = viewer.add_image(
+        np.zeros(shape, np.float32),
+        name=name,
+        colormap=probability_colormap(),
+        contrast_limits=(0.0, 1.0),
+        blending="translucent",
+        opacity=0.6,
+        visible=False,  # shown when asked for: the class map says most at a glance
+        scale=(1.0, *image.scale),
+        translate=(0.0, *image.translate),
+        metadata={"cellfit": "probability", "image": image.name},
+    )
+    if active is not None and active in viewer.layers:
+        viewer.layers.selection.active = active
+    return layer
+
+
 def prediction_layers(
     viewer, image: Image, annotation: Labels | None = None
 ) -> tuple[Image, Labels]:
@@ -308,19 +380,123 @@ def show_prediction(
     prob: np.ndarray,
     labels: np.ndarray,
     annotation: Labels | None = None,
+    colors: list[str] | None = None,
+    class_prob: np.ndarray | None = None,
 ) -> None:
     """Write predicted planes (``prob`` and ``labels``, each ``(n, Y, X)``, for the
-    plane numbers ``planes``) into '<image> probability' and '<image> labels'."""
+    plane numbers ``planes``) into '<image> probability' and '<image> labels'.
+
+    Semantic mode: ``colors`` (one per class, background first) colour the class map,
+    and ``class_prob`` ``(n, K, Y, X)``, when given, goes into '<image> class
+    probability' (:func:`class_probability_layer`)."""
     prob_layer, lab_layer = prediction_layers(viewer, image, annotation)
+    _style_labels(lab_layer, colors)
+    class_layer = None
+    if class_prob is not None:
+        class_layer = class_probability_layer(viewer, image, class_prob.shape[1])
     stack = layer_stack_shape(image)
     if not stack:
         prob_layer.data = prob[0]
         lab_layer.data = labels[0].astype(lab_layer.data.dtype, copy=False)
+        if class_layer is not None and class_prob is not None:
+            class_layer.data = class_prob[0]
         return
     pdata, ldata = prob_layer.data, lab_layer.data
     for k, plane in enumerate(planes):
         position = stack_position(plane, stack)
         pdata[position] = prob[k]
         ldata[position] = labels[k]
+        if class_layer is not None and class_prob is not None:
+            class_layer.data[(slice(None), *position)] = class_prob[k]
     prob_layer.refresh()
     lab_layer.refresh()
+    if class_layer is not None:
+        class_layer.refresh()
+
+
+# ------------------------------------------------------------ where to paint next
+def show_uncertainty(
+    viewer, image: Image, plane: int, uncertainty: np.ndarray, annotation: Labels | None = None
+) -> Image:
+    """Write the uncertainty ``(Y, X)`` of plane number ``plane`` into '<image>
+    uncertainty' (added if missing: magma, additive, so the image stays readable; below
+    ``annotation``); the selected layer stays selected."""
+    shape = labels_shape(image)
+    active = viewer.layers.selection.active
+    layer = _layer_of_shape(
+        viewer, f"{image.name} uncertainty", Image, shape, annotation,
+        lambda: viewer.add_image(
+            np.zeros(shape, np.float32),
+            name=f"{image.name} uncertainty",
+            colormap="magma",
+            contrast_limits=(0.0, 1.0),
+            blending="additive",
+            opacity=0.7,
+            scale=image.scale,
+            translate=image.translate,
+            metadata={"cellfit": "uncertainty", "image": image.name},
+        ),
+    )
+    position = stack_position(plane, layer_stack_shape(image))
+    if position:
+        layer.data[position] = uncertainty
+        layer.refresh()
+    else:
+        layer.data = np.asarray(uncertainty, np.float32)
+    layer.visible = True
+    if active is not None and active in viewer.layers:
+        viewer.layers.selection.active = active
+    return layer
+
+
+def show_boxes(
+    viewer,
+    image: Image,
+    name: str,
+    plane: int,
+    boxes: Sequence[tuple[int, int, int, int]],
+    numbers: Sequence[int] | None = None,
+    color: str = "#00e5ff",
+    current: int | None = None,
+    current_color: str = "#ffd42a",
+):
+    """Replace Shapes layer ``name`` by rectangles round ``boxes`` (half-open pixel
+    boxes ``(y0, x0, y1, x1)`` of plane number ``plane``), outlined in ``color`` (box
+    ``current`` in ``current_color``), no fill, each numbered by ``numbers``; locked
+    (no accidental edits). The selected layer stays selected. No boxes: the layer goes."""
+    active = viewer.layers.selection.active
+    old = find_layer(viewer, name, Shapes)
+    if old is not None:
+        viewer.layers.remove(old)
+    if not boxes:
+        return None
+    position = [float(i) for i in stack_position(plane, layer_stack_shape(image))]
+    rects = [
+        np.array([[*position, y0 - 0.5, x0 - 0.5], [*position, y1 - 0.5, x1 - 0.5]])
+        for y0, x0, y1, x1 in boxes
+    ]
+    side = max(max(y1 - y0, x1 - x0) for y0, x0, y1, x1 in boxes)
+    colors = [current_color if k == current else color for k in range(len(boxes))]
+    kwargs = {}
+    if numbers is not None:
+        kwargs = {
+            "features": {"number": [int(n) for n in numbers]},
+            "text": {"string": "{number}", "anchor": "upper_left", "size": 14,
+                     "color": color},
+        }
+    layer = viewer.add_shapes(
+        rects,
+        shape_type="rectangle",
+        name=name,
+        edge_color=colors,
+        face_color="transparent",
+        edge_width=max(1.0, side / 48),
+        scale=image.scale,
+        translate=image.translate,
+        metadata={"cellfit": "suggestions", "image": image.name},
+        **kwargs,
+    )
+    layer.locked = True
+    if active is not None and active in viewer.layers:
+        viewer.layers.selection.active = active
+    return layer

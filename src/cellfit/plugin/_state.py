@@ -32,8 +32,14 @@ from napari.layers import Image, Labels
 
 from cellfit.checkpoint import remove_checkpoint
 from cellfit.errors import CellfitError
-from cellfit.model import ModelInfo
-from cellfit.plugin._layers import find_layer, layer_data, plane_under_cursor, planes_of
+from cellfit.model import ModelInfo, default_class_colors
+from cellfit.plugin._layers import (
+    MAX_CLASS_PROBABILITY_BYTES,
+    find_layer,
+    layer_data,
+    plane_under_cursor,
+    planes_of,
+)
 from cellfit.plugin.jobs import PredictJob, gui_friendly_threads
 from cellfit.starting import needs_diameter, starting_model_path
 from cellfit.train import TrainConfig
@@ -102,6 +108,11 @@ class CellfitState:
     stopped_run : StoppedRun or None
         The training that made the model in memory, when it was stopped before its end
         (it can go on where it stopped); None otherwise.
+    class_names, class_colors : list of str
+        Semantic mode: the name and colour ("#rrggbb") of each class, background first
+        (painted value k + 1 is class k), as set in the dock's class list; they go into
+        the training's :class:`TrainConfig` and are taken from a semantic model loaded
+        or trained.
     """
 
     viewer: Any
@@ -116,6 +127,8 @@ class CellfitState:
     tta: bool = False
     threads: Callable[[torch.device], int | None] = field(default=gui_friendly_threads)
     stopped_run: StoppedRun | None = None
+    class_names: list[str] = field(default_factory=lambda: ["background", "class 1"])
+    class_colors: list[str] = field(default_factory=lambda: default_class_colors(2))
     _scratch: Path | None = field(default=None, init=False, repr=False)
 
     # ----------------------------------------------------------------- layers
@@ -132,6 +145,51 @@ class CellfitState:
         image; 0 for a 2D image or none)."""
         image = image or self.image_layer()
         return 0 if image is None else plane_under_cursor(self.viewer, image)
+
+    # ---------------------------------------------------------------- classes
+    def classes_for(self, n_classes: int) -> tuple[list[str], list[str]]:
+        """The names and colours of ``n_classes`` classes (background first): those set,
+        then "class k" and the default palette."""
+        defaults = default_class_colors(n_classes)
+        names = [*self.class_names[:n_classes]]
+        names += [f"class {k}" for k in range(len(names), n_classes)]
+        colors = [*self.class_colors[:n_classes]]
+        colors += defaults[len(colors):]
+        return names, colors
+
+    def set_class(self, k: int, name: str | None = None, color: str | None = None) -> None:
+        """Name or colour class ``k`` (0 background); the list grows to hold it. A
+        semantic model in memory that has the class is renamed or recoloured too (and
+        counts as not saved)."""
+        self.class_names, self.class_colors = self.classes_for(max(k + 1, len(self.class_names)))
+        if name is not None:
+            self.class_names[k] = name
+        if color is not None:
+            self.class_colors[k] = color
+        info = self.info
+        if info is not None and info.mode == "semantic" and k < info.n_classes:
+            colors = info.colors()
+            if name is not None:
+                info.class_names[k] = name
+            if color is not None:
+                colors[k] = color
+            info.class_colors = colors
+            self.model_saved = False
+
+    def model_class_colors(self) -> list[str] | None:
+        """The colours of the classes of the semantic model in memory (background
+        first; None for an instance model or none)."""
+        if self.info is None or self.info.mode != "semantic":
+            return None
+        return self.classes_for(self.info.n_classes)[1]
+
+    def adopt_classes(self, info: ModelInfo) -> None:
+        """Take the class names and colours of a semantic model (loaded or trained)."""
+        if info.mode == "semantic":
+            names, colors = list(info.class_names), info.colors()
+            # classes named in the dock beyond the model's stay
+            self.class_names = names + self.class_names[len(names):]
+            self.class_colors = colors + self.class_colors[len(colors):]
 
     # ------------------------------------------------------------------ model
     @property
@@ -207,4 +265,7 @@ class CellfitState:
             threads=self.threads(self.model_device()),
             diameter=self.segment_diameter(),
             tta=self.tta,
+            class_probability=self.info.mode == "semantic"
+            and planes.shape[0] * self.info.n_classes * planes[0, 0].size * 4
+            <= MAX_CLASS_PROBABILITY_BYTES,
         )

@@ -111,6 +111,18 @@ TIPS: dict[str, str] = {
         "Pick the next free id and paint one whole cell with it. Press again for the next cell."
     ),
     "eraser": "Erase back to 'not annotated' (0).",
+    "new_class": (
+        "Pick the next free value and paint a new class with it (Classes mode). To paint "
+        "a class already listed, click it in the class list."
+    ),
+    "classes": (
+        "Classes mode: one row per painted value (1 background, 2 the first class, …). "
+        "Click a row to paint that class and to show its probability on the '… class "
+        "probability' layer; double-click a name to rename it, a colour square to change "
+        "it. The names and colours are kept with the model; IoU is each class's score on "
+        "the held-back painting (1 is perfect)."
+    ),
+    "add_class": "Add a class at the end of the list and paint with it.",
     "counts": "Updated as you paint. Training uses every annotated slice.",
     "ring": (
         "Marks the predicted background in a 2-pixel ring around each copied cell as "
@@ -121,6 +133,23 @@ TIPS: dict[str, str] = {
         "new id. Cells you already painted and painted pixels are never overwritten. "
         "Undo with Ctrl+Z on the annotation layer."
     ),
+    "suggest": (
+        "Look at the slice on screen with the current model (with flips and rotations, "
+        "a few seconds) and show where it is unsure: the '<image> uncertainty' layer "
+        "(bright: unsure), numbered boxes worth painting next ('<image> suggestions'), "
+        "and the predicted cells it is least sure of. Nothing is painted for you."
+    ),
+    "suggest_cancel": "Stop looking for where to paint.",
+    "region_prev": "Go back to the previous suggested box.",
+    "region_next": "Go to the next suggested box (the view moves there).",
+    "cell_prev": "Go back to the previous cell.",
+    "cell_next": "Show the next cell the model is unsure of (the view moves there).",
+    "accept_cell": (
+        "The predicted cell looks right: add it to your annotation as a new cell (in "
+        "Classes mode, as its class). Painted pixels are never overwritten; undo with "
+        "Ctrl+Z on the annotation layer."
+    ),
+    "skip_cell": "Leave this cell as it is (fix it by hand if it is wrong) and show the next one.",
     # Train
     "start": (
         "What a new model starts from. The cellfit starting model has already seen many kinds "
@@ -349,6 +378,10 @@ WHY_OFF: dict[str, str] = {
     ),
     "no_table": "Press Measure cells first: there is no table to save yet.",
     "not_measuring": "Nothing is being measured now: Cancel stops a running measurement.",
+    "no_suggestions": "Press Suggest where to paint first.",
+    "no_doubtful_cells": "Press Suggest where to paint first: it lists the cells to check.",
+    "no_cell_shown": "Press Next cell first to show a cell.",
+    "not_suggesting": "Nothing is being looked at now: Cancel stops Suggest where to paint.",
     "fine_tune_keeps": (
         "Train goes on with the current model, which keeps its own: tick Train a new "
         "model to choose."
@@ -361,6 +394,10 @@ _BUSY = {
     "preview": "The preview of the trained model is being drawn: wait a moment.",
     "estimate": "The cell diameter is being estimated: wait a few seconds.",
     "measure": "Cells are being measured: wait for it to end, or press Cancel (Measure tab).",
+    "suggest": (
+        "The model is looking for where to paint next: wait a few seconds, or press "
+        "Cancel (Annotate tab)."
+    ),
 }
 _BUSY_SEGMENTING = "Segmenting is running: wait for it to end, or press Cancel (Segment tab)."
 

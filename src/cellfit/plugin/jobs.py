@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage as ndi
 
 from cellfit.batch import predict_files
 from cellfit.errors import CellfitError, fault, worded
@@ -50,6 +51,7 @@ from cellfit.predict import (
 )
 from cellfit.starting import apply_diameter, estimate_diameter, needs_diameter
 from cellfit.train import TrainConfig, Trainer, TrainEvent
+from cellfit.uncertainty import DoubtfulCell, Region, iter_uncertain, rank_cells, suggest_regions
 
 __all__ = [
     "BatchJob",
@@ -60,12 +62,15 @@ __all__ = [
     "MeasureResult",
     "PredictJob",
     "PredictResult",
+    "SuggestJob",
+    "SuggestResult",
     "TrainJob",
     "TrainResult",
     "TrainUpdate",
     "cell_probability",
     "fast_tile",
     "gui_friendly_threads",
+    "objects_of",
     "torch_threads",
     "user_message",
 ]
@@ -163,6 +168,8 @@ class TrainUpdate:
         The plane number of the live preview computed at this step (None: none was).
     probability, labels : ndarray, shape (Y, X), or None
         The preview: cell probability (0–1) and labels of ``preview_plane``.
+    class_probability : ndarray, shape (K, Y, X), or None
+        Semantic mode: the preview's probability of each class.
     """
 
     event: TrainEvent
@@ -170,6 +177,7 @@ class TrainUpdate:
     preview_plane: int | None = None
     probability: np.ndarray | None = None
     labels: np.ndarray | None = None
+    class_probability: np.ndarray | None = None
 
 
 @dataclass
@@ -288,6 +296,8 @@ class TrainJob:
         update.probability = cell_probability(probs)
         post = postprocess_settings(trainer.info.postprocess, self.postprocess)
         update.labels = labels_from_probs(probs, trainer.info.mode, **post)
+        if trainer.info.mode == "semantic":
+            update.class_probability = probs.astype(np.float32, copy=False)
         return True
 
     def run(self) -> Generator[TrainUpdate, None, TrainResult]:
@@ -417,6 +427,8 @@ class PredictResult:
     planes: list[int] = field(default_factory=list)
     probability: np.ndarray | None = None  # (n, Y, X) float32, cell probability
     labels: np.ndarray | None = None  # (n, Y, X) int32
+    #: semantic mode, when asked for: (n, K, Y, X) float32, each class's probability
+    class_probability: np.ndarray | None = None
     cancelled: bool = False
     error: str | None = None
     seconds: float = 0.0
@@ -442,6 +454,8 @@ class PredictJob:
     tta : bool
         Test-time augmentation: average over flipped and rotated copies of each tile
         (4 to 8 times slower; see :class:`cellfit.predict.TileRunner`).
+    class_probability : bool
+        Semantic mode: keep each class's probability (``result.class_probability``).
     """
 
     def __init__(
@@ -456,11 +470,13 @@ class PredictJob:
         threads: int | None = None,
         diameter: float | None = None,
         tta: bool = False,
+        class_probability: bool = False,
     ) -> None:
         self.model = model
         self.info = info
         self.diameter = diameter
         self.tta = tta
+        self.class_probability = class_probability and info.mode == "semantic"
         self.planes = planes
         self.which = list(range(planes.shape[0])) if which is None else [int(i) for i in which]
         self.postprocess = dict(postprocess or {})
@@ -512,6 +528,9 @@ class PredictJob:
         n, _, h, w = sel.shape
         prob = np.zeros((n, h, w), np.float32)
         labels = np.zeros((n, h, w), np.int32)
+        classes = (
+            np.zeros((n, info.n_classes, h, w), np.float32) if self.class_probability else None
+        )
         yield Progress(text=f"Segmenting {_planes_text(n)}…")
         tile = fast_tile(sel.shape[-2:], info.scale)
         post = postprocess_settings(info.postprocess, self.postprocess)
@@ -525,13 +544,176 @@ class PredictJob:
             if ev.probabilities is not None:
                 prob[ev.plane] = cell_probability(ev.probabilities)
                 labels[ev.plane] = labels_from_probs(ev.probabilities, info.mode, **post)
+                if classes is not None:
+                    classes[ev.plane] = ev.probabilities
             text = f"Segmenting slice {ev.plane + 1} of {n}…" if n > 1 else "Segmenting…"
             yield Progress(fraction=ev.fraction, text=text)
         result.probability, result.labels = prob, labels
+        result.class_probability = classes
 
 
 def _planes_text(n: int) -> str:
     return "1 slice" if n == 1 else f"{n} slices"
+
+
+# ------------------------------------------------------- where to paint next
+@dataclass
+class SuggestResult:
+    """Where to paint next on one plane (``error``: one sentence).
+
+    Attributes
+    ----------
+    plane : int
+        The plane number the suggestions are for.
+    uncertainty : ndarray, shape (Y, X), float32 in [0, 1]
+        :func:`cellfit.uncertainty.uncertainty_from_probs` of the plane.
+    probability, labels : ndarray, shape (Y, X), or None
+        The plane's cell probability and labels, made here when no labels were given
+        (the dock then shows them as its prediction); None when labels were given.
+    objects : ndarray of int32, shape (Y, X)
+        One id per predicted object: the instance labels, or in semantic mode the
+        connected regions of each class.
+    values : dict of int to int
+        Semantic mode: the painted value of each object's class (class k: k + 1);
+        empty in instance mode (an accepted cell gets a new id).
+    regions : list of Region
+        The ranked boxes to paint (:func:`cellfit.uncertainty.suggest_regions`).
+    cells : list of DoubtfulCell
+        The objects the model is least sure of (:func:`cellfit.uncertainty.rank_cells`);
+        ``label`` is the id in ``objects``.
+    diameter : float or None
+        The cell diameter estimated for a model that needs one and got none.
+    """
+
+    plane: int = 0
+    uncertainty: np.ndarray | None = None
+    probability: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    objects: np.ndarray | None = None
+    values: dict[int, int] = field(default_factory=dict)
+    regions: list[Region] = field(default_factory=list)
+    cells: list[DoubtfulCell] = field(default_factory=list)
+    diameter: float | None = None
+    cancelled: bool = False
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def objects_of(labels: np.ndarray, mode: str) -> tuple[np.ndarray, dict[int, int]]:
+    """The objects of a predicted plane ``(Y, X)`` and the value painting each takes:
+    instance labels as they are (no values: each gets a new id); a semantic class map
+    (0 background, k class k) split into connected regions, each painted ``k + 1``."""
+    lab = np.asarray(labels)
+    if mode == "instances":
+        return lab.astype(np.int32, copy=False), {}
+    objects = np.zeros(lab.shape, np.int32)
+    values: dict[int, int] = {}
+    for k in np.unique(lab):
+        if k <= 0:
+            continue
+        parts, n = ndi.label(lab == k)
+        top = int(objects.max())
+        objects[parts > 0] = parts[parts > 0] + top
+        values.update({top + i: int(k) + 1 for i in range(1, n + 1)})
+    return objects, values
+
+
+class SuggestJob(PredictJob):
+    """Where to paint next on one plane: the test-time-augmented prediction of plane
+    ``plane`` (:func:`cellfit.uncertainty.iter_uncertain`), its uncertainty map, the
+    ranked boxes to paint and the objects the model is least sure of.
+
+    Parameters
+    ----------
+    planes : ndarray, shape (P, C, Y, X)
+        All planes of the image (normalised with the whole stack's statistics).
+    plane : int
+        The plane to look at.
+    annotation : ndarray, shape (Y, X)
+        The plane's painting (0 not painted): boxes and cells mostly painted are left out.
+    labels : ndarray, shape (Y, X), optional
+        The plane's predicted labels (the dock's '<image> labels'); None or empty: made
+        from this prediction with the model's post-processing.
+    n_regions, n_cells : int
+        At most this many boxes and objects.
+    Other arguments as :class:`PredictJob` (``tta`` is always on).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        info: ModelInfo,
+        planes: np.ndarray,
+        plane: int,
+        annotation: np.ndarray,
+        *,
+        labels: np.ndarray | None = None,
+        n_regions: int = 5,
+        n_cells: int = 20,
+        postprocess: dict | None = None,
+        batch_size: int = 4,
+        threads: int | None = None,
+        diameter: float | None = None,
+    ) -> None:
+        super().__init__(model, info, planes, [plane], postprocess=postprocess,
+                         batch_size=batch_size, threads=threads, diameter=diameter, tta=True)
+        self.plane = int(plane)
+        self.annotation = np.asarray(annotation)
+        self.labels = None if labels is None or not np.any(labels) else np.asarray(labels)
+        self.n_regions = n_regions
+        self.n_cells = n_cells
+
+    def run(self) -> Generator[Progress, None, SuggestResult]:
+        """Predict the plane and rank where to paint, yielding progress."""
+        with torch_threads(self.threads):
+            return (yield from self._run_suggest())
+
+    def _run_suggest(self) -> Generator[Progress, None, SuggestResult]:
+        t0 = time.perf_counter()
+        result = SuggestResult(plane=self.plane)
+        try:
+            check_finite(self.planes[self.plane], "the image")
+            info = self.info
+            if needs_diameter(info):
+                info = yield from self._with_diameter(info, result)
+            yield from self._suggest(info, result)
+        except Exception as exc:
+            _log(exc, "suggestions")
+            result.error = user_message(exc, "finding where to paint")
+        finally:
+            result.seconds = time.perf_counter() - t0
+        return result
+
+    def _suggest(self, info: ModelInfo, result: SuggestResult) -> Iterator[Progress]:
+        planes, stats = prepare_planes(ImageStack(self.planes), info)
+        sel = planes[self.which]
+        text = "Looking where the model is unsure…"
+        yield Progress(text=text)
+        tile = fast_tile(sel.shape[-2:], info.scale)
+        probs = None
+        for ev in iter_uncertain(self.model, info, sel, stats, tile=tile,
+                                 batch_size=_tile_batch(tile, self.batch_size)):
+            if self._cancel.is_set():
+                result.cancelled = True
+                return
+            if ev.probabilities is not None:
+                probs, result.uncertainty = ev.probabilities, ev.uncertainty
+            yield Progress(fraction=0.9 * ev.fraction, text=text)
+        assert probs is not None and result.uncertainty is not None
+        yield Progress(fraction=0.9, text="Choosing where to paint…")
+        labels = self.labels
+        if labels is None:
+            post = postprocess_settings(info.postprocess, self.postprocess)
+            labels = labels_from_probs(probs, info.mode, **post)
+            result.labels, result.probability = labels, cell_probability(probs)
+        result.objects, result.values = objects_of(labels, info.mode)
+        diameter = info.diameter or self.diameter
+        result.regions = suggest_regions(result.uncertainty, self.annotation,
+                                         np.asarray(self.planes[self.plane]),
+                                         n=self.n_regions, diameter=diameter)
+        result.cells = rank_cells(result.objects, result.uncertainty,
+                                  annotation=self.annotation, n=self.n_cells)
+        yield Progress(fraction=1.0, text="Done.")
 
 
 # ---------------------------------------------------------------------- batch

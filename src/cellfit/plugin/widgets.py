@@ -34,6 +34,7 @@ from cellfit.plugin._state import CellfitState
 from cellfit.plugin._tooltips import TIPS
 from cellfit.plugin.panels import (
     AnnotatePanel,
+    ClassesPanel,
     MeasurePanel,
     ModelPanel,
     SegmentPanel,
@@ -84,6 +85,10 @@ class CellfitWidget(QWidget):
         self.annotate_panel = AnnotatePanel(
             self.state, self.runner, training_mode=self.train_panel.training_mode
         )
+        # semantic mode's class list: the legend above the tabs (hidden for cells)
+        self.classes_panel = ClassesPanel(
+            self.state, self.runner, training_mode=self.train_panel.training_mode
+        )
         self.segment_panel = SegmentPanel(self.state, self.runner)
         self.model_panel = ModelPanel(self.state, self.runner, device=self.train_panel.device_choice)
         self.measure_panel = MeasurePanel(self.state, self.runner)
@@ -93,9 +98,13 @@ class CellfitWidget(QWidget):
         ]
         self.segment_panel.starting_button.clicked.connect(self.model_panel.use_starting_model)
         self.model_panel.model_loaded.connect(self.train_panel.adopt_loaded_model)
-        for panel in self.panels:
+        for panel in [*self.panels, self.classes_panel]:
             panel.model_changed.connect(self._on_model_changed)
             panel.said.connect(self.say)
+        self.train_panel.validated.connect(self.classes_panel.show_validation)
+        self.train_panel.mode_combo.currentIndexChanged.connect(self._on_mode_changed)
+        self.train_panel.fresh_check.toggled.connect(self._on_mode_changed)
+        self.annotate_panel._count_timer.timeout.connect(self.classes_panel.refresh)
         self.runner.said.connect(self.say)
         self.runner.started.connect(self.clear_status)  # a new job: the last word is old
 
@@ -137,6 +146,7 @@ class CellfitWidget(QWidget):
         self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         lay.addWidget(self.status_label)
         self.clear_status()
+        lay.addWidget(self.classes_panel)
 
         self.tabs = QTabWidget()
         self.tabs.addTab(self.annotate_panel, "1 Annotate")
@@ -199,7 +209,8 @@ class CellfitWidget(QWidget):
         names = [
             layer.name
             for layer in self.viewer.layers
-            if isinstance(layer, Image) and layer.metadata.get("cellfit") != "probability"
+            if isinstance(layer, Image)
+            and layer.metadata.get("cellfit") not in ("probability", "uncertainty")
         ]
         self.image_combo.blockSignals(True)
         self.image_combo.clear()
@@ -227,13 +238,19 @@ class CellfitWidget(QWidget):
         self.measure_panel.on_slice_changed()
 
     def _update_panels(self) -> None:
-        for panel in self.panels:
+        for panel in [*self.panels, self.classes_panel]:
             panel.update_controls()
 
     def _on_model_changed(self) -> None:
         self.model_label.setText(model_line(self.state))
-        for panel in self.panels:
+        for panel in [*self.panels, self.classes_panel]:
             panel.on_model_changed()
+
+    def _on_mode_changed(self, *_args) -> None:
+        """Cells or classes: the class list shows or hides, the counts and brushes follow."""
+        self.classes_panel.refresh()
+        self.annotate_panel.update_counts()
+        self.annotate_panel.update_controls()
 
     # ----------------------------------------------------------------- jobs
     def shutdown(self) -> None:

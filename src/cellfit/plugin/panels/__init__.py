@@ -7,6 +7,8 @@ ends a job (:class:`~cellfit.plugin.panels._base.Panel`).
 ``segment``   3 Segment: the selected image, a folder of TIFFs, the cell diameter
 ``measure``   4 Measure: per-cell measurements of a labels layer (table, features, CSV)
 ``model``     Model: save, load, the starting model, the model's record
+``classes``   not a tab: the class list of semantic mode (names, colours, IoU), shown
+              above the tabs as the legend
 """
 
 # isort: off
@@ -14,9 +16,17 @@ from cellfit.plugin import _safety  # noqa: F401  (first: imports the torch stac
 
 # isort: on
 from cellfit.plugin.panels.annotate import AnnotatePanel
+from cellfit.plugin.panels.classes import ClassesPanel
 from cellfit.plugin.panels.measure import MeasurePanel
 from cellfit.plugin.panels.model import ModelPanel
 from cellfit.plugin.panels.segment import SegmentPanel
 from cellfit.plugin.panels.train import TrainPanel
 
-__all__ = ["AnnotatePanel", "MeasurePanel", "ModelPanel", "SegmentPanel", "TrainPanel"]
+__all__ = [
+    "AnnotatePanel",
+    "ClassesPanel",
+    "MeasurePanel",
+    "ModelPanel",
+    "SegmentPanel",
+    "TrainPanel",
+]

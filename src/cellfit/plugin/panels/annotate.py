@@ -1,5 +1,6 @@
 """1 Annotate: the annotation layer of the chosen image, its brushes, what is painted,
-and copying a prediction into the annotation to correct it."""
+copying a prediction into the annotation to correct it, and where to paint next
+(:mod:`cellfit.plugin.panels.suggest`)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ from cellfit.plugin.panels._base import (
     shrinkable,
     small_label,
 )
+from cellfit.plugin.panels.suggest import SuggestPanel
 
 __all__ = ["AnnotatePanel"]
 
@@ -115,6 +117,13 @@ class AnnotatePanel(Panel):
             )
         )
         lay.addWidget(self._build_correct())
+        # where to paint next: the model's doubt, boxes to paint, cells to accept
+        self.suggest_panel = SuggestPanel(
+            state, runner, require_annotation=self._require_annotation,
+            painted=self.update_counts,
+        )
+        self.suggest_panel.said.connect(self.said)
+        lay.addWidget(self.suggest_panel)
         lay.addStretch(1)
 
     def _build_correct(self) -> QGroupBox:
@@ -346,7 +355,10 @@ class AnnotatePanel(Panel):
         self.create_button.setText(
             f"Create annotation layer for '{name}'" if name else "Create annotation layer"
         )
-        for b, key in ((self.bg_button, "background"), (self.cell_button, "new_cell"),
+        semantic = self.training_mode() == "semantic"
+        self.cell_button.setText("New class" if semantic else "New cell")
+        cell_tip = "new_class" if semantic else "new_cell"
+        for b, key in ((self.bg_button, "background"), (self.cell_button, cell_tip),
                        (self.erase_button, "eraser")):
             enable(b, no_image, TIPS[key])
         has_prediction = find_layer(self.state.viewer, f"{name} labels", Labels) is not None
@@ -359,3 +371,4 @@ class AnnotatePanel(Panel):
         no_layer = self.annotation_layer() is None
         if no_layer and has_image and self.count_label.text() == "No annotation yet.":
             self.count_label.setText(NO_LAYER)
+        self.suggest_panel.update_controls()

@@ -280,7 +280,9 @@ class SegmentPanel(Panel):
         if result.diameter is not None:  # estimated: shown, and used from now on
             self.diameter_spin.setValue(result.diameter)
         show_prediction(self.state.viewer, image, result.planes, result.probability,
-                        result.labels, self.state.annotation_layer())
+                        result.labels, self.state.annotation_layer(),
+                        colors=self.state.model_class_colors(),
+                        class_prob=result.class_probability)
         n_cells = sum(len(np.unique(lab)) - (1 if (lab == 0).any() else 0) for lab in result.labels)
         info = self.state.info
         what = "cells" if info is None or info.mode == "instances" else "labelled regions"

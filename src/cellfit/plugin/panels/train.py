@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_info
+from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QFormLayout,
@@ -64,7 +65,8 @@ from cellfit.plugin._tooltips import (
 from cellfit.plugin.jobs import PredictResult, TrainJob, TrainResult, TrainUpdate
 from cellfit.plugin.panels._base import Panel, combo, enable, first, row_label, shrinkable
 from cellfit.starting import TrainPlan
-from cellfit.train import TrainConfig, scores_text, validation_text
+from cellfit.targets import n_classes_for
+from cellfit.train import TrainConfig, class_iou_text, scores_text, validation_text
 
 __all__ = ["TrainPanel"]
 
@@ -99,6 +101,10 @@ class TrainPanel(Panel):
     the first live preview on screen) and ``stop_seconds`` (Stop to training ended).
     """
 
+    #: a validation's figures (``TrainEvent.validation`` or the record's), for the
+    #: class list's IoU column
+    validated = Signal(object)
+
     def __init__(self, state: CellfitState, runner: JobRunner) -> None:
         super().__init__(state, runner)
         self.job: TrainJob | None = None
@@ -113,6 +119,7 @@ class TrainPanel(Panel):
         self._run: StoppedRun | None = None  # the running training, should it be stopped
         self._preview_after = False  # preview the kept model once the job ended
         self._made_layers: list = []  # the preview layers this training added
+        self._last_validation: dict | None = None  # the run's latest validation
         self._last_ui = 0.0
         runner.finished.connect(self._on_finished)
 
@@ -246,6 +253,20 @@ class TrainPanel(Panel):
             init=init,
         )
 
+    def with_classes(self, config: TrainConfig, annotations: list[np.ndarray]) -> TrainConfig:
+        """``config`` with the class names and colours of the dock's class list
+        (semantic mode): one per class of the model trained on (the model in memory
+        when it goes on with it, else the values painted in ``annotations``)."""
+        if config.mode != "semantic":
+            return config
+        info = self.state.info
+        if config.init is None and info is not None and info.mode == "semantic":
+            n = info.n_classes  # the model in memory, trained further
+        else:
+            n = n_classes_for("semantic", [np.asarray(a) for a in annotations])
+        names, colors = self.state.classes_for(n)
+        return replace(config, class_names=names, class_colors=colors)
+
     def training_data(self, image: Image, annotation: Labels) -> tuple[list, list, list[str]]:
         """Annotated planes of ``image``, and of every other image layer that has a
         '<name> annotation' layer of its size: images ``(P, C, Y, X)``, annotations
@@ -294,7 +315,9 @@ class TrainPanel(Panel):
         # a stopped run leaves a checkpoint for Continue (none is written on time: the
         # dock cannot go on after a crash anyway)
         config = replace(
-            self.train_config(plan), checkpoint=self.state.checkpoint_path(), checkpoint_every=None
+            self.with_classes(self.train_config(plan), anns),
+            checkpoint=self.state.checkpoint_path(),
+            checkpoint_every=None,
         )
         # the shipped starting model is loaded afresh by the engine; another model in
         # memory is trained in place
@@ -340,6 +363,7 @@ class TrainPanel(Panel):
         if not config.resume:  # a new run replaces a stopped one; its plot starts afresh
             self.state.forget_stopped_run()
             self.plot.clear()
+            self._last_validation = None
         in_place = run.in_place and not config.resume
         self._in_place = run.in_place
         self._run = run
@@ -399,6 +423,8 @@ class TrainPanel(Panel):
         v = ev.validation
         if v:
             self.plot.add_validation(ev.step, v.get("f1"), v.get("ap50"))
+            self._last_validation = v
+            self.validated.emit(v)
         # a fast GPU yields many steps a second: redraw text and plot ~5 times a second
         now = time.perf_counter()
         if not (v or up.probability is not None or ev.done or now - self._last_ui > 0.2):
@@ -411,9 +437,12 @@ class TrainPanel(Panel):
                 self.first_preview_seconds = time.perf_counter() - self.runner.started_at
             image = find_layer(self.state.viewer, self._image_name or "", Image)
             if image is not None and layer_stack_shape(image) == self._stack:
+                classes = up.class_probability
+                colors = None if classes is None else self.state.classes_for(len(classes))[1]
                 show_prediction(self.state.viewer, image, [up.preview_plane],
                                 up.probability[None], up.labels[None],
-                                self.state.annotation_layer())
+                                self.state.annotation_layer(), colors=colors,
+                                class_prob=None if classes is None else classes[None])
         self.runner.set_progress(ev.fraction)
 
     def _status_text(self, up: TrainUpdate) -> str:
@@ -429,6 +458,9 @@ class TrainPanel(Panel):
         best = self._best_scores()
         if best:
             text += f". Validation: {best}"
+        by_class = class_iou_text(self._last_validation, most=3)
+        if by_class:
+            text += f". {by_class}"
         if self.job is not None and self.job.stopping:
             text = "Stopping after this step… " + text
         return text + "."
@@ -471,6 +503,8 @@ class TrainPanel(Panel):
         head = "Training stopped" if result.stopped else "Training finished"
         text = f"{head}: {rec.get('steps', 0)} steps in {rec.get('seconds', 0):.0f} s"
         checked = validation_text(rec)  # the command line's words too
+        if rec.get("validation"):
+            self.validated.emit(rec["validation"])
         if checked:
             text += f". {checked}"
         if rec.get("guard"):  # the model it started from was kept
@@ -522,7 +556,9 @@ class TrainPanel(Panel):
                 or image is None or layer_stack_shape(image) != self._preview_stack):
             return
         show_prediction(self.state.viewer, image, result.planes, result.probability,
-                        result.labels, self.state.annotation_layer())
+                        result.labels, self.state.annotation_layer(),
+                        colors=self.state.model_class_colors(),
+                        class_prob=result.class_probability)
 
     # ---------------------------------------------------------------- controls
     def update_controls(self, *_args) -> None:
