@@ -73,7 +73,9 @@ BRIGHT = 0.5  # the mean brightness most classes share
 FG_SHARE = 0.01  # share of object pixels in a set
 CONFIGS = {  # name -> TrainConfig settings (rf: the random forest)
     "ce": {"loss": "ce", "class_weights": "none"},
-    "defaults": {},
+    # as `cellfit train --mode semantic` does: the starting model's features, new classes
+    "defaults": {"init": "starting"},
+    "scratch": {},
     "focal": {"loss": "focal", "class_weights": "balanced"},
     "dice": {"loss": "dice", "class_weights": "balanced"},
     "rf": None,
@@ -335,6 +337,7 @@ def run_cellfit(name: str, train: list[Scene], test: list[Scene], args, log,
                 names: list[str] = CLASS_NAMES) -> tuple[list[np.ndarray], dict]:
     import torch
 
+    from cellfit.postprocess import classes_from_probs
     from cellfit.predict import predict_stack
     from cellfit.train import TrainConfig, Trainer
 
@@ -352,11 +355,13 @@ def run_cellfit(name: str, train: list[Scene], test: list[Scene], args, log,
             log(f"{name}: step {ev.step}/{args.steps} loss {ev.loss:.4f}")
     train_s = time.perf_counter() - t0
     model, info = trainer.model, trainer.info
-    preds = []
+    preds, voted = [], []
     with torch.no_grad():
         for s in test:
             p = predict_stack(model, info, s.image, device=args.device)[0]
-            preds.append(np.argmax(p, axis=0).astype(np.uint8))
+            preds.append(classes_from_probs(p))
+            voted.append(classes_from_probs(p, whole_objects=True))
+    run_cellfit.voted = voted  # the same probabilities, one class per object
     return preds, {"seconds": round(time.perf_counter() - t0, 1), "train_seconds": round(train_s, 1),
                    "n_classes": int(info.n_classes), "loss_start": losses[0] if losses else None,
                    "loss_end": float(np.mean(losses[-10:])) if losses else None}
@@ -395,6 +400,10 @@ def score(preds: list[np.ndarray], test: list[Scene], names: list[str] = CLASS_N
 
 # ---------------------------------------------------------------------------- report
 ROW_WORDS = {"ce": "cross-entropy, no weights", "defaults": "cellfit defaults (focal + dice, balanced)",
+             "ce+objects": "cross-entropy, one class per object",
+             "scratch": "cellfit defaults from random weights",
+             "scratch+objects": "cellfit defaults from random weights, one class per object",
+             "defaults+objects": "cellfit defaults, one class per object",
              "focal": "focal alone, balanced", "dice": "dice alone", "rf": "random forest (ilastik features)"}
 
 
@@ -419,13 +428,31 @@ def table(res: dict) -> str:
 def per_class_table(res: dict) -> str:
     names = list(res["runs"])
     lines = ["| class | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for c in CLASS_NAMES:
+    for c in next(iter(res["runs"].values()))["scores"]["iou"] if res["runs"] else []:
         cells = []
         for n in names:
             v = res["runs"][n]["scores"]["iou"].get(c)
             cells.append("–" if v is None else f"{v:.2f}")
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _single_section(res: dict) -> list[str]:
+    runs = (res.get("single") or {}).get("runs") or {}
+    if not runs:
+        return []
+    lines = ["The same scenes with every object in one class (semantic mode with 1 class: "
+             "object against background), the same steps:", "",
+             "| method | object IoU | background IoU | objects called background "
+             "| background called object | pixel accuracy | time |", "|---|---|---|---|---|---|---|"]
+    words = {"ce": "cross-entropy (binary: 2 classes), no weights"}
+    for name, r in runs.items():
+        s = r["scores"]
+        lines.append(f"| {words.get(name, ROW_WORDS.get(name, name))} | {s['mean_rare_iou']:.3f} "
+                     f"| {s['background_iou']:.3f} | {_pct(s, 'rare_to_background')} "
+                     f"| {_pct(s, 'background_to_rare')} | {s['pixel_accuracy']:.4f} "
+                     f"| {r['info']['seconds']:.0f} s |")
+    return lines + [""]
 
 
 def section(res: dict) -> str:
@@ -445,6 +472,7 @@ def section(res: dict) -> str:
         "",
         table(res),
         "",
+        *_single_section(res),
         "<details><summary>IoU per class</summary>",
         "",
         per_class_table(res),
@@ -509,6 +537,9 @@ def main(argv=None) -> int:
                 else:
                     preds, info = run_cellfit(name, tr, te, args, log, names)
                 runs[name] = {"info": info, "scores": score(preds, te, names)}
+                if name != "rf" and len(names) > 2:
+                    runs[f"{name}+objects"] = {"info": info,
+                                               "scores": score(run_cellfit.voted, te, names)}
                 s = runs[name]["scores"]
                 log(f"{tag}{name}: mean rare IoU {s['mean_rare_iou']:.3f}, >0.5: {s['rare_above_half']}, "
                     f"at 0: {s['rare_at_zero']}, pixel accuracy {s['pixel_accuracy']:.4f} ({info['seconds']:.0f} s)")

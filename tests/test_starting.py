@@ -178,9 +178,32 @@ def test_the_starting_model_falls_back_to_scratch_where_it_cannot_serve():
     assert t.init is None and t.info.in_channels == 2
     ev = next(iter(t.run()))
     assert "2 channels" in ev.notice and "from scratch" in ev.notice
-    sem = np.where(labels > 0, 2, np.where(ann == 1, 1, 0)).astype(np.uint8)
-    t = Trainer([img], [sem], TrainConfig(init="starting", mode="semantic", steps=1, **TINY))
-    assert t.init is None and "semantic" in next(iter(t.run())).notice
+
+
+def test_semantic_training_starts_from_the_starting_models_features():
+    from cellfit.model import load_model
+    from cellfit.starting import starting_model_path
+
+    img, labels = _image()
+    ann = sparse_annotation(labels, fraction=0.5, seed=0)
+    # two classes: left and right cells
+    sem = np.where(labels > 0, 2 + (np.arange(labels.shape[1]) > labels.shape[1] // 2),
+                   np.where(ann == 1, 1, 0)).astype(np.uint8)
+    t = Trainer([img], [sem], TrainConfig(init="starting", mode="semantic", steps=1,
+                                          decoder_channels=(16, 16, 16, 16, 16), **TINY))
+    start, start_info = load_model(starting_model_path())
+    assert t.info.n_classes == 3 and t.info.encoder == start_info.encoder
+    assert list(t.info.decoder_channels) == list(start_info.decoder_channels)
+    own, theirs = t.model.state_dict(), start.state_dict()
+    body = [k for k in theirs if not k.startswith("segmentation_head.")]
+    assert body and all(torch.equal(own[k].cpu(), theirs[k]) for k in body)
+    assert own["segmentation_head.0.weight"].shape[0] == 3  # a new last layer, one per class
+    assert not any(ev.notice and "scratch" in ev.notice for ev in t.run())
+    assert t.info.training[-1]["init"] == "cellfit starting model's features, new classes"
+    # from random weights where asked
+    t = Trainer([img], [sem], TrainConfig(init="scratch", mode="semantic", steps=1, **TINY))
+    assert not torch.equal(t.model.state_dict()["encoder.features.1.conv.0.0.weight"].cpu(),
+                           theirs["encoder.features.1.conv.0.0.weight"])
 
 
 def test_distillation_acts_only_on_unannotated_pixels():

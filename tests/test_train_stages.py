@@ -179,7 +179,10 @@ def test_choose_start(tmp_path):
         "the starting model takes grayscale or RGB images; these have 2 channels: "
         "training from scratch instead"
     )
-    assert "semantic" in choose_start("starting", "semantic", 1).notice
+    semantic = choose_start("starting", "semantic", 1)  # its features, new classes
+    assert semantic.plan is TrainPlan.SCRATCH and semantic.features is not None
+    assert semantic.notice is None and semantic.init is None
+    assert choose_start("starting", "semantic", 2).features is None  # cannot take 2 channels
     info = ModelInfo(decoder_channels=[16, 16, 16, 16, 16])
     path = save_model(tmp_path / "m.cellfit", build_model(info), info)
     assert choose_start(path, "instances", 1).plan is TrainPlan.FINE_TUNE

@@ -227,10 +227,25 @@ def _relabel(labels: np.ndarray) -> np.ndarray:
     return lut[labels]
 
 
-def classes_from_probs(probs: np.ndarray) -> np.ndarray:
-    """Class map from a ``(K, Y, X)`` map: 0 background, k = class k (uint8 or uint16)."""
+def classes_from_probs(probs: np.ndarray, whole_objects: bool = False) -> np.ndarray:
+    """Class map from a ``(K, Y, X)`` map: 0 background, k = class k (uint8 or uint16).
+
+    With ``whole_objects`` every connected object (pixels whose likeliest class is not
+    background) takes one class, the likeliest over the whole object (the largest
+    sum of its pixels' probabilities), for images whose classes are kinds of separate
+    objects: a pixel alone may look like another class, the object as a whole rarely.
+    """
+    dtype = np.uint8 if probs.shape[0] <= 255 else np.uint16
     out = np.argmax(probs, axis=0)
-    return out.astype(np.uint8 if probs.shape[0] <= 255 else np.uint16)
+    if not whole_objects or probs.shape[0] < 3:
+        return out.astype(dtype)
+    objects, n = ndi.label(out > 0)
+    if n == 0:
+        return out.astype(dtype)
+    ids = np.arange(1, n + 1)
+    sums = np.stack([ndi.sum_labels(probs[k], objects, ids) for k in range(1, probs.shape[0])])
+    best = np.concatenate([[0], np.argmax(sums, axis=0) + 1])
+    return best[objects].astype(dtype)
 
 
 def labels_from_probs(probs: np.ndarray, mode: str, **kwargs) -> np.ndarray:
@@ -241,7 +256,7 @@ def labels_from_probs(probs: np.ndarray, mode: str, **kwargs) -> np.ndarray:
     """
     if mode == "instances":
         return instances_from_probs(probs, **kwargs)
-    return classes_from_probs(probs)
+    return classes_from_probs(probs, bool(kwargs.get("whole_objects", False)))
 
 
 def settings_from_cells(

@@ -55,6 +55,9 @@ __all__ = [
 
 #: the name that stands for the shipped starting model (``init="starting"``)
 STARTING = "starting"
+#: semantic training from the starting model starts a new network from its learnt
+#: features (all layers but the classes): see :class:`StartChoice`
+SEMANTIC_FEATURES = True
 #: names that mean "random weights" (``init="scratch"``)
 SCRATCH = ("scratch", "none", "")
 #: smallest object kept, as a share of a typical cell's area
@@ -95,11 +98,16 @@ class StartChoice:
     notice : str or None
         Why the run does not start where it was asked to (one sentence for the user),
         e.g. the starting model cannot take these images: training from scratch instead.
+    features : path or None
+        ``SCRATCH`` in semantic mode from the starting model: a new network whose
+        layers, all but the last (the classes), start as the starting model's, which
+        has learnt what cells, edges and textures look like (:data:`SEMANTIC_FEATURES`).
     """
 
     plan: TrainPlan
     init: str | os.PathLike | None = None
     notice: str | None = None
+    features: Path | None = None
 
 
 def plan_for_model(info: ModelInfo) -> TrainPlan:
@@ -143,7 +151,11 @@ def choose_start(
         return StartChoice(TrainPlan.SCRATCH)
     if is_starting(init):
         path = starting_model_path()
-        problem = starting_model_problem(read_model_info(path), mode, n_channels)
+        start_info = read_model_info(path)
+        problem = starting_model_problem(start_info, mode, n_channels)
+        if (problem and SEMANTIC_FEATURES and mode == "semantic"
+                and not starting_model_problem(start_info, start_info.mode, n_channels)):
+            return StartChoice(TrainPlan.SCRATCH, features=path)
         if problem:
             return StartChoice(TrainPlan.SCRATCH, None, f"{problem}: training from scratch instead")
         return StartChoice(TrainPlan.STARTING, path)

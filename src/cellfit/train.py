@@ -667,7 +667,10 @@ class Trainer:
                 scale = scale_setting(cfg, self.summary["median_cell_diameter"])
                 self.info = new_model_info(cfg, planes, anns, scale)
                 torch.manual_seed(cfg.seed)
-                self.model = build_model(self.info, cfg.encoder_weights)
+                if choice.features is not None:
+                    self.model = self._network_with_features(choice.features)
+                else:
+                    self.model = build_model(self.info, cfg.encoder_weights)
         self.fine_tuning = self.plan is not TrainPlan.SCRATCH
         self.base_lr = (
             cfg.finetune_lr if self.fine_tuning and cfg.finetune_lr is not None else cfg.lr
@@ -682,6 +685,21 @@ class Trainer:
                 net.to(self.device)
                 if self.device.type == "cuda":
                     net.to(memory_format=torch.channels_last)
+
+    def _network_with_features(self, path: Path) -> nn.Module:
+        """A new network for :attr:`info`'s classes whose layers but the last start as
+        the model at ``path`` (its encoder, decoder, channels and normalisation are
+        taken over); the last layer, one output per class, starts at random."""
+        start, start_info = load_model(path)
+        for key in ("encoder", "decoder_channels", "in_channels", "normalization"):
+            setattr(self.info, key, copy.deepcopy(getattr(start_info, key)))
+        model = build_model(self.info)
+        own = model.state_dict()
+        taken = {k: v for k, v in start.state_dict().items()
+                 if not k.startswith("segmentation_head.") and k in own and own[k].shape == v.shape}
+        model.load_state_dict(taken, strict=False)
+        self.features_from = "the starting model"
+        return model
 
     def _learn_postprocess(self) -> None:
         """In instance mode, the smallest object kept and whether merged cells are cut,
@@ -1370,6 +1388,8 @@ class Trainer:
         cfg = self.config
         if is_starting(cfg.init) and self.init is not None:
             init = "cellfit starting model"
+        elif getattr(self, "features_from", None):
+            init = "cellfit starting model's features, new classes"
         else:
             init = str(self.init) if self.init is not None else None
         record = training_record(
