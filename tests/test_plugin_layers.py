@@ -106,3 +106,24 @@ def test_prediction_layers_are_kept_or_replaced_by_shape_and_put_below_the_annot
     assert prob2 is not prob and lab2 is not lab
     assert prob2.data.shape == lab2.data.shape == (24, 16)
     assert prob not in viewer.layers and lab not in viewer.layers
+
+
+def test_prediction_to_annotation_copies_classes_as_their_painted_values():
+    from cellfit.plugin._layers import prediction_to_annotation
+
+    classes = np.zeros((12, 20), np.uint8)
+    classes[1:4, 1:4] = 3  # a region of class 3: painted value 4
+    classes[6:10, 6:9] = 1  # class 1, painted 2
+    classes[6:10, 14:18] = 2  # class 2, touching a painted pixel: left alone
+    ann = np.zeros((12, 20), np.uint8)
+    ann[8, 15] = 3
+    ann[0, 19] = 1
+    new, n = prediction_to_annotation(ann, classes, ring=1, semantic=True)
+    assert n == 2
+    assert (new[1:4, 1:4] == 4).all() and (new[6:10, 6:9] == 2).all()
+    assert (new[6:10, 14:18] == np.where(ann[6:10, 14:18] == 3, 3, 0)).all()
+    assert new[0, 19] == 1 and new[4, 2] == 1  # the ring: background next to a copied region
+    assert ann.max() == 3 and ann.sum() == 4  # the input is untouched
+    # as cells (instance mode) the same map would give new ids instead
+    cells, _ = prediction_to_annotation(ann, classes, ring=0)
+    assert cells[2, 2] != 4 or cells[7, 7] != 2

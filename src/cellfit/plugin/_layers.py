@@ -134,7 +134,7 @@ def next_free_id(layer: Labels) -> int:
 
 
 def prediction_to_annotation(
-    annotation: np.ndarray, labels: np.ndarray, ring: int = 2
+    annotation: np.ndarray, labels: np.ndarray, ring: int = 2, semantic: bool = False
 ) -> tuple[np.ndarray, int]:
     """Copy predicted cells into one annotated plane ("use prediction as annotation").
 
@@ -148,6 +148,9 @@ def prediction_to_annotation(
     ring : int
         Also mark unannotated predicted-background pixels within this many pixels of a
         copied cell as background (1), so its edge is learned as a boundary; 0: none.
+    semantic : bool
+        ``labels`` is a class map (0 background, k class k): each predicted region is
+        copied as its class (painted value k + 1), not as a new cell id.
 
     Returns
     -------
@@ -163,6 +166,8 @@ def prediction_to_annotation(
             f"the prediction ({lab.shape}) and the annotation ({ann.shape}) differ in size: "
             "predict this image again, then copy."
         )
+    if semantic:
+        return _classes_to_annotation(ann, lab, ring)
     ids = np.unique(lab)
     ids = ids[ids > 0]
     painted = np.unique(lab[ann >= 2])
@@ -186,6 +191,33 @@ def prediction_to_annotation(
     if ring > 0:
         near = ndi.binary_dilation(cells, iterations=int(ring))
         new[near & (lab == 0) & free] = 1
+    return new, int(keep.size)
+
+
+def _classes_to_annotation(ann: np.ndarray, classes: np.ndarray, ring: int) -> tuple[np.ndarray, int]:
+    """:func:`prediction_to_annotation` of a class map: the predicted regions not
+    touching a painted one are written as their classes (k + 1) on unannotated pixels."""
+    regions, n = ndi.label(classes > 0)
+    if n == 0:
+        return ann.copy(), 0
+    touched = np.unique(regions[(ann >= 2) & (regions > 0)])
+    keep = np.setdiff1d(np.arange(1, n + 1), touched)
+    if keep.size == 0:
+        return ann.copy(), 0
+    top = int(classes.max()) + 1
+    if np.issubdtype(ann.dtype, np.integer) and top > np.iinfo(ann.dtype).max:
+        raise CellfitError(
+            f"the annotation layer cannot hold class {top - 1} (painted {top}) in its "
+            f"{ann.dtype} pixels: save and reload the annotation as 32-bit labels."
+        )
+    cells = np.isin(regions, keep)
+    free = ann == 0
+    new = ann.copy()
+    write = cells & free
+    new[write] = (classes[write].astype(np.int64) + 1).astype(ann.dtype)
+    if ring > 0:
+        near = ndi.binary_dilation(cells, iterations=int(ring))
+        new[near & (classes == 0) & free] = 1
     return new, int(keep.size)
 
 
@@ -472,7 +504,9 @@ def show_boxes(
         return None
     position = [float(i) for i in stack_position(plane, layer_stack_shape(image))]
     rects = [
-        np.array([[*position, y0 - 0.5, x0 - 0.5], [*position, y1 - 0.5, x1 - 0.5]])
+        np.array([[*position, y, x] for y, x in (
+            (y0 - 0.5, x0 - 0.5), (y0 - 0.5, x1 - 0.5), (y1 - 0.5, x1 - 0.5), (y1 - 0.5, x0 - 0.5)
+        )])
         for y0, x0, y1, x1 in boxes
     ]
     side = max(max(y1 - y0, x1 - x0) for y0, x0, y1, x1 in boxes)

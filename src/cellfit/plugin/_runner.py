@@ -39,8 +39,8 @@ class JobRunner(QObject):
     job : object or None
         The running job (a job of :mod:`cellfit.plugin.jobs`), None when idle.
     kind : str or None
-        What it does: "train", "predict", "estimate", "batch" or "preview" (a quiet
-        prediction: no progress bar).
+        What it does: "train", "predict", "estimate", "batch", "measure", "suggest"
+        (where to paint next) or "preview" (a quiet prediction: no progress bar).
     napari_progress : bool or None
         Whether napari's progress bar is shown too; None: decided when the first job
         starts (off when the CPU draws the window: its animation then costs tens of

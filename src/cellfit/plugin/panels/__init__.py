@@ -7,6 +7,8 @@ ends a job (:class:`~cellfit.plugin.panels._base.Panel`).
 ``segment``   3 Segment: the selected image, a folder of TIFFs, the cell diameter
 ``measure``   4 Measure: per-cell measurements of a labels layer (table, features, CSV)
 ``model``     Model: save, load, the starting model, the model's record
+``suggest``   not a tab: the Annotate tab's "Where to paint next" box (uncertainty,
+              numbered boxes to paint, the least sure cells to accept)
 ``classes``   not a tab: the class list of semantic mode (names, colours, IoU), shown
               above the tabs as the legend
 """

@@ -323,7 +323,8 @@ class AnnotatePanel(Panel):
         old = np.asarray(layer.data[position])
         try:
             new, n = prediction_to_annotation(
-                old, np.asarray(pred.data[position]), ring=2 if self.ring_check.isChecked() else 0
+                old, np.asarray(pred.data[position]), ring=2 if self.ring_check.isChecked() else 0,
+                semantic=self.training_mode() == "semantic",
             )
         except CellfitError as exc:
             self.error(str(exc))
