@@ -52,10 +52,15 @@ def test_the_class_list_shows_only_in_semantic_mode_with_a_row_per_painted_class
     assert not dock.classes_panel.isHidden()
     assert _names(dock) == ["background", "class 1", "class 2", "class 3"]
     assert dock.annotate_panel.cell_button.text() == "New class"
+    # the help speaks of classes, not of cells each with its own id
+    assert "class" in dock.annotate_panel.how_label.text()
+    assert "own id" not in dock.annotate_panel.how_label.text()
+    assert "with their classes" in dock.annotate_panel.correct_label.text()
     combo = dock.train_panel.mode_combo
     combo.setCurrentIndex(combo.findData("instances"))
     assert dock.classes_panel.isHidden()
     assert dock.annotate_panel.cell_button.text() == "New cell"
+    assert "own id" in dock.annotate_panel.how_label.text()
 
 
 def test_names_edited_in_the_list_reach_the_training_config(dock):

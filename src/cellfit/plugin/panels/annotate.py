@@ -55,6 +55,27 @@ __all__ = ["AnnotatePanel"]
 NO_LAYER = "No annotation layer yet: press Create annotation layer."
 
 
+#: what to paint, by mode (instances: cells; semantic: classes)
+HOW = {
+    "instances": "Paint a few cells whole, each with its own id (New cell), and some background "
+    "around them. Unpainted pixels are ignored, so you never need to paint everything. In a "
+    "stack, paint any slices you like. Tip: outline a cell, then fill it with the bucket (F).",
+    "semantic": "Pick a class in the list above and paint a few of its objects or regions, "
+    "then the next class; paint some background too. Unpainted pixels are ignored, so you "
+    "never need to paint everything. Every class needs some painted pixels, the rare ones "
+    "too. Tip: outline an object, then fill it with the bucket (F).",
+}
+#: how to correct a prediction, by mode
+CORRECT = {
+    "instances": "After training or segmenting, delete the wrong cells from the '… labels' "
+    "layer (bucket fill with 0, or the eraser), then copy the rest into your annotation as "
+    "new cells. Fix what is still wrong, and press Train again.",
+    "semantic": "After training or segmenting, delete the wrong regions from the '… labels' "
+    "layer (bucket fill with 0, or the eraser), then copy the rest into your annotation "
+    "with their classes. Repaint what has the wrong class, and press Train again.",
+}
+
+
 class AnnotatePanel(Panel):
     """The Annotate tab.
 
@@ -108,14 +129,8 @@ class AnnotatePanel(Panel):
         self.count_label.setWordWrap(True)
         self.count_label.setToolTip(TIPS["counts"])
         lay.addWidget(self.count_label)
-        lay.addWidget(
-            small_label(
-                "Paint a few cells whole, each with its own id (New cell), and some background "
-                "around them. Unpainted pixels are ignored, so you never need to paint "
-                "everything. In a stack, paint any slices you like. Tip: outline a cell, then "
-                "fill it with the bucket (F)."
-            )
-        )
+        self.how_label = small_label(HOW["instances"])
+        lay.addWidget(self.how_label)
         lay.addWidget(self._build_correct())
         # where to paint next: the model's doubt, boxes to paint, cells to accept
         self.suggest_panel = SuggestPanel(
@@ -129,14 +144,8 @@ class AnnotatePanel(Panel):
     def _build_correct(self) -> QGroupBox:
         box = QGroupBox("Correct a prediction")
         blay = QVBoxLayout(box)
-        blay.addWidget(
-            small_label(
-                "After training or segmenting, delete the wrong cells from the "
-                "'… labels' layer (bucket fill with 0, or the eraser), then copy the "
-                "rest into your annotation as new cells. Fix what is still wrong, and press "
-                "Train again."
-            )
-        )
+        self.correct_label = small_label(CORRECT["instances"])
+        blay.addWidget(self.correct_label)
         self.ring_check = WrapCheckBox("Add a background ring around them")
         self.ring_check.setChecked(True)
         self.ring_check.setToolTip(TIPS["ring"])
@@ -341,8 +350,9 @@ class AnnotatePanel(Panel):
         layer.selected_label = next_free_id(layer)
         self.state.viewer.layers.selection.active = layer
         self.update_counts()
+        what = "region" if self.training_mode() == "semantic" else "cell"
         show_info(
-            f"Copied {n} predicted cell{'s' if n != 1 else ''} into '{layer.name}'. Fix what "
+            f"Copied {n} predicted {what}{'s' if n != 1 else ''} into '{layer.name}'. Fix what "
             "is wrong, then press Train to fine-tune."
         )
         return n
@@ -358,6 +368,8 @@ class AnnotatePanel(Panel):
         )
         semantic = self.training_mode() == "semantic"
         self.cell_button.setText("New class" if semantic else "New cell")
+        self.how_label.setText(HOW[self.training_mode()])
+        self.correct_label.setText(CORRECT[self.training_mode()])
         cell_tip = "new_class" if semantic else "new_cell"
         for b, key in ((self.bg_button, "background"), (self.cell_button, cell_tip),
                        (self.erase_button, "eraser")):
