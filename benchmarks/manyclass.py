@@ -76,6 +76,9 @@ CONFIGS = {  # name -> TrainConfig settings (rf: the random forest)
     # as `cellfit train --mode semantic` does: the starting model's features, new classes
     "defaults": {"init": "starting"},
     "scratch": {},
+    # the defaults with class-balanced patches and weights from what the patches hold
+    # (cellfit.train.SEMANTIC_CLASS_SAMPLING / SEMANTIC_SAMPLED_WEIGHTS, off by default)
+    "sampled": {"init": "starting"},
     "focal": {"loss": "focal", "class_weights": "balanced"},
     "dice": {"loss": "dice", "class_weights": "balanced"},
     "rf": None,
@@ -339,6 +342,7 @@ def run_cellfit(name: str, train: list[Scene], test: list[Scene], args, log,
 
     from cellfit.postprocess import classes_from_probs
     from cellfit.predict import predict_stack
+    import cellfit.train as train_module
     from cellfit.train import TrainConfig, Trainer
 
     settings = dict(mode="semantic", steps=args.steps, time_limit=None, seed=args.seed,
@@ -346,7 +350,13 @@ def run_cellfit(name: str, train: list[Scene], test: list[Scene], args, log,
                     val_fraction=0.0, scale=1.0, class_names=list(names), **CONFIGS[name])
     cfg = TrainConfig(**settings)
     t0 = time.perf_counter()
-    trainer = Trainer([s.image for s in train], [s.annotation for s in train], cfg)
+    flags = train_module.SEMANTIC_CLASS_SAMPLING, train_module.SEMANTIC_SAMPLED_WEIGHTS
+    if name == "sampled":
+        train_module.SEMANTIC_CLASS_SAMPLING = train_module.SEMANTIC_SAMPLED_WEIGHTS = True
+    try:
+        trainer = Trainer([s.image for s in train], [s.annotation for s in train], cfg)
+    finally:
+        train_module.SEMANTIC_CLASS_SAMPLING, train_module.SEMANTIC_SAMPLED_WEIGHTS = flags
     losses = []
     for ev in trainer.run():
         if getattr(ev, "loss", None) is not None:
@@ -402,6 +412,8 @@ def score(preds: list[np.ndarray], test: list[Scene], names: list[str] = CLASS_N
 ROW_WORDS = {"ce": "cross-entropy, no weights", "defaults": "cellfit defaults (focal + dice, balanced)",
              "ce+objects": "cross-entropy, one class per object",
              "scratch": "cellfit defaults from random weights",
+             "sampled": "defaults, class-balanced patches and weights",
+             "sampled+objects": "defaults, class-balanced patches and weights, one class per object",
              "scratch+objects": "cellfit defaults from random weights, one class per object",
              "defaults+objects": "cellfit defaults, one class per object",
              "focal": "focal alone, balanced", "dice": "dice alone", "rf": "random forest (ilastik features)"}
