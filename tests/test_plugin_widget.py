@@ -567,11 +567,11 @@ def test_train_starts_from_the_starting_model_unless_scratch(make_napari_viewer,
     assert "trained from scratch" in models.record_view.toPlainText()
 
 
-def test_the_dock_says_when_the_starting_model_cannot_serve(make_napari_viewer, qtbot):
+def test_classes_mode_starts_from_the_starting_models_features(make_napari_viewer, qtbot):
     _viewer, widget, ann, _lab = _painted_widget(make_napari_viewer, qtbot, seed=5)
     train = widget.train_panel
-    # classes (semantic) mode: the starting model segments cells, so training starts
-    # from scratch and the dock says why
+    # classes (semantic) mode: the starting model segments cells; its learnt layers start
+    # the new network, whose last layer learns the classes, with no warning
     classes = np.where(np.asarray(ann.data) >= 2, 2, ann.data).astype(ann.data.dtype)
     ann.data = classes
     train.mode_combo.setCurrentIndex(train.mode_combo.findData("semantic"))
@@ -581,10 +581,9 @@ def test_the_dock_says_when_the_starting_model_cannot_serve(make_napari_viewer, 
     _wait_idle(qtbot, widget)
     assert train.last_result.error is None
     warnings = [m for sev, m in _notes(n) if sev == "warning"]
-    assert any("semantic mode" in m and "training from scratch instead" in m for m in warnings), (
-        warnings
-    )
-    assert widget.state.info.mode == "semantic" and train.last_result.record["init"] is None
+    assert not any("from scratch" in m for m in warnings), warnings
+    assert widget.state.info.mode == "semantic"
+    assert train.last_result.record["init"] == "cellfit starting model's features, new classes"
 
 
 def test_segment_with_the_starting_model_as_is(make_napari_viewer, qtbot, tmp_path):
