@@ -492,18 +492,31 @@ class PredictJob:
         with torch_threads(self.threads):
             return (yield from self._run())
 
-    def _run(self) -> Generator[Progress, None, PredictResult]:
+    #: the job's name in the log, and in the words of an error ("… failed during …")
+    _log_name, _doing = "prediction", "segmentation"
+
+    def _new_result(self):
+        return PredictResult(planes=list(self.which))
+
+    def _checked_pixels(self) -> np.ndarray:
+        """The pixels the job reads, checked for NaN and infinities."""
+        return self.planes
+
+    def _work(self, info: ModelInfo, result) -> Iterator[Progress]:
+        return self._segment(info, result)
+
+    def _run(self):
         t0 = time.perf_counter()
-        result = PredictResult(planes=list(self.which))
+        result = self._new_result()
         try:
-            check_finite(self.planes, "the image")
+            check_finite(self._checked_pixels(), "the image")
             info = self.info
             if needs_diameter(info):
                 info = yield from self._with_diameter(info, result)
-            yield from self._segment(info, result)
+            yield from self._work(info, result)
         except Exception as exc:
-            _log(exc, "prediction")
-            result.error = user_message(exc, "segmentation")
+            _log(exc, self._log_name)
+            result.error = user_message(exc, self._doing)
         finally:
             result.seconds = time.perf_counter() - t0
         return result
@@ -663,26 +676,17 @@ class SuggestJob(PredictJob):
         self.n_regions = n_regions
         self.n_cells = n_cells
 
-    def run(self) -> Generator[Progress, None, SuggestResult]:
-        """Predict the plane and rank where to paint, yielding progress."""
-        with torch_threads(self.threads):
-            return (yield from self._run_suggest())
+    # run(): PredictJob's, predicting the plane and ranking where to paint
+    _log_name, _doing = "suggestions", "finding where to paint"
 
-    def _run_suggest(self) -> Generator[Progress, None, SuggestResult]:
-        t0 = time.perf_counter()
-        result = SuggestResult(plane=self.plane)
-        try:
-            check_finite(self.planes[self.plane], "the image")
-            info = self.info
-            if needs_diameter(info):
-                info = yield from self._with_diameter(info, result)
-            yield from self._suggest(info, result)
-        except Exception as exc:
-            _log(exc, "suggestions")
-            result.error = user_message(exc, "finding where to paint")
-        finally:
-            result.seconds = time.perf_counter() - t0
-        return result
+    def _new_result(self) -> SuggestResult:
+        return SuggestResult(plane=self.plane)
+
+    def _checked_pixels(self) -> np.ndarray:
+        return self.planes[self.plane]
+
+    def _work(self, info: ModelInfo, result: SuggestResult) -> Iterator[Progress]:
+        return self._suggest(info, result)
 
     def _suggest(self, info: ModelInfo, result: SuggestResult) -> Iterator[Progress]:
         planes, stats = prepare_planes(ImageStack(self.planes), info)
