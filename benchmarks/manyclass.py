@@ -72,9 +72,12 @@ TEXTURES = ("flat", "dotted", "striped", "noisy", "hollow")
 BRIGHT = 0.5  # the mean brightness most classes share
 FG_SHARE = 0.01  # share of object pixels in a set
 CONFIGS = {  # name -> TrainConfig settings (rf: the random forest)
-    "ce": {"loss": "ce", "class_weights": "none"},
-    # as `cellfit train --mode semantic` does: the starting model's features, new classes
+    "ce": {"loss": "ce", "class_weights": "none", "classify": "pixels"},
+    # as `cellfit train --mode semantic` does: the starting model's features, new classes,
+    # classes by whole objects when the painted classes are whole objects
     "defaults": {"init": "starting"},
+    # the same network, each pixel its likeliest class (the defaults before objects)
+    "pixels": {"init": "starting", "classify": "pixels"},
     "scratch": {},
     # the defaults with class-balanced patches and weights from what the patches hold
     # (cellfit.train.SEMANTIC_CLASS_SAMPLING / SEMANTIC_SAMPLED_WEIGHTS, off by default)
@@ -82,6 +85,8 @@ CONFIGS = {  # name -> TrainConfig settings (rf: the random forest)
     "focal": {"loss": "focal", "class_weights": "balanced"},
     "dice": {"loss": "dice", "class_weights": "balanced"},
     "rf": None,
+    # ilastik's object workflow: the forest's pixels, then cellfit's object classes
+    "rf-objects": None,
 }
 
 
@@ -305,8 +310,14 @@ def ilastik_features(img: np.ndarray, sigmas=(0.7, 1.0, 1.6, 3.5, 5.0, 10.0)) ->
     return np.stack(feats, -1).astype(np.float32)
 
 
-def run_forest(train: list[Scene], test: list[Scene], seed: int, log) -> tuple[list[np.ndarray], dict]:
+def run_forest(train: list[Scene], test: list[Scene], seed: int, log,
+               objects: bool = False) -> tuple[list[np.ndarray], dict]:
+    """The random forest on ilastik's pixel features; with ``objects``, its objects
+    (pixels not called background) then take the class of the most alike painted
+    object as cellfit's object classes do (:mod:`cellfit.objectclass`)."""
     from sklearn.ensemble import RandomForestClassifier
+
+    from cellfit.objectclass import classify_objects, examples_from_found, fit_classifier
 
     t0 = time.perf_counter()
     xs, ys = [], []
@@ -319,10 +330,15 @@ def run_forest(train: list[Scene], test: list[Scene], seed: int, log) -> tuple[l
     clf.fit(np.concatenate(xs), np.concatenate(ys))
     fit_s = time.perf_counter() - t0
     log(f"rf: fitted on {sum(len(y) for y in ys)} painted pixels in {fit_s:.0f} s")
-    preds = []
-    for s in test:
+    def pixels(s: Scene) -> np.ndarray:
         f = ilastik_features(s.image)
-        preds.append(clf.predict(f.reshape(-1, f.shape[-1])).reshape(s.image.shape).astype(np.uint8))
+        return clf.predict(f.reshape(-1, f.shape[-1])).reshape(s.image.shape).astype(np.uint8)
+
+    preds = [pixels(s) for s in test]
+    if objects:
+        ex = [examples_from_found(s.image[None], s.annotation, pixels(s) > 0) for s in train]
+        objs = fit_classifier(np.concatenate([f for f, _ in ex]), np.concatenate([k for _, k in ex]))
+        preds = [classify_objects(s.image[None], p > 0, objs, N_CLASSES) for s, p in zip(test, preds)]
     return preds, {"seconds": round(time.perf_counter() - t0, 1), "fit_seconds": round(fit_s, 1)}
 
 
@@ -340,9 +356,9 @@ def run_cellfit(name: str, train: list[Scene], test: list[Scene], args, log,
                 names: list[str] = CLASS_NAMES) -> tuple[list[np.ndarray], dict]:
     import torch
 
-    from cellfit.postprocess import classes_from_probs
-    from cellfit.predict import predict_stack
     import cellfit.train as train_module
+    from cellfit.postprocess import labels_from_probs
+    from cellfit.predict import predict_stack
     from cellfit.train import TrainConfig, Trainer
 
     settings = dict(mode="semantic", steps=args.steps, time_limit=None, seed=args.seed,
@@ -365,14 +381,13 @@ def run_cellfit(name: str, train: list[Scene], test: list[Scene], args, log,
             log(f"{name}: step {ev.step}/{args.steps} loss {ev.loss:.4f}")
     train_s = time.perf_counter() - t0
     model, info = trainer.model, trainer.info
-    preds, voted = [], []
+    preds = []
     with torch.no_grad():
         for s in test:
             p = predict_stack(model, info, s.image, device=args.device)[0]
-            preds.append(classes_from_probs(p))
-            voted.append(classes_from_probs(p, whole_objects=True))
-    run_cellfit.voted = voted  # the same probabilities, one class per object
+            preds.append(labels_from_probs(p, "semantic", image=s.image[None], **info.postprocess))
     return preds, {"seconds": round(time.perf_counter() - t0, 1), "train_seconds": round(train_s, 1),
+                   "objects": info.training[-1].get("objects"),
                    "n_classes": int(info.n_classes), "loss_start": losses[0] if losses else None,
                    "loss_end": float(np.mean(losses[-10:])) if losses else None}
 
@@ -409,7 +424,10 @@ def score(preds: list[np.ndarray], test: list[Scene], names: list[str] = CLASS_N
 
 
 # ---------------------------------------------------------------------------- report
-ROW_WORDS = {"ce": "cross-entropy, no weights", "defaults": "cellfit defaults (focal + dice, balanced)",
+ROW_WORDS = {"ce": "cross-entropy, no weights, each pixel its class",
+             "defaults": "cellfit defaults (focal + dice, balanced; classes by whole objects when painted whole)",
+             "pixels": "cellfit defaults, each pixel its class",
+             "rf-objects": "random forest's objects, classed as cellfit classes objects",
              "ce+objects": "cross-entropy, one class per object",
              "scratch": "cellfit defaults from random weights",
              "sampled": "defaults, class-balanced patches and weights",
@@ -544,14 +562,11 @@ def main(argv=None) -> int:
         for runs, configs, tr, te, names, tag in sets:
             for name in configs:
                 log(f"{tag}{name}: start")
-                if name == "rf":
-                    preds, info = run_forest(tr, te, args.seed, log)
+                if name in ("rf", "rf-objects"):
+                    preds, info = run_forest(tr, te, args.seed, log, objects=name == "rf-objects")
                 else:
                     preds, info = run_cellfit(name, tr, te, args, log, names)
                 runs[name] = {"info": info, "scores": score(preds, te, names)}
-                if name != "rf" and len(names) > 2:
-                    runs[f"{name}+objects"] = {"info": info,
-                                               "scores": score(run_cellfit.voted, te, names)}
                 s = runs[name]["scores"]
                 log(f"{tag}{name}: mean rare IoU {s['mean_rare_iou']:.3f}, >0.5: {s['rare_above_half']}, "
                     f"at 0: {s['rare_at_zero']}, pixel accuracy {s['pixel_accuracy']:.4f} ({info['seconds']:.0f} s)")

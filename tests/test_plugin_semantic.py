@@ -127,3 +127,15 @@ def test_the_iou_of_each_class_shows_in_the_list(dock):
     dock.train_panel.validated.emit({"f1": 0.5, "class_iou": {"class 1": 0.8, "class 3": 0.25}})
     table = dock.classes_panel.table
     assert [table.item(r, 2).text() for r in range(4)] == ["", "0.80", "", "0.25"]
+
+
+def test_classes_are_objects_or_regions_only_in_semantic_mode(dock):
+    train = dock.train_panel
+    combo = train.classify_combo
+    assert not combo.isEnabled()  # cells: every painted value is one cell
+    assert "Only for classes" in combo.toolTip()
+    _semantic(dock)
+    assert combo.isEnabled()
+    assert train.train_config().classify == "auto"
+    combo.setCurrentIndex(combo.findData("objects"))
+    assert train.train_config().classify == "objects"

@@ -241,24 +241,3 @@ def test_drop_small_objects_keeps_edge_cells_down_to_at_edge():
     assert set(np.unique(out)) == {0, 1, 3}
     assert set(np.unique(drop_small_objects(labels, 10))) == {0, 3}
     assert drop_small_objects(labels, 1) is labels  # nothing dropped: no copy
-
-
-def test_whole_objects_take_the_class_likeliest_over_the_object():
-    from cellfit.postprocess import classes_from_probs, labels_from_probs
-
-    probs = np.zeros((3, 20, 30), np.float32)
-    probs[0] = 1.0
-    # object A (rows 2..8, cols 2..10): most pixels lean to class 1, a corner to class 2
-    probs[:, 2:9, 2:11] = np.array([0.1, 0.6, 0.3])[:, None, None]
-    probs[:, 2:4, 2:5] = np.array([0.1, 0.4, 0.5])[:, None, None]
-    # object B, apart from A: class 2 throughout but for one pixel
-    probs[:, 12:18, 15:25] = np.array([0.0, 0.2, 0.8])[:, None, None]
-    probs[:, 14, 20] = [0.0, 0.9, 0.1]
-    pixelwise = classes_from_probs(probs)
-    assert (pixelwise[2:4, 2:5] == 2).all() and pixelwise[14, 20] == 1
-    whole = classes_from_probs(probs, whole_objects=True)
-    assert (whole[2:9, 2:11] == 1).all()
-    assert (whole[12:18, 15:25] == 2).all()
-    assert np.array_equal(whole == 0, pixelwise == 0)  # background is left as it was
-    assert np.array_equal(labels_from_probs(probs, "semantic", whole_objects=True), whole)
-    assert np.array_equal(labels_from_probs(probs, "semantic"), pixelwise)

@@ -33,7 +33,7 @@ from cellfit.metrics import aggregate_instance_metrics, instance_metrics, pixel_
 from cellfit.model import BACKGROUND_COLOR, DEFAULT_ENCODER, ModelInfo, read_model_info
 from cellfit.starting import is_scratch, is_starting, starting_model_path
 from cellfit.targets import annotation_from_mask, looks_like_mask
-from cellfit.train import TrainConfig, Trainer, validation_text
+from cellfit.train import CLASSIFY, TrainConfig, Trainer, objects_text, validation_text
 
 __all__ = ["FLAGS", "main"]
 
@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--class-colors", action="append", metavar="COLOURS",
                    help="semantic mode: a colour for each of those classes, such as "
                    "'#e6194b,#3cb44b' (default: a palette that tells dozens of classes apart)")
+    t.add_argument("--classify", choices=CLASSIFY, default=None,
+                   help="semantic mode: 'objects' gives each object found one class, that of "
+                   "the painted object it most resembles (classes that are kinds of cell); "
+                   "'pixels' gives each pixel its likeliest class (regions, such as kinds of "
+                   "tissue); 'auto' (default) chooses objects when you painted whole objects")
     t.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--patch-size", type=_positive_int, default=256, metavar="PIXELS")
@@ -271,7 +276,14 @@ def _class_settings(args: argparse.Namespace) -> dict:
             f"{flag} is for semantic mode (classes painted 2, 3, ...): add --mode semantic, "
             "or leave it out to segment cells."
         )
+    if args.classify is not None and args.mode != "semantic":
+        raise CellfitError(
+            "--classify is for semantic mode (classes painted 2, 3, ...): add --mode semantic, "
+            "or leave it out to segment cells."
+        )
     out: dict = {}
+    if args.classify is not None:
+        out["classify"] = args.classify
     if names is not None:
         out["class_names"] = ["background", *names]
     if colors is not None:
@@ -384,6 +396,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     figures = ", ".join(f"{names[k]} {val[k]:.3f}" for k in names if k in val)
     if figures:
         checked += f". At step {rec['best_step']}, pixel {figures}"
+    if objects_text(rec):
+        checked += f". {objects_text(rec)}"
     status = "Finished" if completed else "Interrupted; kept the best model so far"
     print(
         f"{status}: {rec['steps']} steps in {rec['seconds']:.0f} s. {checked}."
@@ -608,6 +622,18 @@ def class_lines(info: ModelInfo, width: int = 88) -> list[str]:
     return [*lines, line] if line else lines
 
 
+def class_rule_text(info: ModelInfo) -> str:
+    """How a semantic model decides classes, in words (``cellfit info``)."""
+    objects = info.postprocess.get("objects")
+    if not objects:
+        return "each pixel takes its likeliest class"
+    classes = objects["classes"]
+    n_bg = sum(1 for k in classes if k == 0)
+    bg = f", {n_bg} of them false objects painted as background" if n_bg else ""
+    return (f"each object found takes one class, that of the most alike of {len(classes)} "
+            f"painted objects{bg} (shape, size, brightness, texture)")
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     if is_starting(args.model):
         args.model = starting_model_path()
@@ -639,6 +665,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         across = f"{info.diameter:g} px" if info.diameter else "large"
         print(f"scale       images are resized by {info.scale:g} before the network "
               f"(cells {across} across brought to ~{info.cell_diameter or 30:g} px)")
+    if info.mode == "semantic":
+        print(f"classes     {class_rule_text(info)}")
     if info.postprocess.get("min_size"):
         print(f"min. size   objects under {info.postprocess['min_size']} pixels are dropped "
               "(under a quarter of that on the image edge)")

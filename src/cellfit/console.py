@@ -84,6 +84,7 @@ FLAGS: dict[str, str] = {
     "steps": "--steps",
     "tile": "--tile",
     "time_limit": "--time-limit",
+    "classify": "--classify",
 }
 
 

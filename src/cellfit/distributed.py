@@ -130,13 +130,22 @@ def task_slices(model_path, path, work, a, b, stats, settings) -> dict:
     prob = zarr.open_array(str(work / "prob"), mode="r+") if settings.probabilities else None
     notices = []
     with open_image(path, lazy=True) as img:
-        planes = ((p, img.plane(p)) for p in range(a, b))
-        for res in model.predictor.predict(planes, stats):
+        held: dict[int, np.ndarray] = {}  # raw planes in flight (classes of whole objects)
+
+        def planes():
+            for p in range(a, b):
+                arr = img.plane(p)
+                if model.needs_image:
+                    held[p] = arr
+                yield p, arr
+
+        for res in model.predictor.predict(planes(), stats):
             if res.notice:
                 notices.append(res.notice)
             if res.probabilities is None:
                 continue
-            labels[res.plane] = model.labels(res.probabilities).astype(np.uint32)
+            raw = held.pop(res.plane, None)
+            labels[res.plane] = model.labels(res.probabilities, raw).astype(np.uint32)
             if prob is not None:
                 prob[res.plane] = res.probabilities
     return {"planes": b - a, "notices": notices}

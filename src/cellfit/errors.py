@@ -44,6 +44,7 @@ SETTING_WORDS: dict[str, str] = {
     "steps": "the number of training steps",
     "tile": "the tile size",
     "time_limit": "the training time",
+    "classify": "how classes are decided (by objects or by pixels)",
 }
 
 

@@ -245,9 +245,15 @@ class LoadedModel:
         )
         self.postprocess = postprocess_settings(self.info.postprocess, settings.postprocess)
 
-    def labels(self, probs: np.ndarray) -> np.ndarray:
-        """Labels (instances or classes) of one plane's probabilities ``(K, Y, X)``."""
-        return labels_from_probs(probs, self.info.mode, **self.postprocess)
+    @property
+    def needs_image(self) -> bool:
+        """Whether :meth:`labels` looks at the raw plane (classes of whole objects)."""
+        return self.info.mode == "semantic" and bool(self.postprocess.get("objects"))
+
+    def labels(self, probs: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
+        """Labels (instances or classes) of one plane's probabilities ``(K, Y, X)``;
+        ``image``, the raw plane ``(C, Y, X)``, where :attr:`needs_image`."""
+        return labels_from_probs(probs, self.info.mode, image=image, **self.postprocess)
 
 
 # ------------------------------------------------------------------- output validity
@@ -508,11 +514,11 @@ def _predict_planes(model, img, labels_path, prob_path, settings, fp, dtype=None
     n = img.n_planes
     done = 0
     planes = _prefetch(img.plane, n)
-    held: dict[int, np.ndarray] = {}  # raw planes in flight, for the measurements
+    held: dict[int, np.ndarray] = {}  # raw planes in flight, for measurements and classes
 
     def keep(items):
         for p, arr in items:
-            if writer.measurer is not None:
+            if writer.measurer is not None or model.needs_image:
                 held[p] = arr
             yield p, arr
 
@@ -524,8 +530,9 @@ def _predict_planes(model, img, labels_path, prob_path, settings, fp, dtype=None
                                    tiles_total=res.tiles_total, notice=notice)
                 notice = None
                 continue
-            if not writer.put(res.plane, model.labels(res.probabilities), res.probabilities,
-                              held.pop(res.plane, None)):
+            raw = held.pop(res.plane, None)
+            if not writer.put(res.plane, model.labels(res.probabilities, raw), res.probabilities,
+                              raw):
                 writer.abort()
                 return None
             done = res.plane + 1
@@ -576,6 +583,11 @@ def _predict_huge_planes(model, img, labels_path, prob_path, settings, fp, dtype
             "not in the tables"
         )
         settings = replace(settings, measure=False)
+    if model.needs_image:
+        notice = join_notices(
+            notice, f"{img.name}: planes of {y}x{x} are too large to class whole objects; "
+            "each pixel takes its likeliest class"
+        )
     try:
         for p in range(img.n_planes):
             src = NormRows(img, p, info, stats)

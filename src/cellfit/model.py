@@ -49,6 +49,7 @@ from torch import nn
 import cellfit
 from cellfit.errors import CellfitError
 from cellfit.normalize import DEFAULT_NORMALIZATION
+from cellfit.objectclass import valid_dict as valid_objects
 from cellfit.packages import READ_ERRORS, PackagedModel, find_packaged_model
 
 __all__ = [
@@ -201,6 +202,8 @@ REQUIRED_FIELDS = (
 #: the post-processing settings a model may carry (the keyword arguments of
 #: :func:`cellfit.postprocess.instances_from_probs`)
 POSTPROCESS_KEYS = ("fg_threshold", "seed_threshold", "min_size", "split_area")
+#: ... and, in semantic mode, "objects": the painted examples each object found is
+#: compared with (:mod:`cellfit.objectclass`)
 
 
 def package_versions() -> dict[str, str]:
@@ -450,7 +453,9 @@ def _normalization(v: Any) -> bool:
 
 def _postprocess(v: Any) -> bool:
     return isinstance(v, dict) and all(
-        k in POSTPROCESS_KEYS and (x is None or (_is_number(x) and x >= 0)) for k, x in v.items()
+        (k == "objects" and valid_objects(x))
+        or (k in POSTPROCESS_KEYS and (x is None or (_is_number(x) and x >= 0)))
+        for k, x in v.items()
     )
 
 

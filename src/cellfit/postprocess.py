@@ -12,7 +12,8 @@ become separate objects. Two shape rules follow:
   or more centres in its distance map, is cut along its waist: two touching nuclei
   the network did not separate.
 
-Semantic mode: the most probable class per pixel.
+Semantic mode: the most probable class per pixel, or, for a model whose classes are
+kinds of whole objects, one class per object found (:mod:`cellfit.objectclass`).
 
 The settings of these rules travel with a model (``ModelInfo.postprocess``, learned
 from the painted cells by :func:`settings_from_cells`); :func:`postprocess_settings`
@@ -31,6 +32,7 @@ from skimage.measure import regionprops
 from skimage.segmentation import watershed
 
 from cellfit.metrics import aggregate_instance_metrics, instance_metrics
+from cellfit.objectclass import ObjectClassifier, classify_objects, foreground
 
 __all__ = [
     "DEFAULT_MIN_SIZE",
@@ -227,36 +229,31 @@ def _relabel(labels: np.ndarray) -> np.ndarray:
     return lut[labels]
 
 
-def classes_from_probs(probs: np.ndarray, whole_objects: bool = False) -> np.ndarray:
-    """Class map from a ``(K, Y, X)`` map: 0 background, k = class k (uint8 or uint16).
-
-    With ``whole_objects`` every connected object (pixels whose likeliest class is not
-    background) takes one class, the likeliest over the whole object (the largest
-    sum of its pixels' probabilities), for images whose classes are kinds of separate
-    objects: a pixel alone may look like another class, the object as a whole rarely.
-    """
+def classes_from_probs(probs: np.ndarray) -> np.ndarray:
+    """Class map from a ``(K, Y, X)`` map: 0 background, k = class k (uint8 or uint16),
+    each pixel its likeliest class."""
     dtype = np.uint8 if probs.shape[0] <= 255 else np.uint16
-    out = np.argmax(probs, axis=0)
-    if not whole_objects or probs.shape[0] < 3:
-        return out.astype(dtype)
-    objects, n = ndi.label(out > 0)
-    if n == 0:
-        return out.astype(dtype)
-    ids = np.arange(1, n + 1)
-    sums = np.stack([ndi.sum_labels(probs[k], objects, ids) for k in range(1, probs.shape[0])])
-    best = np.concatenate([[0], np.argmax(sums, axis=0) + 1])
-    return best[objects].astype(dtype)
+    return np.argmax(probs, axis=0).astype(dtype)
 
 
-def labels_from_probs(probs: np.ndarray, mode: str, **kwargs) -> np.ndarray:
+def labels_from_probs(
+    probs: np.ndarray, mode: str, image: np.ndarray | None = None, **kwargs
+) -> np.ndarray:
     """Labels of one plane: instances in instance mode, classes in semantic mode.
 
     ``kwargs`` go to :func:`instances_from_probs`; pass a model's ``info.postprocess``
-    to use the settings learned with it (e.g. ``min_size``).
+    to use the settings learned with it (e.g. ``min_size``). A semantic model whose
+    classes are whole objects (``objects`` in its settings, see
+    :mod:`cellfit.objectclass`) gives each object found one class, decided from the
+    object's shape and the raw plane ``image`` ``(C, Y, X)`` under it; without the image
+    its pixels are classed one by one.
     """
     if mode == "instances":
         return instances_from_probs(probs, **kwargs)
-    return classes_from_probs(probs, bool(kwargs.get("whole_objects", False)))
+    if kwargs.get("objects") and image is not None:
+        clf = ObjectClassifier.from_dict(kwargs["objects"])
+        return classify_objects(image, foreground(probs, clf.threshold), clf, probs.shape[0])
+    return classes_from_probs(probs)
 
 
 def settings_from_cells(

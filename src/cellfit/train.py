@@ -67,7 +67,7 @@ from cellfit.devices import is_out_of_memory, resolve_device
 from cellfit.errors import CellfitError
 from cellfit.events import Progress
 from cellfit.io import ImageStack, to_planes
-from cellfit.losses import DEFAULT_LOSS, balanced_class_weights, build_loss
+from cellfit.losses import DEFAULT_LOSS, balanced_class_weights, build_loss, grouped_class_weights
 from cellfit.measure import image_range, intensity_record
 from cellfit.metrics import aggregate_instance_metrics, pixel_metrics
 from cellfit.model import (
@@ -87,6 +87,14 @@ from cellfit.normalize import (
     normalize,
     resize_plane,
     scaled_shape,
+)
+from cellfit.objectclass import (
+    MIN_WHOLE_SHARE,
+    best_threshold,
+    examples_from_found,
+    fit_classifier,
+    foreground,
+    painted_whole,
 )
 from cellfit.postprocess import (
     annotated_instance_metrics,
@@ -116,6 +124,7 @@ __all__ = [
     "class_settings",
     "config_dict",
     "data_digest",
+    "objects_text",
     "scores_text",
     "train",
     "validation_text",
@@ -211,6 +220,14 @@ class TrainConfig:
         the starting ones (with their post-processing) when training made the model
         worse; the last :class:`TrainEvent`'s ``notice`` and the training record
         (``"guard"``) then say so in one sentence.
+    classify : {"auto", "objects", "pixels"}
+        Semantic mode: how classes are decided. "objects": each object found takes one
+        class, that of the painted object it most resembles in shape, size, brightness
+        and texture (:mod:`cellfit.objectclass`; for classes that are kinds of cell);
+        "pixels": each pixel its likeliest class (for regions, such as kinds of
+        tissue); "auto": "objects" when at least 75 % of the painted pieces were painted
+        whole (the objects the model finds on them have about their outline), else
+        "pixels". Decided at the end of each run; recorded as ``"objects"``.
     calibrate : bool
         In instance mode, with at least ``min_val_cells_for_best`` cells held back,
         choose ``fg_threshold``, ``seed_threshold`` and ``min_size`` of the model's
@@ -272,10 +289,16 @@ class TrainConfig:
     distill: float = 0.0
     guard: bool = True
     calibrate: bool = False
+    classify: str = "auto"
     checkpoint: str | Path | None = None
     checkpoint_every: float | None = 60.0
     resume: bool = False
 
+
+#: semantic mode: how classes are decided (TrainConfig.classify)
+CLASSIFY = ("auto", "objects", "pixels")
+#: margin (pixels) around the painted area of a plane predicted to find its objects
+OBJECTS_MARGIN = 32
 
 #: settings that may differ between a run and its resumption (where and how, not what)
 RESUME_FREE = ("device", "amp", "preview_every", "checkpoint", "checkpoint_every", "resume")
@@ -586,6 +609,11 @@ class Trainer:
             )
         if cfg.resume and cfg.checkpoint is None:
             raise CellfitError("resuming needs the checkpoint of the interrupted training.")
+        if cfg.classify not in CLASSIFY:
+            raise CellfitError(
+                f"unknown way to classify {cfg.classify!r}: use {', '.join(CLASSIFY)}.",
+                setting="classify",
+            )
         if cfg.mode == "instances" and (cfg.class_names or cfg.class_colors):
             raise CellfitError(
                 "class names and colours are for semantic mode (classes); in instance mode "
@@ -611,6 +639,12 @@ class Trainer:
                 )
             anns.append(ann.reshape(pl.shape[0], *pl.shape[2:]))
         self.summary = annotation_summary(anns, cfg.mode)
+        #: semantic mode: the raw planes ``(C, Y, X)`` with painted classes, and their
+        #: annotation, from which each run learns its object classes
+        self.class_planes = [
+            (pl[i], ann[i]) for pl, ann in zip(planes, anns) if cfg.mode == "semantic"
+            for i in range(pl.shape[0]) if (ann[i] >= 2).any()
+        ]
         # the training images' intensities: a file unlike them is flagged after prediction
         self.intensity = intensity_record([image_range(pl) for pl in planes])
         if self.summary["annotated_pixels"] == 0:
@@ -779,6 +813,8 @@ class Trainer:
                     # as training draws them (class-balanced), not the painted counts
                     seen = self.sampler.class_frequencies(self.info.n_classes)
                     return balanced_class_weights(np.where(self.class_counts > 0, seen, 0))
+                if cfg.mode == "semantic":  # background against the objects, then classes
+                    return grouped_class_weights(self.class_counts)
                 return balanced_class_weights(self.class_counts)
             if cfg.class_weights == "none":
                 return None
@@ -1386,6 +1422,7 @@ class Trainer:
         }
         self.model.eval()
         cfg = self.config
+        objects = self._learn_object_classes() if reached_end else None
         if is_starting(cfg.init) and self.init is not None:
             init = "cellfit starting model"
         elif getattr(self, "features_from", None):
@@ -1419,11 +1456,65 @@ class Trainer:
             seed=cfg.seed,
         )
         record.update({k: v for k, v in outcome.items() if k != "kept"})
+        if objects is not None:
+            record["objects"] = objects
         if getattr(self, "intensity", None):
             record["intensity"] = self.intensity
         if self.resumed_at:
             record["resumed_at"] = list(self.resumed_at)
         self.info.training.append(record)
+
+    def _learn_object_classes(self) -> dict | None:
+        """Semantic mode: decide whether classes go by whole objects
+        (``config.classify``) and, if so, keep the painted examples each object found
+        is compared with in ``info.postprocess["objects"]`` (:mod:`cellfit.objectclass`).
+        The model finds the objects on the painted part of each plane with classes.
+        Returns the record's ``"objects"``: ``{"by", "whole", "painted", "examples",
+        "background_examples", "leave_one_out"}``."""
+        cfg = self.config
+        if cfg.mode != "semantic":
+            return None
+        self.info.postprocess.pop("objects", None)
+        if cfg.classify == "pixels" or not self.class_planes:
+            return {"by": "pixels", "whole": None, "painted": None}
+        anns, bg_probs, images = [], [], []
+        for plane, ann in self.class_planes:
+            plane = match_channels(plane[None], self.info.in_channels)[0]
+            ys, xs = np.nonzero(ann)
+            y0, x0 = max(0, ys.min() - OBJECTS_MARGIN), max(0, xs.min() - OBJECTS_MARGIN)
+            y1, x1 = ys.max() + 1 + OBJECTS_MARGIN, xs.max() + 1 + OBJECTS_MARGIN
+            probs = predict_plane(self.model, self.info, plane[:, y0:y1, x0:x1],
+                                  tile=512, overlap=64, device=self.device)
+            background = np.ones((1, *ann.shape), np.float32)  # outside the crop: nothing
+            background[0, y0:y1, x0:x1] = probs[0]
+            anns.append(ann)
+            bg_probs.append(background)
+            images.append(plane)
+        # the outline that matches the painted objects best, then: were they whole?
+        threshold, _ = best_threshold(anns, bg_probs)
+        founds = [foreground(p, threshold) for p in bg_probs]
+        whole, painted = painted_whole(anns, founds)
+        by = cfg.classify
+        if by == "auto":
+            by = "objects" if painted and whole >= MIN_WHOLE_SHARE * painted else "pixels"
+        out = {"by": by, "whole": whole, "painted": painted}
+        if by == "pixels":
+            return out
+        feats, classes = [], []
+        for image, ann, found in zip(images, anns, founds):
+            f, k = examples_from_found(image, ann, found)
+            if len(k):
+                feats.append(f)
+                classes.append(k)
+        clf = (fit_classifier(np.concatenate(feats), np.concatenate(classes), threshold)
+               if feats else None)
+        if clf is None:
+            return {**out, "by": "pixels"}
+        self.info.postprocess["objects"] = clf.to_dict()
+        loo = clf.leave_one_out()
+        return {**out, "examples": int(len(clf.classes)),
+                "background_examples": int((clf.classes == 0).sum()), "threshold": threshold,
+                "leave_one_out": None if loo is None else round(loo, 3)}
 
     def save(self, path: str | Path) -> Path:
         """Write the model file (the best weights and the training record)."""
@@ -1559,6 +1650,31 @@ def validation_text(record: dict) -> str:
     text = f"Validation on {on}: {scores} (1 is perfect; {meaning})"
     by_class = class_iou_text(val)
     return f"{text}. {by_class}" if by_class else text
+
+
+def objects_text(record: dict, flag: str = "--classify objects") -> str:
+    """How a semantic run decided its classes, in one sentence for the user ("" for
+    instance runs): by whole objects, or pixel by pixel and why; ``flag`` names the
+    setting that asks for objects.
+
+    >>> objects_text({"objects": {"by": "objects", "whole": 9, "painted": 10,
+    ...                           "examples": 12, "background_examples": 2}})
+    'Classes by whole objects: each object found takes the class of the most alike of 12 painted objects (2 of them false objects painted as background)'
+    >>> objects_text({"objects": {"by": "pixels", "whole": 1, "painted": 10}})
+    'Classes pixel by pixel: 1 of 10 painted pieces were painted whole (--classify objects classes whole objects)'
+    """
+    obj = record.get("objects")
+    if not obj:
+        return ""
+    if obj["by"] == "objects":
+        n, bg = obj.get("examples", 0), obj.get("background_examples", 0)
+        extra = f" ({bg} of them false objects painted as background)" if bg else ""
+        return ("Classes by whole objects: each object found takes the class of the most "
+                f"alike of {n} painted objects{extra}")
+    if obj.get("painted"):
+        return (f"Classes pixel by pixel: {obj['whole']} of {obj['painted']} painted pieces "
+                f"were painted whole ({flag} classes whole objects)")
+    return "Classes pixel by pixel"
 
 
 def class_ious(validation: dict | None) -> dict[str, float]:

@@ -32,6 +32,7 @@ ROWS: dict[str, str] = {
     "annotation": "Annotation",
     "start": "Start from",
     "mode": "Segment",
+    "classify": "Classes are",
     "encoder": "Model size",
     "budget": "Train for",
     "patch_size": "Patch size",
@@ -60,6 +61,7 @@ LABELS: dict[str, str] = {
     "init": f"{ROWS['start']} (Train tab)",
     "labels": "the annotation layer (Annotate tab)",
     "mode": f"{ROWS['mode']} (Train tab)",
+    "classify": f"{ROWS['classify']} (Train tab)",
     "out": f"{ROWS['out']} (Segment tab)",
     "patch_size": f"{ROWS['patch_size']} (Train tab)",
     "steps": f"{ROWS['budget']} (Train tab)",
@@ -82,6 +84,11 @@ CHOICES: dict[str, list[tuple[str, str]]] = {
     "mode": [
         ("instances", "Cells: one id per cell (instances)"),
         ("semantic", "Classes: each value is a class (semantic)"),
+    ],
+    "classify": [
+        ("auto", "Decided from your painting"),
+        ("objects", "Kinds of object: one class per object"),
+        ("pixels", "Kinds of region: each pixel its class"),
     ],
     "start": [
         ("starting", "starting model"),
@@ -164,6 +171,13 @@ TIPS: dict[str, str] = {
     "mode": (
         "Cells: every cell gets its own label (touching cells are separated). "
         "Classes: each painted value 2, 3, … is a kind of structure."
+    ),
+    "classify": (
+        "Kinds of object (cell types, dividing or not, alive or dead): each object found "
+        "takes one class, that of the painted object it looks most like (shape, size, "
+        "brightness, texture); paint a few objects of each class whole. Kinds of region "
+        "(tissue types): each pixel takes its likeliest class. Decided from your painting: "
+        "by object when most painted pieces are whole objects."
     ),
     "encoder": (
         "The size of the network. Small is fast on a laptop CPU; larger ones can be "
@@ -354,6 +368,7 @@ NO_MODEL_LINE = (
 #: why a control is greyed out and what to do: the first line of its tooltip while it
 #: is (:func:`off_tip`); "{image}" is the chosen image's name
 WHY_OFF: dict[str, str] = {
+    "classes_only": "Only for classes: choose Segment: Classes to train classes.",
     "no_image": "Open an image first (File > Open, or File > Open Sample > cellfit).",
     "no_model": (
         "There is no model yet: press Use the starting model as is (Segment tab), train "

@@ -246,6 +246,7 @@ class TrainJob:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._preview = preview
+        self._preview_image: np.ndarray | None = None  # the raw plane of the last preview
         self.preview_every = float(config.preview_every)  # grows when previews are slow
         self.preview_seconds: list[float] = []  # time of each preview
         self.step_seconds: list[float] = []  # time of each engine step (validation included)
@@ -285,6 +286,7 @@ class TrainJob:
         )
         trainer.model.train()
         self.preview_seconds.append(time.perf_counter() - t0)
+        self._preview_image = plane
         return index, probs
 
     def _add_preview(self, update: TrainUpdate, trainer: Trainer) -> bool:
@@ -295,7 +297,9 @@ class TrainJob:
         update.preview_plane, probs = shown
         update.probability = cell_probability(probs)
         post = postprocess_settings(trainer.info.postprocess, self.postprocess)
-        update.labels = labels_from_probs(probs, trainer.info.mode, **post)
+        update.labels = labels_from_probs(
+            probs, trainer.info.mode, image=self._preview_image, **post
+        )
         if trainer.info.mode == "semantic":
             update.class_probability = probs.astype(np.float32, copy=False)
         return True
@@ -556,7 +560,9 @@ class PredictJob:
                 return
             if ev.probabilities is not None:
                 prob[ev.plane] = cell_probability(ev.probabilities)
-                labels[ev.plane] = labels_from_probs(ev.probabilities, info.mode, **post)
+                labels[ev.plane] = labels_from_probs(
+                    ev.probabilities, info.mode, image=sel[ev.plane], **post
+                )
                 if classes is not None:
                     classes[ev.plane] = ev.probabilities
             text = f"Segmenting slice {ev.plane + 1} of {n}…" if n > 1 else "Segmenting…"
@@ -708,7 +714,7 @@ class SuggestJob(PredictJob):
         labels = self.labels
         if labels is None:
             post = postprocess_settings(info.postprocess, self.postprocess)
-            labels = labels_from_probs(probs, info.mode, **post)
+            labels = labels_from_probs(probs, info.mode, image=sel[0], **post)
             result.labels, result.probability = labels, cell_probability(probs)
         result.objects, result.values = objects_of(labels, info.mode)
         diameter = info.diameter or self.diameter

@@ -66,7 +66,13 @@ from cellfit.plugin.jobs import PredictResult, TrainJob, TrainResult, TrainUpdat
 from cellfit.plugin.panels._base import Panel, combo, enable, first, row_label, shrinkable
 from cellfit.starting import TrainPlan
 from cellfit.targets import n_classes_for
-from cellfit.train import TrainConfig, class_iou_text, scores_text, validation_text
+from cellfit.train import (
+    TrainConfig,
+    class_iou_text,
+    objects_text,
+    scores_text,
+    validation_text,
+)
 
 __all__ = ["TrainPanel"]
 
@@ -165,6 +171,9 @@ class TrainPanel(Panel):
         form.addRow(row_label("start"), self.start_combo)
         self.mode_combo = combo(CHOICES["mode"], TIPS["mode"])
         form.addRow(row_label("mode"), self.mode_combo)
+        self.classify_combo = combo(CHOICES["classify"], TIPS["classify"])
+        form.addRow(row_label("classify"), self.classify_combo)
+        self.mode_combo.currentIndexChanged.connect(self.update_controls)
         self.encoder_combo = combo(ENCODERS, TIPS["encoder"])
         form.addRow(row_label("encoder"), self.encoder_combo)
         budget = QHBoxLayout()
@@ -251,6 +260,7 @@ class TrainPanel(Panel):
             preview_every=PREVIEW_EVERY,
             val_every=VAL_EVERY,
             init=init,
+            classify=self.classify_combo.currentData(),
         )
 
     def with_classes(self, config: TrainConfig, annotations: list[np.ndarray]) -> TrainConfig:
@@ -507,6 +517,8 @@ class TrainPanel(Panel):
             self.validated.emit(rec["validation"])
         if checked:
             text += f". {checked}"
+        if objects_text(rec):
+            text += f". {objects_text(rec, flag='Classes are: Kinds of object')}"
         if rec.get("guard"):  # the model it started from was kept
             text += f". {rec['guard']}"
         elif stopped is not None:
@@ -578,6 +590,8 @@ class TrainPanel(Panel):
         keeps = WHY_OFF["fine_tune_keeps"] if goes_on else None
         enable(self.start_combo, first(busy, keeps), TIPS["start"])
         enable(self.mode_combo, first(busy, keeps), TIPS["mode"])
+        classes = None if self.training_mode() == "semantic" else WHY_OFF["classes_only"]
+        enable(self.classify_combo, first(busy, classes), TIPS["classify"])
         if goes_on:
             tip = TIPS["encoder_fine_tune"]
         elif plan == TrainPlan.STARTING:

@@ -1,0 +1,353 @@
+"""Classes of whole objects: each object found takes the class of the painted object
+it most resembles.
+
+Semantic mode, when the classes are kinds of object (cell types, mitotic against
+interphase nuclei, live against dead cells): a user paints a few objects of each
+class whole. A network trained pixel by pixel on one or two painted objects per class
+finds the objects but mixes up their classes, because a pixel alone says little about
+the object's shape, size and texture (``benchmarks/manyclass.py``: 77 % of the rare
+pixels went to another rare class). Here the class is decided once per object,
+ilastik's object classification: each painted object gives an example, described by
+its shape (area, outline, elongation, convexity, holes, moments), its brightness per
+channel and its texture (mean edge and blob strength at two scales); a found object
+takes the class of the nearest example in those features (standardised), which needs
+no more than one example per class and no training.
+
+Whether the painted classes are whole objects is measured, not assumed
+(:func:`painted_whole`): a painted object that the network's foreground covers with
+about the same outline was painted whole; strokes inside larger regions (tissue
+types) are not, and those models keep the pixel-by-pixel classes.
+
+The examples travel in the model (``ModelInfo.postprocess["objects"]``, plain JSON
+numbers): :meth:`ObjectClassifier.to_dict` / :meth:`ObjectClassifier.from_dict`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.measure import regionprops
+
+from cellfit.errors import CellfitError
+
+__all__ = [
+    "MIN_WHOLE_SHARE",
+    "RELATIVE_NOISE",
+    "SHAPE_FEATURES",
+    "ObjectClassifier",
+    "best_threshold",
+    "classify_objects",
+    "examples_from_annotation",
+    "examples_from_found",
+    "fit_classifier",
+    "foreground",
+    "object_features",
+    "painted_ious",
+    "painted_whole",
+    "valid_dict",
+]
+
+#: The shape and texture features, in order (then the mean and spread of each channel).
+SHAPE_FEATURES = (
+    "log area", "outline / sqrt(area)", "eccentricity", "solidity", "extent", "holes",
+    "log major axis", "log minor axis", "log filled / area", "hu 1", "hu 2", "hu 3",
+    "hu 4", "edges at 1 px", "blobs at 1 px", "blobs at 2 px",
+)
+#: A painted object is "whole" when the foreground covering it has an IoU with it of
+#: at least this much.
+WHOLE_IOU = 0.5
+#: The painted classes are whole objects when at least this share of painted objects is.
+MIN_WHOLE_SHARE = 0.75
+#: The most examples a model keeps (a model file with more is refused as damaged).
+MAX_EXAMPLES = 100_000
+#: Differences smaller than this share of a feature's value count as noise, not as a
+#: difference between classes (set on constructed scenes, tests/test_objectclass.py).
+RELATIVE_NOISE = 0.1
+#: The thresholds on the probability of background tried for the objects' outline
+#: (:func:`best_threshold`): the network, taught only the inside of painted objects and
+#: background painted away from them, tends to draw objects a little too large.
+FG_THRESHOLDS = (0.5, 0.3, 0.2, 0.1, 0.05)
+#: Normalised brightness: each channel to its 1st and 99.8th percentile (the model's
+#: default normalisation), so examples from different images compare.
+_PERCENTILES = (1.0, 99.8)
+
+
+def _channels_last_to_planes(image: np.ndarray) -> np.ndarray:
+    """A ``(Y, X)`` or ``(C, Y, X)`` plane as float32 ``(C, Y, X)``, each channel
+    normalised to its percentiles."""
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim == 2:
+        img = img[None]
+    if img.ndim != 3:
+        raise ValueError(f"object features take a (Y, X) or (C, Y, X) plane, got {img.shape}")
+    lo, hi = np.percentile(img.reshape(img.shape[0], -1), _PERCENTILES, axis=1)
+    span = np.where(hi - lo > 1e-6, hi - lo, 1.0).astype(np.float32)
+    return (img - lo[:, None, None].astype(np.float32)) / span[:, None, None]
+
+
+def object_features(image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Features of each object of ``labels`` in ``image``.
+
+    Parameters
+    ----------
+    image : ndarray, shape (Y, X) or (C, Y, X)
+        The raw plane (normalised here, channel by channel).
+    labels : ndarray of int, shape (Y, X)
+        0 for no object, one id per object.
+
+    Returns
+    -------
+    ids : ndarray of int, shape (N,)
+    features : ndarray of float64, shape (N, len(SHAPE_FEATURES) + 2 C)
+    """
+    planes = _channels_last_to_planes(image)
+    labels = np.asarray(labels)
+    if labels.shape != planes.shape[1:]:
+        raise ValueError(f"labels {labels.shape} do not match the image {planes.shape[1:]}")
+    grey = planes.mean(0)
+    edges = ndi.gaussian_gradient_magnitude(grey, 1.0)
+    blobs1 = np.abs(ndi.gaussian_laplace(grey, 1.0))
+    blobs2 = np.abs(ndi.gaussian_laplace(grey, 2.0))
+    ids, rows = [], []
+    for r in regionprops(labels.astype(np.int32, copy=False)):
+        sl, m, a = r.slice, r.image, float(r.area)
+        hu = np.clip(np.nan_to_num(r.moments_hu[:4]), -1.0, 1.0)
+        row = [
+            np.log(a), r.perimeter / np.sqrt(a), r.eccentricity, r.solidity, r.extent,
+            1.0 - r.euler_number, np.log1p(r.axis_major_length), np.log1p(r.axis_minor_length),
+            np.log(r.area_filled / a), *hu,
+            edges[sl][m].mean(), blobs1[sl][m].mean(), blobs2[sl][m].mean(),
+        ]
+        for c in range(planes.shape[0]):
+            v = planes[c][sl][m]
+            row += [float(v.mean()), float(v.std())]
+        ids.append(r.label)
+        rows.append(row)
+    width = len(SHAPE_FEATURES) + 2 * planes.shape[0]
+    feats = np.asarray(rows, dtype=np.float64).reshape(-1, width)
+    return np.asarray(ids, dtype=np.int64), np.nan_to_num(feats)
+
+
+def examples_from_annotation(image: np.ndarray, annotation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The painted objects of one semantic-mode annotation (0 unpainted, 1 background,
+    k + 1 class k): each connected piece of one class is one example.
+
+    Returns the features ``(N, F)`` and the class of each example ``(N,)`` (1, 2, ...).
+    """
+    ann = np.asarray(annotation)
+    feats, classes = [], []
+    for value in np.unique(ann[ann > 1]):
+        pieces, n = ndi.label(ann == value)
+        if n == 0:
+            continue
+        _, f = object_features(image, pieces)
+        feats.append(f)
+        classes.append(np.full(len(f), int(value) - 1, dtype=np.int64))
+    if not feats:
+        return np.zeros((0, 0)), np.zeros(0, dtype=np.int64)
+    return np.concatenate(feats), np.concatenate(classes)
+
+
+def examples_from_found(image: np.ndarray, annotation: np.ndarray,
+                        found: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The examples of one plane as the model sees them: each object the model found
+    (connected pixels of ``found``) that the user painted, with the class painted on
+    most of its painted pixels; 0 (background) where that is the painted background,
+    so a false object painted as background teaches what to drop. Painted objects the
+    model found nothing on are examples as painted.
+
+    Returns the features ``(N, F)`` and the class of each example ``(N,)`` (0, 1, ...).
+    """
+    ann = np.asarray(annotation)
+    objects, n = ndi.label(np.asarray(found, dtype=bool))
+    ids, feats = object_features(image, objects)
+    classes = np.full(len(ids), -1, dtype=np.int64)
+    painted = ann > 0
+    if n and painted.any():
+        value = ann[painted].astype(np.int64)
+        votes = np.zeros((n + 1, int(value.max()) + 1), dtype=np.int64)
+        np.add.at(votes, (objects[painted], value), 1)
+        votes[0] = 0
+        has = votes.sum(1) > 0
+        best = np.argmax(votes, axis=1) - 1
+        classes = np.where(has[ids], best[ids], -1)
+    keep = classes >= 0
+    feats, classes = feats[keep], classes[keep]
+    # painted objects with nothing found on them
+    missed = np.zeros_like(ann)
+    for value in np.unique(ann[ann > 1]):
+        pieces, _ = ndi.label(ann == value)
+        touched = np.unique(pieces[(pieces > 0) & (objects > 0)])
+        missed[(pieces > 0) & ~np.isin(pieces, touched)] = value
+    if missed.any():
+        f, k = examples_from_annotation(image, missed)
+        if len(k):
+            feats = np.concatenate([feats, f]) if len(feats) else f
+            classes = np.concatenate([classes, k])
+    return feats, classes
+
+
+@dataclass
+class ObjectClassifier:
+    """Nearest painted example in standardised object features."""
+
+    examples: np.ndarray  # (N, F)
+    classes: np.ndarray  # (N,) class of each example, 1..K
+    mean: np.ndarray  # (F,)
+    scale: np.ndarray  # (F,)
+    #: an object is where the probability of background is below this (:func:`foreground`)
+    threshold: float = 0.5
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """The class (1..K) of each row of ``features`` ``(M, F)``."""
+        features = np.asarray(features, dtype=np.float64)
+        if features.size == 0:
+            return np.zeros(len(features), dtype=np.int64)
+        if features.shape[1] != self.examples.shape[1]:
+            raise CellfitError(
+                f"the model's object examples have {self.examples.shape[1]} features and this "
+                f"image gives {features.shape[1]}: give an image with the channels the model "
+                "was trained on."
+            )
+        z = (features - self.mean) / self.scale
+        ze = (self.examples - self.mean) / self.scale
+        d = ((z[:, None, :] - ze[None, :, :]) ** 2).sum(-1)
+        return self.classes[np.argmin(d, axis=1)]
+
+    def leave_one_out(self) -> float | None:
+        """Share of examples whose nearest other example has their class (None with
+        fewer than two examples of any class): how well the features tell the
+        painted classes apart."""
+        counts = np.bincount(self.classes)
+        keep = counts[self.classes] >= 2
+        if not keep.any():
+            return None
+        ze = (self.examples - self.mean) / self.scale
+        d = ((ze[:, None, :] - ze[None, :, :]) ** 2).sum(-1)
+        np.fill_diagonal(d, np.inf)
+        return float((self.classes[np.argmin(d, axis=1)] == self.classes)[keep].mean())
+
+    def to_dict(self) -> dict:
+        """Plain JSON numbers (kept in ``ModelInfo.postprocess["objects"]``)."""
+        return {
+            "examples": np.round(self.examples, 6).tolist(),
+            "classes": self.classes.astype(int).tolist(),
+            "mean": np.round(self.mean, 6).tolist(),
+            "scale": np.round(self.scale, 6).tolist(),
+            "threshold": float(self.threshold),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ObjectClassifier:
+        try:
+            if not isinstance(d, Mapping):
+                raise TypeError("not a mapping")
+            examples = np.asarray(d["examples"], dtype=np.float64)
+            classes = np.asarray(d["classes"], dtype=np.int64)
+            mean = np.asarray(d["mean"], dtype=np.float64)
+            scale = np.asarray(d["scale"], dtype=np.float64)
+            threshold = float(d.get("threshold", 0.5))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CellfitError(
+                "the model's object examples are damaged: retrain the model or save it again."
+            ) from exc
+        if (examples.ndim != 2 or len(classes) != len(examples) or len(examples) == 0
+                or mean.shape != (examples.shape[1],) or scale.shape != mean.shape
+                or (scale <= 0).any() or not np.isfinite(examples).all()
+                or not np.isfinite(mean).all() or not np.isfinite(scale).all()
+                or not 0.0 < threshold <= 1.0):
+            raise CellfitError(
+                "the model's object examples are damaged: retrain the model or save it again."
+            )
+        return cls(examples, classes, mean, scale, threshold)
+
+
+def valid_dict(d) -> bool:
+    """Whether ``d`` is an :meth:`ObjectClassifier.to_dict` (the model file's check)."""
+    try:
+        ObjectClassifier.from_dict(d)
+    except CellfitError:
+        return False
+    return bool(len(d["examples"]) <= MAX_EXAMPLES and all(0 <= k <= 1024 for k in d["classes"]))
+
+
+def fit_classifier(examples: np.ndarray, classes: np.ndarray,
+                   threshold: float = 0.5) -> ObjectClassifier | None:
+    """The classifier of painted examples (None when there are none)."""
+    examples = np.asarray(examples, dtype=np.float64)
+    if examples.size == 0:
+        return None
+    mean = examples.mean(0)
+    # each feature in units of its spread among the examples, but never finer than
+    # RELATIVE_NOISE of its size: with one example per class, a feature that barely
+    # differs between the classes (the same brightness for all) must not decide
+    scale = np.sqrt(examples.var(0) + (RELATIVE_NOISE * np.abs(mean)) ** 2) + 1e-3
+    return ObjectClassifier(examples, np.asarray(classes, dtype=np.int64), mean, scale,
+                            float(threshold))
+
+
+def foreground(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Where a semantic model's ``(K, Y, X)`` probabilities find an object: pixels whose
+    probability of background is below ``threshold``."""
+    return probs[0] < threshold
+
+
+def classify_objects(image: np.ndarray, foreground: np.ndarray, classifier: ObjectClassifier,
+                     n_classes: int) -> np.ndarray:
+    """Class map (0 background, k class k) where each connected object of
+    ``foreground`` takes one class, the class of its nearest painted example."""
+    objects, n = ndi.label(np.asarray(foreground, dtype=bool))
+    dtype = np.uint8 if n_classes <= 255 else np.uint16
+    if n == 0:
+        return np.zeros(objects.shape, dtype)
+    ids, feats = object_features(image, objects)
+    lut = np.zeros(n + 1, dtype=np.int64)
+    lut[ids] = classifier.predict(feats)
+    return lut[objects].astype(dtype)
+
+
+def painted_ious(annotations: Sequence[np.ndarray], foregrounds: Sequence[np.ndarray]) -> list[float]:
+    """For each painted object (connected piece of one class), the IoU of the piece
+    with the foreground objects that touch it (0 where nothing was found on it).
+
+    A nucleus painted whole matches the object the network finds there; a stroke
+    across a region of tissue covers a small part of the region found there.
+    """
+    ious = []
+    for ann, fg in zip(annotations, foregrounds):
+        ann = np.asarray(ann)
+        found, _ = ndi.label(np.asarray(fg, dtype=bool))
+        areas = np.bincount(found.ravel())
+        for value in np.unique(ann[ann > 1]):
+            pieces, _ = ndi.label(ann == value)
+            for k, sl in enumerate(ndi.find_objects(pieces), start=1):
+                piece = pieces[sl] == k
+                under = found[sl][piece]
+                hit = np.unique(under[under > 0])
+                inter = int((under > 0).sum())
+                union = int(piece.sum()) + int(areas[hit].sum()) - inter
+                ious.append(inter / union if union else 0.0)
+    return ious
+
+
+def best_threshold(annotations: Sequence[np.ndarray], probs: Sequence[np.ndarray]) -> tuple[float, float]:
+    """The threshold of :data:`FG_THRESHOLDS` whose objects best match the painted
+    objects' outlines (the largest mean :func:`painted_ious`; the first on a tie), and
+    that mean."""
+    best, score = FG_THRESHOLDS[0], -1.0
+    for t in FG_THRESHOLDS:
+        ious = painted_ious(annotations, [foreground(p, t) for p in probs])
+        mean = float(np.mean(ious)) if ious else 0.0
+        if mean > score + 1e-9:
+            best, score = t, mean
+    return best, score
+
+
+def painted_whole(annotations: Sequence[np.ndarray], foregrounds: Sequence[np.ndarray]) -> tuple[int, int]:
+    """How many painted objects the predicted foreground covers with about their
+    outline (:func:`painted_ious` at least :data:`WHOLE_IOU`), and how many there are."""
+    ious = painted_ious(annotations, foregrounds)
+    return sum(iou >= WHOLE_IOU for iou in ious), len(ious)
