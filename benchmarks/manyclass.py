@@ -76,6 +76,10 @@ CONFIGS = {  # name -> TrainConfig settings (rf: the random forest)
     # as `cellfit train --mode semantic` does: the starting model's features, new classes,
     # classes by whole objects when the painted classes are whole objects
     "defaults": {"init": "starting"},
+    # the user's one choice "Classes are: kinds of object" (a ring of background round
+    # each painted object while training; later trainings of a model that chose
+    # objects by itself do the same)
+    "objects": {"init": "starting", "classify": "objects"},
     # the same network, each pixel its likeliest class (the defaults before objects)
     "pixels": {"init": "starting", "classify": "pixels"},
     "scratch": {},
@@ -427,6 +431,7 @@ def score(preds: list[np.ndarray], test: list[Scene], names: list[str] = CLASS_N
 ROW_WORDS = {"ce": "cross-entropy, no weights, each pixel its class",
              "defaults": "cellfit defaults (focal + dice, balanced; classes by whole objects when painted whole)",
              "pixels": "cellfit defaults, each pixel its class",
+             "objects": "cellfit, Classes are: kinds of object (--classify objects)",
              "rf-objects": "random forest's objects, classed as cellfit classes objects",
              "ce+objects": "cross-entropy, one class per object",
              "scratch": "cellfit defaults from random weights",

@@ -17,6 +17,7 @@ from cellfit.objectclass import (
     fit_classifier,
     object_features,
     painted_whole,
+    with_ring,
 )
 
 
@@ -127,7 +128,7 @@ def test_painted_whole_tells_objects_from_strokes():
     strokes[50:53, 70:110] = 3
     assert painted_whole([strokes], [regions > 0]) == (0, 2)
     # a painted object nothing was found on is not whole
-    assert painted_whole([whole_ann], [np.zeros_like(classes, bool)]) == (0, 6)
+    assert painted_whole([whole_ann], [np.zeros_like(classes, bool)]) == (0, 0)  # cannot tell
 
 
 def test_examples_from_found_objects_and_painted_background():
@@ -184,6 +185,33 @@ def test_training_keeps_object_examples_in_the_model(tmp_path):
     # without the image, pixel by pixel
     assert np.array_equal(labels_from_probs(probs, "semantic", **t.info.postprocess),
                           np.argmax(probs, 0))
+
+
+def test_a_ring_of_background_only_around_painted_objects_and_only_for_objects():
+    from cellfit.train import TrainConfig, Trainer
+
+    ann = np.zeros((20, 20), np.uint8)
+    ann[5:9, 5:9] = 3
+    ann[5:9, 9:12] = 2  # a touching painted neighbour keeps its class
+    ann[0, :] = 1
+    ringed = with_ring(ann, 2)
+    assert ringed is not ann and (ann[10:12, 5:9] == 0).all()  # the input is untouched
+    assert (ringed[9:11, 5:12] == 1).all() and (ringed[5:9, 9:12] == 2).all()
+    assert (ringed[14:, :] == 0).all()  # far away: still unpainted
+
+    image, _, painted = _painted_scene()
+    objects = Trainer([image], [painted], TrainConfig(classify="objects", **TINY))
+    assert objects.ring
+    plain = Trainer([image], [painted], TrainConfig(classify="auto", **TINY))
+    assert not plain.ring
+    background = [(t.train_targets[0] == 0).sum() for t in (objects, plain)]
+    assert background[0] > background[1]  # the ring is in what the network learns
+    list(objects.run())  # the model now has object classes: training it again rings
+    again = Trainer([image], [painted], TrainConfig(classify="auto", **TINY),
+                    model=objects.model, info=objects.info)
+    assert again.ring
+    assert not Trainer([image], [painted], TrainConfig(classify="pixels", **TINY),
+                       model=objects.model, info=objects.info).ring
 
 
 def test_pixels_drop_the_examples_a_model_had():

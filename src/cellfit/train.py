@@ -95,6 +95,7 @@ from cellfit.objectclass import (
     fit_classifier,
     foreground,
     painted_whole,
+    with_ring,
 )
 from cellfit.postprocess import (
     annotated_instance_metrics,
@@ -780,7 +781,13 @@ class Trainer:
         self.split = split_annotations(
             train_anns, cfg.val_fraction, seed=cfg.seed, stray_fraction=stray
         )
-        self.train_targets = [self._targets(a) for a in self.split.train]
+        #: classes of whole objects: a ring of background around each painted object
+        self.ring = cfg.mode == "semantic" and (
+            cfg.classify == "objects"
+            or (cfg.classify == "auto" and bool(self.info.postprocess.get("objects")))
+        )
+        train_anns = [with_ring(a) for a in self.split.train] if self.ring else self.split.train
+        self.train_targets = [self._targets(a) for a in train_anns]
         self.val_annotations = self.split.val
         self.val_images = norm_planes
         if not any((t != IGNORE).any() for t in self.train_targets):
@@ -1512,7 +1519,7 @@ class Trainer:
             return {**out, "by": "pixels"}
         self.info.postprocess["objects"] = clf.to_dict()
         loo = clf.leave_one_out()
-        return {**out, "examples": int(len(clf.classes)),
+        return {**out, "ring": bool(self.ring), "examples": int(len(clf.classes)),
                 "background_examples": int((clf.classes == 0).sum()), "threshold": threshold,
                 "leave_one_out": None if loo is None else round(loo, 3)}
 
