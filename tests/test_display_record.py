@@ -33,3 +33,17 @@ def test_the_starting_models_pretraining_is_not_counted_as_a_run_of_the_user():
     assert "Run 1</b>" in html and "Run 2" not in html
     assert "fine-tuned from the cellfit starting model" in html
     assert html.index("Run 1") < html.index("Pretraining")  # newest first
+
+
+def test_the_record_says_how_a_semantic_model_decides_classes():
+    names = ["background", "a", "b"]
+    objects = {"examples": [[1.0, 2.0], [2.0, 1.0], [0.0, 0.0]], "classes": [1, 2, 0],
+               "mean": [1.0, 1.0], "scale": [1.0, 1.0], "threshold": 0.2}
+    by_object = ModelInfo(mode="semantic", n_classes=3, class_names=names,
+                          postprocess={"objects": objects})
+    html = model_record_html(by_object, None, saved=False)
+    assert "most alike of 3 painted objects" in html
+    by_pixel = ModelInfo(mode="semantic", n_classes=3, class_names=names)
+    assert "Classes pixel by pixel" in model_record_html(by_pixel, None, saved=False)
+    cells = model_record_html(ModelInfo(), None, saved=False)
+    assert "Classes by whole objects" not in cells and "Classes pixel by pixel" not in cells

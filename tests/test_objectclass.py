@@ -300,3 +300,23 @@ def test_cli_classify_needs_semantic_mode(tmp_path, capsys):
                "--out", str(tmp_path / "m.cellfit"), "--classify", "objects"])
     err = capsys.readouterr().err
     assert rc != 0 and "--classify is for semantic mode" in err and "Traceback" not in err
+
+
+def test_the_words_say_how_classes_are_decided():
+    from cellfit.cli import class_rule_text
+    from cellfit.model import ModelInfo
+    from cellfit.train import objects_text
+
+    image, _, ann = _painted_scene()
+    clf = fit_classifier(*examples_from_annotation(image, ann))
+    info = ModelInfo(mode="semantic", n_classes=4, class_names=["background", "a", "b", "c"],
+                     postprocess={"objects": clf.to_dict()})
+    assert class_rule_text(info).startswith("each object found takes one class")
+    assert "6 painted objects" in class_rule_text(info)
+    info.postprocess = {}
+    assert class_rule_text(info) == "each pixel takes its likeliest class"
+    by = objects_text({"objects": {"by": "objects", "examples": 7, "background_examples": 2}})
+    assert "most alike of 7 painted objects (2 of them false objects" in by
+    pixels = objects_text({"objects": {"by": "pixels", "whole": 1, "painted": 9}}, flag="X")
+    assert pixels == "Classes pixel by pixel: 1 of 9 painted pieces were painted whole (X classes whole objects)"
+    assert objects_text({}) == ""

@@ -198,6 +198,12 @@ def model_record_html(info: ModelInfo | None, path: Path | None, saved: bool) ->
     min_size = (getattr(info, "postprocess", None) or {}).get("min_size")
     if min_size:
         notes.append(f"Objects smaller than {int(min_size)} pixels are dropped.")
+    objects = (getattr(info, "postprocess", None) or {}).get("objects")
+    if info.mode == "semantic" and objects:
+        notes.append(f"Classes by whole objects: each object found takes the class of the "
+                     f"most alike of {len(objects.get('classes', []))} painted objects.")
+    elif info.mode == "semantic":
+        notes.append("Classes pixel by pixel: each pixel takes its likeliest class.")
     if (getattr(info, "postprocess", None) or {}).get("split_area"):
         notes.append("Your cells are round, so two touching cells found as one blob are "
                      "cut apart at their waist.")
