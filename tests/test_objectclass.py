@@ -320,3 +320,41 @@ def test_the_words_say_how_classes_are_decided():
     pixels = objects_text({"objects": {"by": "pixels", "whole": 1, "painted": 9}}, flag="X")
     assert pixels == "Classes pixel by pixel: 1 of 9 painted pieces were painted whole (X classes whole objects)"
     assert objects_text({}) == ""
+
+
+def test_a_grey_image_is_classed_like_its_copy_in_a_colour_models_channels():
+    image, classes, ann = _painted_scene()
+    rgb = np.repeat(image[None], 3, axis=0)  # as a grey image reaches an RGB model
+    clf = fit_classifier(*examples_from_annotation(rgb, ann))
+    assert clf.n_channels == 3
+    test_image, truth = scene(3, n=12)
+    grey = classify_objects(test_image, truth > 0, clf, n_classes=4)
+    colour = classify_objects(np.repeat(test_image[None], 3, axis=0), truth > 0, clf, 4)
+    assert np.array_equal(grey, colour) and (grey > 0).any()
+    with pytest.raises(CellfitError, match="channels"):
+        classify_objects(np.zeros((2, 160, 160), np.float32), truth > 0, clf, 4)
+
+
+def test_cellfit_predict_classes_whole_objects(tmp_path):
+    import tifffile
+
+    from cellfit.cli import main
+    from cellfit.train import TrainConfig, Trainer
+
+    image, _, ann = _painted_scene()
+    t = Trainer([image], [ann], TrainConfig(classify="objects", **TINY))
+    list(t.run())
+    # every painted example of class 3: each object found must come out class 3, whatever
+    # its pixels' likeliest classes
+    t.info.postprocess["objects"]["classes"] = [3] * len(t.info.postprocess["objects"]["classes"])
+    model = t.save(tmp_path / "m.cellfit")
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "a.tif", image)
+    assert main(["predict", str(model), str(tmp_path / "in" / "a.tif"),
+                 "--out", str(tmp_path / "out"), "--probabilities"]) == 0
+    labels = tifffile.imread(tmp_path / "out" / "a_labels.tif")
+    probs = tifffile.imread(tmp_path / "out" / "a_prob.tif")
+    clf = ObjectClassifier.from_dict(t.info.postprocess["objects"])
+    found = _objects(probs[0] < clf.threshold)
+    assert found.max() > 0
+    assert np.array_equal(labels, np.where(found > 0, 3, 0))

@@ -32,6 +32,7 @@ from scipy import ndimage as ndi
 from skimage.measure import regionprops
 
 from cellfit.errors import CellfitError
+from cellfit.normalize import match_channels
 
 __all__ = [
     "MIN_WHOLE_SHARE",
@@ -225,6 +226,18 @@ class ObjectClassifier:
         d = ((z[:, None, :] - ze[None, :, :]) ** 2).sum(-1)
         return self.classes[np.argmin(d, axis=1)]
 
+    @property
+    def n_channels(self) -> int:
+        """The channels of the planes the examples were measured on."""
+        return (self.examples.shape[1] - len(SHAPE_FEATURES)) // 2
+
+    def channels_of(self, image: np.ndarray) -> np.ndarray:
+        """``image`` ``(C, Y, X)`` (or ``(Y, X)``) with the examples' channels, as the
+        model's own input is matched (:func:`cellfit.normalize.match_channels`)."""
+        img = np.asarray(image)
+        img = img[None] if img.ndim == 2 else img
+        return match_channels(img[None], self.n_channels)[0]
+
     def leave_one_out(self) -> float | None:
         """Share of examples whose nearest other example has their class (None with
         fewer than two examples of any class): how well the features tell the
@@ -263,6 +276,8 @@ class ObjectClassifier:
                 "the model's object examples are damaged: retrain the model or save it again."
             ) from exc
         if (examples.ndim != 2 or len(classes) != len(examples) or len(examples) == 0
+                or examples.shape[1] <= len(SHAPE_FEATURES)
+                or (examples.shape[1] - len(SHAPE_FEATURES)) % 2
                 or mean.shape != (examples.shape[1],) or scale.shape != mean.shape
                 or (scale <= 0).any() or not np.isfinite(examples).all()
                 or not np.isfinite(mean).all() or not np.isfinite(scale).all()
@@ -311,7 +326,7 @@ def classify_objects(image: np.ndarray, foreground: np.ndarray, classifier: Obje
     dtype = np.uint8 if n_classes <= 255 else np.uint16
     if n == 0:
         return np.zeros(objects.shape, dtype)
-    ids, feats = object_features(image, objects)
+    ids, feats = object_features(classifier.channels_of(image), objects)
     lut = np.zeros(n + 1, dtype=np.int64)
     lut[ids] = classifier.predict(feats)
     return lut[objects].astype(dtype)
