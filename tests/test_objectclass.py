@@ -318,7 +318,8 @@ def test_the_words_say_how_classes_are_decided():
     by = objects_text({"objects": {"by": "objects", "examples": 7, "background_examples": 2}})
     assert "most alike of 7 painted objects (2 of them false objects" in by
     pixels = objects_text({"objects": {"by": "pixels", "whole": 1, "painted": 9}}, flag="X")
-    assert pixels == "Classes pixel by pixel: 1 of 9 painted pieces were painted whole (X classes whole objects)"
+    assert pixels == ("Classes pixel by pixel: 1 of 9 painted pieces were painted whole "
+                      "(X to class whole objects anyway)")
     assert objects_text({}) == ""
 
 

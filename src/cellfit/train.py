@@ -1659,7 +1659,7 @@ def validation_text(record: dict) -> str:
     return f"{text}. {by_class}" if by_class else text
 
 
-def objects_text(record: dict, flag: str = "--classify objects") -> str:
+def objects_text(record: dict, flag: str = "give --classify objects") -> str:
     """How a semantic run decided its classes, in one sentence for the user ("" for
     instance runs): by whole objects, or pixel by pixel and why; ``flag`` names the
     setting that asks for objects.
@@ -1668,7 +1668,7 @@ def objects_text(record: dict, flag: str = "--classify objects") -> str:
     ...                           "examples": 12, "background_examples": 2}})
     'Classes by whole objects: each object found takes the class of the most alike of 12 painted objects (2 of them false objects painted as background)'
     >>> objects_text({"objects": {"by": "pixels", "whole": 1, "painted": 10}})
-    'Classes pixel by pixel: 1 of 10 painted pieces were painted whole (--classify objects classes whole objects)'
+    'Classes pixel by pixel: 1 of 10 painted pieces were painted whole (give --classify objects to class whole objects anyway)'
     """
     obj = record.get("objects")
     if not obj:
@@ -1680,7 +1680,7 @@ def objects_text(record: dict, flag: str = "--classify objects") -> str:
                 f"alike of {n} painted objects{extra}")
     if obj.get("painted"):
         return (f"Classes pixel by pixel: {obj['whole']} of {obj['painted']} painted pieces "
-                f"were painted whole ({flag} classes whole objects)")
+                f"were painted whole ({flag} to class whole objects anyway)")
     return "Classes pixel by pixel"
 
 

@@ -518,7 +518,7 @@ class TrainPanel(Panel):
         if checked:
             text += f". {checked}"
         if objects_text(rec):
-            text += f". {objects_text(rec, flag='Classes are: Kinds of object')}"
+            text += f". {objects_text(rec, flag='choose Classes are: Kinds of object')}"
         if rec.get("guard"):  # the model it started from was kept
             text += f". {rec['guard']}"
         elif stopped is not None:
