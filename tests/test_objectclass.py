@@ -359,3 +359,43 @@ def test_cellfit_predict_classes_whole_objects(tmp_path):
     found = _objects(probs[0] < clf.threshold)
     assert found.max() > 0
     assert np.array_equal(labels, np.where(found > 0, 3, 0))
+
+
+@pytest.mark.parametrize("whole", [6, 1])
+def test_auto_learns_the_ring_from_a_third_of_the_run_when_objects_are_whole(monkeypatch, whole):
+    from cellfit.train import TrainConfig, Trainer
+
+    image, _, ann = _painted_scene()
+    t = Trainer([image], [ann], TrainConfig(classify="auto", **{**TINY, "steps": 6}))
+    assert t.ring_pending and not t.ring
+    before = [x.copy() for x in t.train_targets]
+    calls = []
+
+    def found(self=t):
+        calls.append(self.step)
+        return [], [], [], 0.5, whole, 6
+
+    monkeypatch.setattr(t, "_found_objects", found)
+    list(t.run())
+    assert calls[0] == 2  # decided once, a third into the run (then again at the end)
+    assert t.ring == (whole == 6) and not t.ring_pending
+    changed = any(not np.array_equal(a, b) for a, b in zip(before, t.train_targets))
+    assert changed == (whole == 6)
+    assert t.ring_from_step == (2 if whole == 6 else None)
+
+
+def test_a_resumed_run_keeps_the_ring_it_had_learnt(monkeypatch, tmp_path):
+    from cellfit.train import TrainConfig, Trainer
+
+    image, _, ann = _painted_scene()
+    cfg = TrainConfig(classify="auto", checkpoint=tmp_path / "m.resume",
+                      **{**TINY, "steps": 9})
+    t = Trainer([image], [ann], cfg)
+    monkeypatch.setattr(t, "_found_objects", lambda: ([], [], [], 0.5, 6, 6))
+    for ev in t.run():
+        if ev.step == 5:
+            t.stop()
+    assert t.ring and t.ring_from_step == 3
+    again = Trainer([image], [ann], TrainConfig(**{**cfg.__dict__, "resume": True}))
+    assert again.ring and again.ring_from_step == 3 and not again.ring_pending
+    assert all(np.array_equal(a, b) for a, b in zip(again.train_targets, t.train_targets))

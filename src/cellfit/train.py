@@ -300,6 +300,10 @@ class TrainConfig:
 CLASSIFY = ("auto", "objects", "pixels")
 #: margin (pixels) around the painted area of a plane predicted to find its objects
 OBJECTS_MARGIN = 32
+#: classify "auto": the share of the run after which the model's objects decide whether
+#: the rest of the run learns the background ring round painted objects (one value,
+#: not tuned: late enough for the model to find objects, early enough to learn the ring)
+RING_DECISION = 1 / 3
 
 #: settings that may differ between a run and its resumption (where and how, not what)
 RESUME_FREE = ("device", "amp", "preview_every", "checkpoint", "checkpoint_every", "resume")
@@ -788,6 +792,13 @@ class Trainer:
         )
         train_anns = [with_ring(a) for a in self.split.train] if self.ring else self.split.train
         self.train_targets = [self._targets(a) for a in train_anns]
+        #: the step from which the ring was learnt (0: from the start; None: not)
+        self.ring_from_step: int | None = self.step if self.ring else None
+        #: "auto" decides on the ring during the run (:meth:`_decide_ring`)
+        self.ring_pending = (
+            cfg.mode == "semantic" and cfg.classify == "auto" and not self.ring
+            and bool(self.class_planes)
+        )
         self.val_annotations = self.split.val
         self.val_images = norm_planes
         if not any((t != IGNORE).any() for t in self.train_targets):
@@ -1155,6 +1166,12 @@ class Trainer:
         self.history = list(saved["history"])
         self.sampler.rng.bit_generator.state = saved["sampler_rng"]
         self.resumed_at = [*saved["resumed_at"], self.step]
+        ring, ring_from, pending = saved.get("ring", [self.ring, self.ring_from_step,
+                                                     self.ring_pending])
+        self.ring_pending = bool(pending)
+        if ring and not self.ring:
+            self._apply_ring()
+        self.ring_from_step = ring_from
         start = None
         if self.config.guard and self.fine_tuning and saved["start"] is not None:
             start = (saved["start"], saved["start_postprocess"])
@@ -1205,6 +1222,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
             "resumed_at": self.resumed_at,
+            "ring": [bool(self.ring), self.ring_from_step, bool(self.ring_pending)],
         }
 
     def _checkpoint_due(self, since: float) -> bool:
@@ -1282,6 +1300,8 @@ class Trainer:
                     self._save_checkpoint(losses, time.perf_counter() - t0, start_step)
                 else:
                     losses.append(self._scheduled_step(time.perf_counter() - t0))
+                    if self._ring_due(time.perf_counter() - t0):
+                        self._decide_ring()
                 elapsed = time.perf_counter() - t0
                 done = stopping or self._limit_reached(self.step - start_step, elapsed)
                 val = None
@@ -1484,23 +1504,7 @@ class Trainer:
         self.info.postprocess.pop("objects", None)
         if cfg.classify == "pixels" or not self.class_planes:
             return {"by": "pixels", "whole": None, "painted": None}
-        anns, bg_probs, images = [], [], []
-        for plane, ann in self.class_planes:
-            plane = match_channels(plane[None], self.info.in_channels)[0]
-            ys, xs = np.nonzero(ann)
-            y0, x0 = max(0, ys.min() - OBJECTS_MARGIN), max(0, xs.min() - OBJECTS_MARGIN)
-            y1, x1 = ys.max() + 1 + OBJECTS_MARGIN, xs.max() + 1 + OBJECTS_MARGIN
-            probs = predict_plane(self.model, self.info, plane[:, y0:y1, x0:x1],
-                                  tile=512, overlap=64, device=self.device)
-            background = np.ones((1, *ann.shape), np.float32)  # outside the crop: nothing
-            background[0, y0:y1, x0:x1] = probs[0]
-            anns.append(ann)
-            bg_probs.append(background)
-            images.append(plane)
-        # the outline that matches the painted objects best, then: were they whole?
-        threshold, _ = best_threshold(anns, bg_probs)
-        founds = [foreground(p, threshold) for p in bg_probs]
-        whole, painted = painted_whole(anns, founds)
+        anns, images, founds, threshold, whole, painted = self._found_objects()
         by = cfg.classify
         if by == "auto":
             by = "objects" if painted and whole >= MIN_WHOLE_SHARE * painted else "pixels"
@@ -1519,9 +1523,58 @@ class Trainer:
             return {**out, "by": "pixels"}
         self.info.postprocess["objects"] = clf.to_dict()
         loo = clf.leave_one_out()
-        return {**out, "ring": bool(self.ring), "examples": int(len(clf.classes)),
+        return {**out, "ring": bool(self.ring), "ring_from_step": self.ring_from_step,
+                "examples": int(len(clf.classes)),
                 "background_examples": int((clf.classes == 0).sum()), "threshold": threshold,
                 "leave_one_out": None if loo is None else round(loo, 3)}
+
+    def _found_objects(self) -> tuple[list, list, list, float, int, int]:
+        """The model's objects on the painted part of each plane with classes: the
+        annotations, the planes (the model's channels), the objects found (at the
+        outline threshold that fits the painted objects best), that threshold, and how
+        many painted objects were painted whole of how many it could tell
+        (:func:`cellfit.objectclass.painted_whole`)."""
+        was_training = self.model.training
+        anns, bg_probs, images = [], [], []
+        for plane, ann in self.class_planes:
+            plane = match_channels(plane[None], self.info.in_channels)[0]
+            ys, xs = np.nonzero(ann)
+            y0, x0 = max(0, ys.min() - OBJECTS_MARGIN), max(0, xs.min() - OBJECTS_MARGIN)
+            y1, x1 = ys.max() + 1 + OBJECTS_MARGIN, xs.max() + 1 + OBJECTS_MARGIN
+            probs = predict_plane(self.model, self.info, plane[:, y0:y1, x0:x1],
+                                  tile=512, overlap=64, device=self.device)
+            background = np.ones((1, *ann.shape), np.float32)  # outside the crop: nothing
+            background[0, y0:y1, x0:x1] = probs[0]
+            anns.append(ann)
+            bg_probs.append(background)
+            images.append(plane)
+        self.model.train(was_training)
+        # the outline that matches the painted objects best, then: were they whole?
+        threshold, _ = best_threshold(anns, bg_probs)
+        founds = [foreground(p, threshold) for p in bg_probs]
+        whole, painted = painted_whole(anns, founds)
+        return anns, images, founds, threshold, whole, painted
+
+    def _ring_due(self, elapsed: float) -> bool:
+        return self.ring_pending and self._fraction(elapsed) >= RING_DECISION
+
+    def _decide_ring(self) -> None:
+        """Classify "auto", a third into the run: when the model's objects so far show
+        that the painted objects were painted whole, train the rest of the run with the
+        background ring round them (:data:`cellfit.objectclass.RING`), as for
+        "objects"."""
+        self.ring_pending = False
+        *_, whole, painted = self._found_objects()
+        if painted and whole >= MIN_WHOLE_SHARE * painted:
+            self._apply_ring()
+
+    def _apply_ring(self) -> None:
+        """From the next patch on, learn the ring of background round painted objects
+        (the targets are changed in place, so the sampler sees them at once)."""
+        self.ring = True
+        self.ring_from_step = self.step
+        for target, ann in zip(self.train_targets, self.split.train):
+            target[...] = self._targets(with_ring(ann))
 
     def save(self, path: str | Path) -> Path:
         """Write the model file (the best weights and the training record)."""
