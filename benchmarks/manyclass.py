@@ -429,17 +429,14 @@ def score(preds: list[np.ndarray], test: list[Scene], names: list[str] = CLASS_N
 
 # ---------------------------------------------------------------------------- report
 ROW_WORDS = {"ce": "cross-entropy, no weights, each pixel its class",
-             "defaults": "cellfit defaults (focal + dice, balanced; classes by whole objects when painted whole)",
+             "defaults": "cellfit defaults",
              "pixels": "cellfit defaults, each pixel its class",
-             "objects": "cellfit, Classes are: kinds of object (--classify objects)",
-             "rf-objects": "random forest's objects, classed as cellfit classes objects",
-             "ce+objects": "cross-entropy, one class per object",
+             "objects": "cellfit, Classes are: kinds of object",
+             "rf-objects": "random forest's objects, classed by cellfit's object classes",
              "scratch": "cellfit defaults from random weights",
              "sampled": "defaults, class-balanced patches and weights",
-             "sampled+objects": "defaults, class-balanced patches and weights, one class per object",
-             "scratch+objects": "cellfit defaults from random weights, one class per object",
-             "defaults+objects": "cellfit defaults, one class per object",
-             "focal": "focal alone, balanced", "dice": "dice alone", "rf": "random forest (ilastik features)"}
+             "focal": "focal alone, balanced", "dice": "dice alone",
+             "rf": "random forest (ilastik features), each pixel its class"}
 
 
 def _pct(s: dict, key: str) -> str:
@@ -499,8 +496,17 @@ def section(res: dict) -> str:
         "`benchmarks/manyclass.py` generates its own images from a seed: 31 rare object classes "
         "(shape × size × texture, most of the same mean brightness) on a background holding "
         f"{100 * res['background_share']:.1f} % of the pixels; about half the objects of each class "
-        "painted whole plus a few background strokes. All cellfit runs: semantic mode, from scratch, "
-        f"{a['steps']} steps, patch {a['patch']}, batch {a['batch']}.",
+        "painted whole plus a few background strokes away from the objects. All cellfit runs: "
+        f"semantic mode, {a['steps']} steps, patch {a['patch']}, batch {a['batch']}, from the "
+        "starting model's layers with a new last layer (cross-entropy: from random weights). "
+        "Rows: *cellfit defaults* is `cellfit train --mode semantic` as it is (focal + dice, "
+        "balanced weights with background weighed against all objects together, classes by "
+        "whole objects when the painted objects were whole: decided a third into the run and "
+        "again at its end); *Classes are: kinds of object* is the one choice a user can make "
+        "(`--classify objects`: the background ring round painted objects from the first step); "
+        "*each pixel its class* is the same network classed pixel by pixel (`--classify pixels`); "
+        "*random forest's objects* is ilastik's object workflow on the forest's pixels, with "
+        "cellfit's object classes.",
         "",
         f"Command: `{res['command']}` ({a['images']} training and {a['test_images']} test images of "
         f"{a['size']}² pixels, seed {a['seed']}; {res['machine']}; engine {res['engine']}).",
