@@ -129,6 +129,15 @@ def test_the_iou_of_each_class_shows_in_the_list(dock):
     assert [table.item(r, 2).text() for r in range(4)] == ["", "0.80", "", "0.25"]
 
 
+def test_the_no_model_line_speaks_of_classes_in_classes_mode(dock):
+    assert "segment many kinds of cells" in dock.model_label.text()
+    _semantic(dock)
+    assert "Paint a few objects or regions of each class" in dock.model_label.text()
+    combo = dock.train_panel.mode_combo
+    combo.setCurrentIndex(combo.findData("instances"))
+    assert "segment many kinds of cells" in dock.model_label.text()
+
+
 def test_classes_are_objects_or_regions_only_in_semantic_mode(dock):
     train = dock.train_panel
     combo = train.classify_combo

@@ -16,6 +16,7 @@ __all__ = [
     "COLUMN_TIPS",
     "LABELS",
     "NO_MODEL_LINE",
+    "NO_MODEL_LINE_CLASSES",
     "ROWS",
     "TIPS",
     "TRAIN_BUTTON_TEXT",
@@ -363,6 +364,12 @@ NO_MODEL_LINE = (
     "<i>No model yet.</i> The cellfit starting model can segment many kinds of cells "
     "without any training: Segment tab, <i>Use the starting model as is</i>. Or paint a "
     "few cells (Annotate) and Train, to adapt it to yours."
+)
+#: ... while classes are chosen (semantic mode)
+NO_MODEL_LINE_CLASSES = (
+    "<i>No model yet.</i> Paint a few objects or regions of each class and a little "
+    "background (Annotate; the class list shows the values), then Train: the new model "
+    "starts from what the cellfit starting model knows and learns your classes."
 )
 
 #: why a control is greyed out and what to do: the first line of its tooltip while it

@@ -242,13 +242,14 @@ class CellfitWidget(QWidget):
             panel.update_controls()
 
     def _on_model_changed(self) -> None:
-        self.model_label.setText(model_line(self.state))
+        self.model_label.setText(model_line(self.state, self.train_panel.training_mode()))
         for panel in [*self.panels, self.classes_panel]:
             panel.on_model_changed()
 
     def _on_mode_changed(self, *_args) -> None:
         """Cells or classes: the class list shows or hides, the counts and brushes follow."""
         self.classes_panel.refresh()
+        self.model_label.setText(model_line(self.state, self.train_panel.training_mode()))
         self.annotate_panel.update_counts()
         self.annotate_panel.update_controls()
 

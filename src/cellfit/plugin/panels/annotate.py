@@ -229,10 +229,16 @@ class AnnotatePanel(Panel):
         viewer.layers.selection.active = layer
         self.refresh_choices()
         self.ann_combo.setCurrentText(layer.name)
-        show_info(
-            f"Paint cells on '{layer.name}': New cell for each cell, Background brush for "
-            "background. Unpainted pixels are ignored."
-        )
+        if self.training_mode() == "semantic":
+            show_info(
+                f"Paint classes on '{layer.name}': click a class in the class list (or New "
+                "class), Background brush for background. Unpainted pixels are ignored."
+            )
+        else:
+            show_info(
+                f"Paint cells on '{layer.name}': New cell for each cell, Background brush "
+                "for background. Unpainted pixels are ignored."
+            )
         return layer
 
     def _require_annotation(self) -> Labels | None:

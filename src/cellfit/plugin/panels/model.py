@@ -21,7 +21,7 @@ from cellfit.plugin._display import encoder_name, model_record_html, user_runs
 from cellfit.plugin._layout import flow_row
 from cellfit.plugin._runner import JobRunner
 from cellfit.plugin._state import CellfitState
-from cellfit.plugin._tooltips import NO_MODEL_LINE, TIPS, WHY_OFF
+from cellfit.plugin._tooltips import NO_MODEL_LINE, NO_MODEL_LINE_CLASSES, TIPS, WHY_OFF
 from cellfit.plugin.panels._base import Panel, enable, first
 from cellfit.starting import starting_model_path
 from cellfit.train import scores_text
@@ -177,11 +177,12 @@ class ModelPanel(Panel):
         enable(self.load_starting_button, busy, TIPS["load_starting"])
 
 
-def model_line(state: CellfitState) -> str:
-    """The line about the model in memory shown at the top of the dock (HTML)."""
+def model_line(state: CellfitState, mode: str = "instances") -> str:
+    """The line about the model in memory shown at the top of the dock (HTML); ``mode``:
+    what the Train tab is set to train (for the words while there is no model)."""
     info = state.info
     if info is None:
-        return NO_MODEL_LINE
+        return NO_MODEL_LINE_CLASSES if mode == "semantic" else NO_MODEL_LINE
     last = info.training[-1] if info.training else {}
     runs = user_runs(info.training)
     val = last.get("validation") or {}
