@@ -324,7 +324,7 @@ def test_the_words_say_how_classes_are_decided():
 
 
 def test_a_grey_image_is_classed_like_its_copy_in_a_colour_models_channels():
-    image, classes, ann = _painted_scene()
+    image, _, ann = _painted_scene()
     rgb = np.repeat(image[None], 3, axis=0)  # as a grey image reaches an RGB model
     clf = fit_classifier(*examples_from_annotation(rgb, ann))
     assert clf.n_channels == 3
