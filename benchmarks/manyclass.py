@@ -435,7 +435,7 @@ ROW_WORDS = {"ce": "cross-entropy, no weights, each pixel its class",
              "rf-objects": "random forest's objects, classed by cellfit's object classes",
              "scratch": "cellfit defaults from random weights",
              "sampled": "defaults, class-balanced patches and weights",
-             "focal": "focal alone, balanced", "dice": "dice alone",
+             "focal": "cellfit defaults with focal loss alone", "dice": "cellfit defaults with dice loss alone",
              "rf": "random forest (ilastik features), each pixel its class"}
 
 
