@@ -604,7 +604,7 @@ def test_more_objects_than_16_bit_labels_hold_are_written_as_32_bit(tmp_path, mo
     settings = Settings(device="cpu", tile=256)
     model = LoadedModel(model_file, settings)
     many = (np.arange(260 * 260, dtype=np.int64).reshape(260, 260) + 1)  # 67600 objects
-    model.labels = lambda probs: many
+    model.labels = lambda probs, image=None: many
     out = tmp_path / "o" / "f0_labels.tif"
     gen = run_file(model, path, out, None, settings)
     notices = []
