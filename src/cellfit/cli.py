@@ -31,6 +31,7 @@ from cellfit.losses import DEFAULT_LOSS
 from cellfit.measure import FileSummary, flagged_first
 from cellfit.metrics import aggregate_instance_metrics, instance_metrics, pixel_metrics
 from cellfit.model import BACKGROUND_COLOR, DEFAULT_ENCODER, ModelInfo, read_model_info
+from cellfit.objectclass import rule_text
 from cellfit.starting import is_scratch, is_starting, starting_model_path
 from cellfit.targets import annotation_from_mask, looks_like_mask
 from cellfit.train import CLASSIFY, TrainConfig, Trainer, objects_text, validation_text
@@ -624,14 +625,7 @@ def class_lines(info: ModelInfo, width: int = 88) -> list[str]:
 
 def class_rule_text(info: ModelInfo) -> str:
     """How a semantic model decides classes, in words (``cellfit info``)."""
-    objects = info.postprocess.get("objects")
-    if not objects:
-        return "each pixel takes its likeliest class"
-    classes = objects["classes"]
-    n_bg = sum(1 for k in classes if k == 0)
-    bg = f", {n_bg} of them false objects painted as background" if n_bg else ""
-    return (f"each object found takes one class, that of the most alike of {len(classes)} "
-            f"painted objects{bg} (shape, size, brightness, texture)")
+    return rule_text(info.postprocess.get("objects"))
 
 
 def cmd_info(args: argparse.Namespace) -> int:

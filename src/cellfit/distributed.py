@@ -32,6 +32,7 @@ from cellfit.file_prediction import (
     OutputWriter,
     Settings,
     fingerprint,
+    holding,
     output_paths,
     output_state,
     run_file,
@@ -131,15 +132,8 @@ def task_slices(model_path, path, work, a, b, stats, settings) -> dict:
     notices = []
     with open_image(path, lazy=True) as img:
         held: dict[int, np.ndarray] = {}  # raw planes in flight (classes of whole objects)
-
-        def planes():
-            for p in range(a, b):
-                arr = img.plane(p)
-                if model.needs_image:
-                    held[p] = arr
-                yield p, arr
-
-        for res in model.predictor.predict(planes(), stats):
+        planes = holding(((p, img.plane(p)) for p in range(a, b)), held, model.needs_image)
+        for res in model.predictor.predict(planes, stats):
             if res.notice:
                 notices.append(res.notice)
             if res.probabilities is None:

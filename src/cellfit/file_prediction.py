@@ -70,6 +70,7 @@ __all__ = [
     "Settings",
     "file_summary",
     "fingerprint",
+    "holding",
     "measure_outputs",
     "measurements_current",
     "output_paths",
@@ -465,6 +466,17 @@ def run_file(
         img.close()
 
 
+def holding(items: Iterator[tuple[int, np.ndarray]], held: dict[int, np.ndarray],
+            keep: bool = True) -> Iterator[tuple[int, np.ndarray]]:
+    """``items`` (``(p, raw plane)``) passed on, each plane also put in ``held`` under
+    ``p`` when ``keep``: the raw planes in flight through prediction, for what needs
+    them once their probabilities come (measurements, classes of whole objects)."""
+    for p, arr in items:
+        if keep:
+            held[p] = arr
+        yield p, arr
+
+
 def _prefetch(read: Callable[[int], np.ndarray], n: int) -> Iterator[tuple[int, np.ndarray]]:
     """``(p, read(p))`` for p < n, read one plane ahead in a thread (decoding overlaps
     prediction); stops the thread when closed."""
@@ -515,15 +527,9 @@ def _predict_planes(model, img, labels_path, prob_path, settings, fp, dtype=None
     done = 0
     planes = _prefetch(img.plane, n)
     held: dict[int, np.ndarray] = {}  # raw planes in flight, for measurements and classes
-
-    def keep(items):
-        for p, arr in items:
-            if writer.measurer is not None or model.needs_image:
-                held[p] = arr
-            yield p, arr
-
+    keep = writer.measurer is not None or model.needs_image
     try:
-        for res in model.predictor.predict(keep(planes), stats):
+        for res in model.predictor.predict(holding(planes, held, keep), stats):
             notice = join_notices(notice, res.notice)
             if res.probabilities is None:
                 yield FileProgress(plane=done, n_planes=n, tiles_done=res.tiles_done,

@@ -32,7 +32,7 @@ from scipy import ndimage as ndi
 from skimage.measure import regionprops
 
 from cellfit.errors import CellfitError
-from cellfit.normalize import match_channels
+from cellfit.normalize import DEFAULT_NORMALIZATION, match_channels, normalize
 
 __all__ = [
     "MIN_WHOLE_SHARE",
@@ -48,6 +48,7 @@ __all__ = [
     "object_features",
     "painted_ious",
     "painted_whole",
+    "rule_text",
     "valid_dict",
     "with_ring",
 ]
@@ -79,22 +80,26 @@ RELATIVE_NOISE = 0.1
 #: (:func:`best_threshold`): the network, taught only the inside of painted objects and
 #: background painted away from them, tends to draw objects a little too large.
 FG_THRESHOLDS = (0.5, 0.3, 0.2, 0.1, 0.05)
-#: Normalised brightness: each channel to its 1st and 99.8th percentile (the model's
-#: default normalisation), so examples from different images compare.
-_PERCENTILES = (1.0, 99.8)
 
 
-def _channels_last_to_planes(image: np.ndarray) -> np.ndarray:
+def _normalised(image: np.ndarray) -> np.ndarray:
     """A ``(Y, X)`` or ``(C, Y, X)`` plane as float32 ``(C, Y, X)``, each channel
-    normalised to its percentiles."""
-    img = np.asarray(image, dtype=np.float32)
+    normalised as the model's default normalisation does, so examples from different
+    images compare."""
+    img = np.asarray(image)
     if img.ndim == 2:
         img = img[None]
     if img.ndim != 3:
         raise ValueError(f"object features take a (Y, X) or (C, Y, X) plane, got {img.shape}")
-    lo, hi = np.percentile(img.reshape(img.shape[0], -1), _PERCENTILES, axis=1)
-    span = np.where(hi - lo > 1e-6, hi - lo, 1.0).astype(np.float32)
-    return (img - lo[:, None, None].astype(np.float32)) / span[:, None, None]
+    return normalize(img[None], DEFAULT_NORMALIZATION)[0]
+
+
+def _painted_pieces(annotation: np.ndarray):
+    """``(value, pieces)`` for each painted class value (2 or more) of a semantic
+    annotation: its connected pieces labelled 1, 2, ..."""
+    ann = np.asarray(annotation)
+    for value in np.unique(ann[ann > 1]):
+        yield int(value), ndi.label(ann == value)[0]
 
 
 def object_features(image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -112,7 +117,7 @@ def object_features(image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, 
     ids : ndarray of int, shape (N,)
     features : ndarray of float64, shape (N, len(SHAPE_FEATURES) + 2 C)
     """
-    planes = _channels_last_to_planes(image)
+    planes = _normalised(image)
     labels = np.asarray(labels)
     if labels.shape != planes.shape[1:]:
         raise ValueError(f"labels {labels.shape} do not match the image {planes.shape[1:]}")
@@ -146,15 +151,11 @@ def examples_from_annotation(image: np.ndarray, annotation: np.ndarray) -> tuple
 
     Returns the features ``(N, F)`` and the class of each example ``(N,)`` (1, 2, ...).
     """
-    ann = np.asarray(annotation)
     feats, classes = [], []
-    for value in np.unique(ann[ann > 1]):
-        pieces, n = ndi.label(ann == value)
-        if n == 0:
-            continue
+    for value, pieces in _painted_pieces(annotation):
         _, f = object_features(image, pieces)
         feats.append(f)
-        classes.append(np.full(len(f), int(value) - 1, dtype=np.int64))
+        classes.append(np.full(len(f), value - 1, dtype=np.int64))
     if not feats:
         return np.zeros((0, 0)), np.zeros(0, dtype=np.int64)
     return np.concatenate(feats), np.concatenate(classes)
@@ -187,8 +188,7 @@ def examples_from_found(image: np.ndarray, annotation: np.ndarray,
     feats, classes = feats[keep], classes[keep]
     # painted objects with nothing found on them
     missed = np.zeros_like(ann)
-    for value in np.unique(ann[ann > 1]):
-        pieces, _ = ndi.label(ann == value)
+    for value, pieces in _painted_pieces(ann):
         touched = np.unique(pieces[(pieces > 0) & (objects > 0)])
         missed[(pieces > 0) & ~np.isin(pieces, touched)] = value
     if missed.any():
@@ -288,6 +288,18 @@ class ObjectClassifier:
         return cls(examples, classes, mean, scale, threshold)
 
 
+def rule_text(objects: Mapping | None) -> str:
+    """How a semantic model with these object examples (``postprocess["objects"]``,
+    None: none) decides classes, in words (``cellfit info``, the dock's Model tab)."""
+    if not objects:
+        return "each pixel takes its likeliest class"
+    classes = objects["classes"]
+    n_bg = sum(1 for k in classes if k == 0)
+    bg = f", {n_bg} of them false objects painted as background" if n_bg else ""
+    return (f"each object found takes one class, that of the most alike of {len(classes)} "
+            f"painted objects{bg} (shape, size, brightness, texture)")
+
+
 def valid_dict(d) -> bool:
     """Whether ``d`` is an :meth:`ObjectClassifier.to_dict` (the model file's check)."""
     try:
@@ -341,11 +353,9 @@ def painted_ious(annotations: Sequence[np.ndarray], foregrounds: Sequence[np.nda
     """
     ious = []
     for ann, fg in zip(annotations, foregrounds):
-        ann = np.asarray(ann)
         found, _ = ndi.label(np.asarray(fg, dtype=bool))
         areas = np.bincount(found.ravel())
-        for value in np.unique(ann[ann > 1]):
-            pieces, _ = ndi.label(ann == value)
+        for _, pieces in _painted_pieces(ann):
             for k, sl in enumerate(ndi.find_objects(pieces), start=1):
                 piece = pieces[sl] == k
                 under = found[sl][piece]

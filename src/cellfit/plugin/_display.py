@@ -16,6 +16,7 @@ from napari.utils.colormaps import (
 )
 
 from cellfit.model import ModelInfo
+from cellfit.objectclass import rule_text
 
 __all__ = [
     "ENCODERS",
@@ -198,12 +199,10 @@ def model_record_html(info: ModelInfo | None, path: Path | None, saved: bool) ->
     min_size = (getattr(info, "postprocess", None) or {}).get("min_size")
     if min_size:
         notes.append(f"Objects smaller than {int(min_size)} pixels are dropped.")
-    objects = (getattr(info, "postprocess", None) or {}).get("objects")
-    if info.mode == "semantic" and objects:
-        notes.append(f"Classes by whole objects: each object found takes the class of the "
-                     f"most alike of {len(objects.get('classes', []))} painted objects.")
-    elif info.mode == "semantic":
-        notes.append("Classes pixel by pixel: each pixel takes its likeliest class.")
+    if info.mode == "semantic":
+        objects = (getattr(info, "postprocess", None) or {}).get("objects")
+        how = "by whole objects" if objects else "pixel by pixel"
+        notes.append(f"Classes {how}: {rule_text(objects)}.")
     if (getattr(info, "postprocess", None) or {}).get("split_area"):
         notes.append("Your cells are round, so two touching cells found as one blob are "
                      "cut apart at their waist.")

@@ -246,7 +246,6 @@ class TrainJob:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._preview = preview
-        self._preview_image: np.ndarray | None = None  # the raw plane of the last preview
         self.preview_every = float(config.preview_every)  # grows when previews are slow
         self.preview_seconds: list[float] = []  # time of each preview
         self.step_seconds: list[float] = []  # time of each engine step (validation included)
@@ -271,7 +270,9 @@ class TrainJob:
         with self._lock:
             self._preview = None if plane is None else (index, plane)
 
-    def _compute_preview(self, trainer: Trainer) -> tuple[int, np.ndarray] | None:
+    def _compute_preview(self, trainer: Trainer) -> tuple[int, np.ndarray, np.ndarray] | None:
+        """``(index, probabilities, plane)`` of the plane asked for (the plane with the
+        model's channels); None: no preview asked for."""
         with self._lock:
             request = self._preview
         if request is None:
@@ -286,20 +287,17 @@ class TrainJob:
         )
         trainer.model.train()
         self.preview_seconds.append(time.perf_counter() - t0)
-        self._preview_image = plane
-        return index, probs
+        return index, probs, plane
 
     def _add_preview(self, update: TrainUpdate, trainer: Trainer) -> bool:
         """Compute the preview of the chosen plane into ``update``; False: no plane."""
         shown = self._compute_preview(trainer)
         if shown is None:
             return False
-        update.preview_plane, probs = shown
+        update.preview_plane, probs, plane = shown
         update.probability = cell_probability(probs)
         post = postprocess_settings(trainer.info.postprocess, self.postprocess)
-        update.labels = labels_from_probs(
-            probs, trainer.info.mode, image=self._preview_image, **post
-        )
+        update.labels = labels_from_probs(probs, trainer.info.mode, image=plane, **post)
         if trainer.info.mode == "semantic":
             update.class_probability = probs.astype(np.float32, copy=False)
         return True
