@@ -399,22 +399,3 @@ def test_a_resumed_run_keeps_the_ring_it_had_learnt(monkeypatch, tmp_path):
     again = Trainer([image], [ann], TrainConfig(**{**cfg.__dict__, "resume": True}))
     assert again.ring and again.ring_from_step == 3 and not again.ring_pending
     assert all(np.array_equal(a, b) for a, b in zip(again.train_targets, t.train_targets))
-
-
-def test_examples_are_measured_on_the_images_own_channels(tmp_path):
-    """A grey image trained into a colour model (the starting model takes RGB): its
-    brightness is one feature, not three copies of it."""
-    from cellfit.train import TrainConfig, Trainer
-
-    image, _, ann = _painted_scene()
-    colour = Trainer([np.repeat(image[..., None], 3, axis=-1)], [ann],
-                     TrainConfig(classify="objects", **TINY))
-    list(colour.run())
-    assert colour.info.in_channels == 3
-    assert ObjectClassifier.from_dict(colour.info.postprocess["objects"]).n_channels == 3
-    path = colour.save(tmp_path / "rgb.cellfit")
-    grey = Trainer([image], [ann], TrainConfig(classify="objects", init=str(path), **TINY))
-    list(grey.run())
-    assert grey.info.in_channels == 3
-    clf = ObjectClassifier.from_dict(grey.info.postprocess["objects"])
-    assert clf.n_channels == 1

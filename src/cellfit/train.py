@@ -1530,17 +1530,14 @@ class Trainer:
 
     def _found_objects(self) -> tuple[list, list, list, float, int, int]:
         """The model's objects on the painted part of each plane with classes: the
-        annotations, the planes (their own channels), the objects found (at the
+        annotations, the planes (the model's channels), the objects found (at the
         outline threshold that fits the painted objects best), that threshold, and how
         many painted objects were painted whole of how many it could tell
         (:func:`cellfit.objectclass.painted_whole`)."""
         was_training = self.model.training
         anns, bg_probs, images = [], [], []
-        # the examples are measured on the planes' own channels (the training images
-        # all have the same): a grey plane given to a colour model as three copies would
-        # count its brightness three times
-        for raw, ann in self.class_planes:
-            plane = match_channels(raw[None], self.info.in_channels)[0]
+        for plane, ann in self.class_planes:
+            plane = match_channels(plane[None], self.info.in_channels)[0]
             ys, xs = np.nonzero(ann)
             y0, x0 = max(0, ys.min() - OBJECTS_MARGIN), max(0, xs.min() - OBJECTS_MARGIN)
             y1, x1 = ys.max() + 1 + OBJECTS_MARGIN, xs.max() + 1 + OBJECTS_MARGIN
@@ -1550,7 +1547,7 @@ class Trainer:
             background[0, y0:y1, x0:x1] = probs[0]
             anns.append(ann)
             bg_probs.append(background)
-            images.append(raw)
+            images.append(plane)
         self.model.train(was_training)
         # the outline that matches the painted objects best, then: were they whole?
         threshold, _ = best_threshold(anns, bg_probs)
