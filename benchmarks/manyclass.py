@@ -528,7 +528,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=24, help="training images")
-    p.add_argument("--test-images", type=int, default=8)
+    p.add_argument("--test-images", type=int, default=40,
+                   help="test images (with 8, two objects per class: one object moves a class by 0.5)")
     p.add_argument("--size", type=int, default=384, help="image side in pixels")
     p.add_argument("--steps", type=int, default=1000, help="training steps of every cellfit run")
     p.add_argument("--patch", type=int, default=256)
