@@ -59,7 +59,10 @@ def _problems(widget) -> list[str]:
         QWidget,
     )
 
+    from qtpy.QtWidgets import QComboBox, QStyle, QStyleOptionComboBox
+
     from cellfit.plugin._layout import WrapButton, WrapCheckBox
+    from cellfit.plugin.panels._base import ElidedCombo
 
     right = _visible_right(widget)
     scroll = widget.findChild(QScrollArea)
@@ -89,6 +92,16 @@ def _problems(widget) -> list[str]:
             need = edit.fontMetrics().horizontalAdvance(edit.text())
             if need > edit.width() - 2:
                 out.append(f"{what} {edit.text()!r}: {need} px of text in {edit.width()} px")
+        elif isinstance(w, QComboBox) and not isinstance(w, ElidedCombo):
+            # a plain combo box cuts a long text off mid-letter, without "…"
+            opt = QStyleOptionComboBox()
+            w.initStyleOption(opt)
+            field = w.style().subControlRect(
+                QStyle.ComplexControl.CC_ComboBox, opt, QStyle.SubControl.SC_ComboBoxEditField, w
+            )
+            need = w.fontMetrics().horizontalAdvance(w.currentText())
+            if need > field.width():
+                out.append(f"{what} {w.currentText()!r}: {need} px of text in {field.width()} px")
         elif (isinstance(w, QAbstractButton) or (
             isinstance(w, QLabel) and text and not w.wordWrap()
         )) and w.sizeHint().width() > w.width() + 1:
@@ -215,3 +228,27 @@ def test_a_wide_window_gets_a_wider_dock(make_napari_viewer, qtbot):
     _settle(qtbot, 300)
     assert widget.width() >= 400
     assert not _check_every_tab(widget, viewer, qtbot)
+
+
+def test_a_narrow_combo_box_ends_its_text_with_an_ellipsis(qtbot, monkeypatch):
+    """What the box paints is the text cut to its width with "…", and the whole text
+    when it fits."""
+    from cellfit.plugin.panels import _base
+
+    painted = []
+
+    def spy(widget, text, width):
+        out = real(widget, text, width)
+        painted.append(out)
+        return out
+
+    real = _base.elided
+    monkeypatch.setattr(_base, "elided", spy)
+    box = _base.combo([("a", "Kinds of object: one class per object")], "tip")
+    qtbot.addWidget(box)
+    box.resize(90, box.sizeHint().height())
+    box.grab()
+    assert painted and painted[-1].endswith("…") and len(painted[-1]) < 20
+    box.resize(600, box.sizeHint().height())
+    box.grab()
+    assert painted[-1] == "Kinds of object: one class per object"

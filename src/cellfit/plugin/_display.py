@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 ENCODERS = [
-    ("mobilenet_v2", "Small and fast (MobileNet V2)"),
+    ("mobilenet_v2", "Small (MobileNet V2)"),
     ("resnet18", "Medium (ResNet-18)"),
     ("resnet34", "Large (ResNet-34)"),
 ]

@@ -89,7 +89,9 @@ class TrainingPlot(QWidget):
 
         if not self.steps:
             p.setPen(text_color)
-            p.drawText(area, Qt.AlignmentFlag.AlignCenter, "the curves appear when training starts")
+            # wrapped: the plot may be narrower than the sentence
+            p.drawText(area, Qt.AlignmentFlag.AlignCenter | Qt.TextFlag.TextWordWrap,
+                       "The curves appear when training starts.")
             p.end()
             return
         x_max = max(max(self.steps), max(self.val_steps, default=0), 1)

@@ -72,24 +72,24 @@ LABELS: dict[str, str] = {
 #: the items of the combo boxes: (value the engine takes, text shown)
 CHOICES: dict[str, list[tuple[str, str]]] = {
     "loss": [
-        ("focal+dice", "Focal + Dice (recommended)"),
+        ("focal+dice", "Focal + Dice"),
         ("ce+dice", "Cross-entropy + Dice"),
         ("focal+jaccard", "Focal + Jaccard"),
         ("focal+tversky", "Focal + Tversky"),
         ("focal", "Focal only"),
     ],
     "class_weights": [
-        ("balanced", "Balanced (recommended)"),
+        ("balanced", "Balanced"),
         ("none", "Equal"),
     ],
     "mode": [
-        ("instances", "Cells: one id per cell (instances)"),
-        ("semantic", "Classes: each value is a class (semantic)"),
+        ("instances", "Cells"),
+        ("semantic", "Classes"),
     ],
     "classify": [
-        ("auto", "Decided from your painting"),
-        ("objects", "Kinds of object: one class per object"),
-        ("pixels", "Kinds of region: each pixel its class"),
+        ("auto", "Automatic"),
+        ("objects", "Kinds of object"),
+        ("pixels", "Kinds of region"),
     ],
     "start": [
         ("starting", "starting model"),
@@ -170,15 +170,15 @@ TIPS: dict[str, str] = {
         "Train fine-tunes the current model; tick Train a new model to start another."
     ),
     "mode": (
-        "Cells: every cell gets its own label (touching cells are separated). "
-        "Classes: each painted value 2, 3, … is a kind of structure."
+        "Cells (instances): every cell gets its own label (touching cells are separated). "
+        "Classes (semantic): each painted value 2, 3, … is a kind of structure."
     ),
     "classify": (
         "Kinds of object (cell types, dividing or not, alive or dead): each object found "
         "takes one class, that of the painted object it looks most like (shape, size, "
         "brightness, texture); paint a few objects of each class whole. Kinds of region "
-        "(tissue types): each pixel takes its likeliest class. Decided from your painting: "
-        "by object when most painted pieces are whole objects."
+        "(tissue types): each pixel takes its likeliest class. Automatic: decided from "
+        "your painting, by object when most painted pieces are whole objects."
     ),
     "encoder": (
         "The size of the network. Small is fast on a laptop CPU; larger ones can be "
@@ -200,15 +200,15 @@ TIPS: dict[str, str] = {
         "diameters; smaller is faster on a CPU."
     ),
     "loss": (
-        "Focal + Dice copes with few cell pixels among much background; keep it unless "
-        "you have a reason."
+        "Focal + Dice (recommended) copes with few cell pixels among much background; keep "
+        "it unless you have a reason."
     ),
     "class_weights": (
-        "Balanced gives rare classes (cells, their boundaries) more weight, so the model "
-        "does not learn to call everything background."
+        "Balanced (recommended) gives rare classes (cells, their boundaries) more weight, "
+        "so the model does not learn to call everything background."
     ),
     "device": (
-        "Where to train and segment. Automatic uses a CUDA or Apple GPU when PyTorch "
+        "Where to train and segment. Auto uses a CUDA or Apple GPU when PyTorch "
         "finds one, else the CPU. On the CPU, training leaves one core free so napari "
         "stays responsive."
     ),

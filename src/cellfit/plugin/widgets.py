@@ -19,7 +19,6 @@ from napari.layers import Image
 from qtpy.QtCore import QSize, Qt
 from qtpy.QtWidgets import (
     QApplication,
-    QComboBox,
     QFormLayout,
     QLabel,
     QScrollArea,
@@ -130,7 +129,7 @@ class CellfitWidget(QWidget):
         lay.setContentsMargins(MARGIN, MARGIN, MARGIN, MARGIN)
 
         form = QFormLayout()
-        self.image_combo = shrinkable(QComboBox())
+        self.image_combo = shrinkable()
         self.image_combo.setToolTip(TIPS["image"])
         self.image_combo.currentIndexChanged.connect(self._on_image_changed)
         form.addRow(row_label("image"), self.image_combo)

@@ -4,14 +4,23 @@ builders of controls."""
 from __future__ import annotations
 
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import Signal
-from qtpy.QtWidgets import QComboBox, QLabel, QWidget
+from qtpy.QtCore import Qt, Signal
+from qtpy.QtGui import QPaintEvent
+from qtpy.QtWidgets import (
+    QComboBox,
+    QLabel,
+    QStyle,
+    QStyleOptionComboBox,
+    QStylePainter,
+    QWidget,
+)
 
 from cellfit.plugin._runner import JobRunner
 from cellfit.plugin._state import CellfitState
 from cellfit.plugin._tooltips import ROWS, WHY_OFF, busy_reason, off_tip
 
-__all__ = ["Panel", "combo", "enable", "first", "row_label", "shrinkable", "small_label"]
+__all__ = ["ElidedCombo", "Panel", "combo", "elided", "enable", "first", "row_label", "shrinkable",
+           "small_label"]
 
 SMALL = "font-size: 11px; color: palette(mid);"
 BUSY = "Wait for the running job to finish, or press Stop."
@@ -98,8 +107,31 @@ def small_label(text: str) -> QLabel:
     return lab
 
 
-def shrinkable(box: QComboBox) -> QComboBox:
-    """Let a combo box be narrower than its longest item (the dock stays narrow)."""
+class ElidedCombo(QComboBox):
+    """A combo box that, narrower than its text, ends the text with "…" instead of
+    cutting it off mid-letter (the whole text is in the list it opens)."""
+
+    def paintEvent(self, event: QPaintEvent) -> None:
+        painter = QStylePainter(self)
+        opt = QStyleOptionComboBox()
+        self.initStyleOption(opt)
+        painter.drawComplexControl(QStyle.ComplexControl.CC_ComboBox, opt)
+        field = self.style().subControlRect(
+            QStyle.ComplexControl.CC_ComboBox, opt, QStyle.SubControl.SC_ComboBoxEditField, self
+        )
+        opt.currentText = elided(self, opt.currentText, field.width())
+        painter.drawControl(QStyle.ControlElement.CE_ComboBoxLabel, opt)
+
+
+def elided(widget: QWidget, text: str, width: int) -> str:
+    """``text`` as it fits ``width`` pixels of ``widget``'s font, ending in "…" if cut."""
+    return widget.fontMetrics().elidedText(text, Qt.TextElideMode.ElideRight, max(width, 0))
+
+
+def shrinkable(box: QComboBox | None = None) -> QComboBox:
+    """A combo box that may be narrower than its longest item (the dock stays narrow);
+    a new :class:`ElidedCombo` unless ``box`` is given."""
+    box = ElidedCombo() if box is None else box
     box.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
     box.setMinimumContentsLength(8)  # a row label and the box fit a 300-pixel dock
     return box
@@ -107,7 +139,7 @@ def shrinkable(box: QComboBox) -> QComboBox:
 
 def combo(items: list[tuple[str, str]], tip: str) -> QComboBox:
     """A combo box of ``(value, text)`` items (``currentData()`` is the value)."""
-    box = shrinkable(QComboBox())
+    box = shrinkable()
     for value, text in items:
         box.addItem(text, value)
     box.setToolTip(tip)

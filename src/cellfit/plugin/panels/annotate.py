@@ -15,7 +15,6 @@ from napari.layers import Labels
 from napari.utils.notifications import show_info
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
-    QComboBox,
     QFormLayout,
     QGroupBox,
     QLabel,
@@ -107,7 +106,7 @@ class AnnotatePanel(Panel):
         lay.addWidget(self.create_button)
 
         form = QFormLayout()
-        self.ann_combo = shrinkable(QComboBox())
+        self.ann_combo = shrinkable()
         self.ann_combo.setToolTip(TIPS["annotation"])
         self.ann_combo.currentIndexChanged.connect(self._on_annotation_changed)
         form.addRow(row_label("annotation"), self.ann_combo)

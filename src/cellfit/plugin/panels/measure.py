@@ -29,7 +29,6 @@ from napari.utils.notifications import show_info
 from qtpy.QtCore import QAbstractTableModel, QModelIndex, Qt
 from qtpy.QtWidgets import (
     QAbstractItemView,
-    QComboBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
@@ -201,7 +200,7 @@ class MeasurePanel(Panel):
 
         lay = QVBoxLayout(self)
         form = QFormLayout()
-        self.labels_combo = shrinkable(QComboBox())
+        self.labels_combo = shrinkable()
         self.labels_combo.setToolTip(TIPS["labels_layer"])
         form.addRow(row_label("labels_layer"), self.labels_combo)
         self.slices_combo = combo(CHOICES["slices"], TIPS["measure_slices"])

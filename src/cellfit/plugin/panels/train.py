@@ -26,7 +26,6 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_info
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
-    QComboBox,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -187,7 +186,7 @@ class TrainPanel(Panel):
         budget.addWidget(self.budget_unit)
         form.addRow(row_label("budget"), budget)
         self.patch_combo = combo(
-            [(str(s), f"{s} × {s} pixels") for s in PATCH_SIZES], TIPS["patch_size"]
+            [(str(s), f"{s} × {s} px") for s in PATCH_SIZES], TIPS["patch_size"]
         )
         on_gpu = resolve_device("auto").type != "cpu"
         default_patch = DEFAULT_PATCH_GPU if on_gpu else DEFAULT_PATCH_CPU
@@ -197,8 +196,8 @@ class TrainPanel(Panel):
         form.addRow(row_label("loss"), self.loss_combo)
         self.weights_combo = combo(CHOICES["class_weights"], TIPS["class_weights"])
         form.addRow(row_label("class_weights"), self.weights_combo)
-        self.device_combo = shrinkable(QComboBox())
-        self.device_combo.addItem(f"Automatic: {_device_words('auto')}", "auto")
+        self.device_combo = shrinkable()
+        self.device_combo.addItem(f"Auto: {_device_words('auto')}", "auto")
         self.device_combo.addItem("CPU", "cpu")
         if torch.cuda.is_available():
             self.device_combo.addItem(device_label("cuda"), "cuda")
