@@ -15,6 +15,7 @@ from cellfit.objectclass import (
     examples_from_annotation,
     examples_from_found,
     fit_classifier,
+    fit_pixel_vote,
     object_features,
     painted_whole,
     with_ring,
@@ -174,6 +175,7 @@ def test_training_keeps_object_examples_in_the_model(tmp_path):
     list(t.run())
     record = t.info.training[-1]["objects"]
     assert record["by"] == "objects" and record["painted"] == 6
+    assert record["vote"] and "pixel_vote" in t.info.postprocess["objects"]
     assert record["examples"] >= 1
     saved = read_model_info(t.save(tmp_path / "m.cellfit"))
     assert saved.postprocess["objects"] == t.info.postprocess["objects"]
@@ -348,6 +350,7 @@ def test_cellfit_predict_classes_whole_objects(tmp_path):
     # every painted example of class 3: each object found must come out class 3, whatever
     # its pixels' likeliest classes
     t.info.postprocess["objects"]["classes"] = [3] * len(t.info.postprocess["objects"]["classes"])
+    t.info.postprocess["objects"].pop("pixel_vote")  # the examples decide
     model = t.save(tmp_path / "m.cellfit")
     (tmp_path / "in").mkdir()
     tifffile.imwrite(tmp_path / "in" / "a.tif", image)
@@ -399,3 +402,56 @@ def test_a_resumed_run_keeps_the_ring_it_had_learnt(monkeypatch, tmp_path):
     again = Trainer([image], [ann], TrainConfig(**{**cfg.__dict__, "resume": True}))
     assert again.ring and again.ring_from_step == 3 and not again.ring_pending
     assert all(np.array_equal(a, b) for a, b in zip(again.train_targets, t.train_targets))
+
+
+def _textured(seed, size=160):
+    """Discs of one size and mean brightness: flat (class 1) or striped (class 2)."""
+    rng = np.random.default_rng(seed)
+    classes = np.zeros((size, size), np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size]
+    stripes = 0.5 + 0.35 * np.sin(xx * 1.6)
+    image = np.full((size, size), 0.1)
+    for j in range(16):
+        y, x = 20 + 40 * (j // 4), 20 + 40 * (j % 4)
+        rr, cc = disk((y, x), 11, shape=classes.shape)
+        k = 1 + (j + seed) % 2
+        classes[rr, cc] = k
+        image[rr, cc] = 0.5 if k == 1 else stripes[rr, cc]
+    image = image + rng.normal(0, 0.02, image.shape)
+    return image.astype(np.float32), classes
+
+
+def test_the_pixel_vote_tells_textures_apart_from_one_painted_object_each():
+    image, classes = _textured(0)
+    ann = np.zeros_like(classes)
+    objects = ndimage.label(classes > 0)[0]
+    for k in (1, 2):  # one object of each class painted whole, a little background
+        first = objects[classes == k].min()
+        ann[objects == first] = k + 1
+    ann[:4, :] = 1
+    vote = fit_pixel_vote([image], [ann])
+    assert vote is not None and list(vote.classes) == [0, 1, 2]
+    test_image, truth = _textured(1)
+    clf = fit_classifier(*examples_from_annotation(image, ann))
+    clf.vote = vote
+    out = classify_objects(test_image, truth > 0, clf, n_classes=3)
+    assert np.array_equal(out, truth)
+    # an "object" of plain background (a false object) is dropped
+    false = np.zeros_like(truth)
+    false[2:8, 40:120] = 1
+    assert not classify_objects(test_image, false > 0, clf, n_classes=3).any()
+
+
+def test_the_pixel_vote_survives_json_and_refuses_damage():
+    image, _, ann = _painted_scene()
+    clf = fit_classifier(*examples_from_annotation(image, ann))
+    clf.vote = fit_pixel_vote([image], [ann])
+    d = json.loads(json.dumps(clf.to_dict()))
+    back = ObjectClassifier.from_dict(d)
+    test_image, truth = scene(3, n=12)
+    assert np.array_equal(classify_objects(test_image, truth > 0, back, 4),
+                          classify_objects(test_image, truth > 0, clf, 4))
+    d["pixel_vote"]["weights"] = d["pixel_vote"]["weights"][:-1]
+    with pytest.raises(CellfitError, match="damaged"):
+        ObjectClassifier.from_dict(d)
+    assert fit_pixel_vote([image], [np.where(ann > 0, 1, 0)]) is None  # one class only

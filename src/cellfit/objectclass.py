@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
+from scipy.optimize import minimize
 from skimage.measure import regionprops
 
 from cellfit.errors import CellfitError
@@ -39,15 +40,18 @@ __all__ = [
     "RELATIVE_NOISE",
     "SHAPE_FEATURES",
     "ObjectClassifier",
+    "PixelVote",
     "best_threshold",
     "classify_objects",
     "examples_from_annotation",
     "examples_from_found",
     "fit_classifier",
+    "fit_pixel_vote",
     "foreground",
     "object_features",
     "painted_ious",
     "painted_whole",
+    "pixel_features",
     "rule_text",
     "valid_dict",
     "with_ring",
@@ -80,6 +84,10 @@ RELATIVE_NOISE = 0.1
 #: (:func:`best_threshold`): the network, taught only the inside of painted objects and
 #: background painted away from them, tends to draw objects a little too large.
 FG_THRESHOLDS = (0.5, 0.3, 0.2, 0.1, 0.05)
+#: The scales (pixels) of the pixel features the class vote learns from (ilastik's).
+PIXEL_SIGMAS = (0.7, 1.0, 1.6, 3.5, 5.0, 10.0)
+#: The most painted pixels the class vote learns from (drawn evenly from each class).
+VOTE_PIXELS = 40_000
 
 
 def _normalised(image: np.ndarray) -> np.ndarray:
@@ -199,6 +207,141 @@ def examples_from_found(image: np.ndarray, annotation: np.ndarray,
     return feats, classes
 
 
+def pixel_features(image: np.ndarray):
+    """ilastik's pixel features of a ``(Y, X)`` or ``(C, Y, X)`` plane, one ``(Y, X)``
+    float32 map at a time: at each of :data:`PIXEL_SIGMAS`, the smoothed brightness,
+    gradient magnitude, Laplacian of Gaussian, and the two eigenvalues of the structure
+    tensor and of the Hessian (of the channels' mean, normalised); then, for colour,
+    each channel smoothed at 1 pixel. One map at a time keeps a large plane's memory
+    to a few copies of it."""
+    from skimage.feature import (
+        hessian_matrix,
+        hessian_matrix_eigvals,
+        structure_tensor,
+        structure_tensor_eigenvalues,
+    )
+
+    planes = _normalised(image)
+    grey = planes.mean(0)
+    for sigma in PIXEL_SIGMAS:
+        yield ndi.gaussian_filter(grey, sigma)
+        yield ndi.gaussian_gradient_magnitude(grey, sigma)
+        yield ndi.gaussian_laplace(grey, sigma)
+        yield from structure_tensor_eigenvalues(structure_tensor(grey, sigma=sigma, order="rc"))
+        yield from hessian_matrix_eigvals(
+            hessian_matrix(grey, sigma=sigma, order="rc", use_gaussian_derivatives=False)
+        )
+    if planes.shape[0] > 1:
+        for c in range(planes.shape[0]):
+            yield ndi.gaussian_filter(planes[c], 1.0)
+
+
+def n_pixel_features(n_channels: int) -> int:
+    """How many maps :func:`pixel_features` gives for a plane of ``n_channels``."""
+    return 7 * len(PIXEL_SIGMAS) + (n_channels if n_channels > 1 else 0)
+
+
+def _features_at(image: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """The pixel features ``(N, F)`` of the pixels where ``where`` is True."""
+    return np.stack([f[where] for f in pixel_features(image)], axis=1).astype(np.float64)
+
+
+@dataclass
+class PixelVote:
+    """Each object takes the class most of its pixels look like: a softmax regression
+    on ilastik's pixel features, learnt from every painted pixel (background included),
+    summed over the object's pixels. A painted object gives hundreds of examples this
+    way instead of one, which tells textures and sizes apart that one feature vector
+    per object does not (``benchmarks/manyclass.py``)."""
+
+    mean: np.ndarray  # (F,)
+    scale: np.ndarray  # (F,)
+    weights: np.ndarray  # (F, K')
+    bias: np.ndarray  # (K',)
+    classes: np.ndarray  # (K',) the class of each output, 0 = background
+
+    def object_classes(self, image: np.ndarray, objects: np.ndarray, n: int) -> np.ndarray:
+        """The class of objects ``1..n`` of ``objects`` (index 0: unused)."""
+        inside = objects > 0
+        logits = np.tile(self.bias, (int(inside.sum()), 1))
+        for j, f in enumerate(pixel_features(image)):
+            logits += np.outer((f[inside] - self.mean[j]) / self.scale[j], self.weights[j])
+        logits -= logits.max(1, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(1, keepdims=True)
+        sums = np.zeros((n + 1, len(self.classes)))
+        np.add.at(sums, objects[inside], p)
+        return self.classes[np.argmax(sums, axis=1)]
+
+    def to_dict(self) -> dict:
+        return {"mean": np.round(self.mean, 6).tolist(), "scale": np.round(self.scale, 6).tolist(),
+                "weights": np.round(self.weights, 6).tolist(),
+                "bias": np.round(self.bias, 6).tolist(), "classes": self.classes.astype(int).tolist()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> PixelVote:
+        vote = cls(*(np.asarray(d[k], dtype=np.float64) for k in ("mean", "scale", "weights", "bias")),
+                   np.asarray(d["classes"], dtype=np.int64))
+        f, k = vote.mean.shape[0] if vote.mean.ndim == 1 else -1, len(vote.classes)
+        if (vote.mean.ndim != 1 or vote.scale.shape != (f,) or vote.weights.shape != (f, k)
+                or vote.bias.shape != (k,) or vote.classes.ndim != 1 or k < 1
+                or (vote.scale <= 0).any() or (vote.classes < 0).any()
+                or not all(np.isfinite(a).all() for a in (vote.mean, vote.scale, vote.weights,
+                                                          vote.bias))):
+            raise ValueError("inconsistent pixel vote")
+        return vote
+
+
+def fit_pixel_vote(images: Sequence[np.ndarray], annotations: Sequence[np.ndarray],
+                   seed: int = 0) -> PixelVote | None:
+    """The :class:`PixelVote` of painted planes (semantic annotations: 1 background,
+    k + 1 class k), from at most :data:`VOTE_PIXELS` painted pixels drawn evenly from
+    each class; classes weighed equally, weights kept small (L2), fitted by L-BFGS.
+    None when fewer than two classes are painted."""
+    rng = np.random.default_rng(seed)
+    values = np.unique(np.concatenate([np.unique(a[a > 0]) for a in annotations]))
+    if len(values) < 2:
+        return None
+    cap = max(1, VOTE_PIXELS // len(values))
+    xs, ys = [], []
+    for image, ann in zip(images, annotations):
+        ann = np.asarray(ann)
+        where = np.zeros(ann.shape, bool)
+        for v in values:
+            ys_, xs_ = np.nonzero(ann == v)
+            if len(ys_) > cap:  # each plane's share of the class's draw
+                keep = rng.choice(len(ys_), cap, replace=False)
+                ys_, xs_ = ys_[keep], xs_[keep]
+            where[ys_, xs_] = True
+        if where.any():
+            xs.append(_features_at(image, where))
+            ys.append(ann[where].astype(np.int64) - 1)
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    classes = np.unique(y)
+    yi = np.searchsorted(classes, y)
+    mean, scale = x.mean(0), x.std(0) + 1e-6
+    z = (x - mean) / scale
+    n, f, k = len(yi), z.shape[1], len(classes)
+    weight = (n / (k * np.bincount(yi, minlength=k).astype(np.float64)))[yi]  # (n,)
+    onehot = np.zeros((n, k))
+    onehot[np.arange(n), yi] = 1.0
+
+    def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        w, b = theta[: f * k].reshape(f, k), theta[f * k :]
+        logits = z @ w + b
+        logits -= logits.max(1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+        loss = -(weight * (onehot * logp).sum(1)).sum() + 0.5 * (w**2).sum()
+        g = weight[:, None] * (np.exp(logp) - onehot)  # d loss / d logits
+        grad = np.concatenate([(z.T @ g + w).ravel(), g.sum(0)])
+        return loss / n, grad / n
+
+    fit = minimize(loss_and_grad, np.zeros(f * k + k), jac=True, method="L-BFGS-B",
+                   options={"maxiter": 300})
+    w, b = fit.x[: f * k].reshape(f, k), fit.x[f * k :]
+    return PixelVote(mean, scale, w, b, classes)
+
+
 @dataclass
 class ObjectClassifier:
     """Nearest painted example in standardised object features."""
@@ -209,6 +352,8 @@ class ObjectClassifier:
     scale: np.ndarray  # (F,)
     #: an object is where the probability of background is below this (:func:`foreground`)
     threshold: float = 0.5
+    #: when set, it decides each object's class (the examples only describe the model)
+    vote: PixelVote | None = None
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """The class (1..K) of each row of ``features`` ``(M, F)``."""
@@ -259,6 +404,7 @@ class ObjectClassifier:
             "mean": np.round(self.mean, 6).tolist(),
             "scale": np.round(self.scale, 6).tolist(),
             "threshold": float(self.threshold),
+            **({"pixel_vote": self.vote.to_dict()} if self.vote is not None else {}),
         }
 
     @classmethod
@@ -271,6 +417,7 @@ class ObjectClassifier:
             mean = np.asarray(d["mean"], dtype=np.float64)
             scale = np.asarray(d["scale"], dtype=np.float64)
             threshold = float(d.get("threshold", 0.5))
+            vote = PixelVote.from_dict(d["pixel_vote"]) if "pixel_vote" in d else None
         except (KeyError, TypeError, ValueError) as exc:
             raise CellfitError(
                 "the model's object examples are damaged: retrain the model or save it again."
@@ -281,11 +428,13 @@ class ObjectClassifier:
                 or mean.shape != (examples.shape[1],) or scale.shape != mean.shape
                 or (scale <= 0).any() or not np.isfinite(examples).all()
                 or not np.isfinite(mean).all() or not np.isfinite(scale).all()
-                or not 0.0 < threshold <= 1.0):
+                or not 0.0 < threshold <= 1.0
+                or (vote is not None and len(vote.mean) != n_pixel_features(
+                    (examples.shape[1] - len(SHAPE_FEATURES)) // 2))):
             raise CellfitError(
                 "the model's object examples are damaged: retrain the model or save it again."
             )
-        return cls(examples, classes, mean, scale, threshold)
+        return cls(examples, classes, mean, scale, threshold, vote)
 
 
 def rule_text(objects: Mapping | None) -> str:
@@ -296,6 +445,10 @@ def rule_text(objects: Mapping | None) -> str:
     classes = objects["classes"]
     n_bg = sum(1 for k in classes if k == 0)
     bg = f", {n_bg} of them false objects painted as background" if n_bg else ""
+    if objects.get("pixel_vote"):
+        return ("each object found takes one class, the one most of its pixels look like "
+                "(brightness, edges and texture at 6 scales), learnt from the painted pixels "
+                f"of {len(classes)} objects{bg}")
     return (f"each object found takes one class, that of the most alike of {len(classes)} "
             f"painted objects{bg} (shape, size, brightness, texture)")
 
@@ -338,7 +491,12 @@ def classify_objects(image: np.ndarray, foreground: np.ndarray, classifier: Obje
     dtype = np.uint8 if n_classes <= 255 else np.uint16
     if n == 0:
         return np.zeros(objects.shape, dtype)
-    ids, feats = object_features(classifier.channels_of(image), objects)
+    image = classifier.channels_of(image)
+    if classifier.vote is not None:
+        lut = classifier.vote.object_classes(image, objects, n)
+        lut[0] = 0
+        return lut[objects].astype(dtype)
+    ids, feats = object_features(image, objects)
     lut = np.zeros(n + 1, dtype=np.int64)
     lut[ids] = classifier.predict(feats)
     return lut[objects].astype(dtype)

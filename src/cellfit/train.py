@@ -93,6 +93,7 @@ from cellfit.objectclass import (
     best_threshold,
     examples_from_found,
     fit_classifier,
+    fit_pixel_vote,
     foreground,
     painted_whole,
     with_ring,
@@ -1521,9 +1522,11 @@ class Trainer:
                if feats else None)
         if clf is None:
             return {**out, "by": "pixels"}
+        clf.vote = fit_pixel_vote(images, anns, seed=cfg.seed or 0)
         self.info.postprocess["objects"] = clf.to_dict()
         loo = clf.leave_one_out()
-        return {**out, "ring": bool(self.ring), "ring_from_step": self.ring_from_step,
+        return {**out, "vote": clf.vote is not None,
+                "ring": bool(self.ring), "ring_from_step": self.ring_from_step,
                 "examples": int(len(clf.classes)),
                 "background_examples": int((clf.classes == 0).sum()), "threshold": threshold,
                 "leave_one_out": None if loo is None else round(loo, 3)}
@@ -1720,6 +1723,9 @@ def objects_text(record: dict, flag: str = "give --classify objects") -> str:
     >>> objects_text({"objects": {"by": "objects", "whole": 9, "painted": 10,
     ...                           "examples": 12, "background_examples": 2}})
     'Classes by whole objects: each object found takes the class of the most alike of 12 painted objects (2 of them false objects painted as background)'
+    >>> objects_text({"objects": {"by": "objects", "vote": True, "examples": 12,
+    ...                           "background_examples": 0}})
+    'Classes by whole objects: each object found takes the class most of its pixels look like, learnt from the painted pixels of 12 objects'
     >>> objects_text({"objects": {"by": "pixels", "whole": 1, "painted": 10}})
     'Classes pixel by pixel: 1 of 10 painted pieces were painted whole (give --classify objects to class whole objects anyway)'
     """
@@ -1729,6 +1735,9 @@ def objects_text(record: dict, flag: str = "give --classify objects") -> str:
     if obj["by"] == "objects":
         n, bg = obj.get("examples", 0), obj.get("background_examples", 0)
         extra = f" ({bg} of them false objects painted as background)" if bg else ""
+        if obj.get("vote"):
+            return ("Classes by whole objects: each object found takes the class most of its "
+                    f"pixels look like, learnt from the painted pixels of {n} objects{extra}")
         return ("Classes by whole objects: each object found takes the class of the most "
                 f"alike of {n} painted objects{extra}")
     if obj.get("painted"):
