@@ -408,7 +408,7 @@ def _textured(seed, size=160):
     """Discs of one size and mean brightness: flat (class 1) or striped (class 2)."""
     rng = np.random.default_rng(seed)
     classes = np.zeros((size, size), np.uint8)
-    yy, xx = np.mgrid[0:size, 0:size]
+    _, xx = np.mgrid[0:size, 0:size]
     stripes = 0.5 + 0.35 * np.sin(xx * 1.6)
     image = np.full((size, size), 0.1)
     for j in range(16):

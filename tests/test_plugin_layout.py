@@ -53,13 +53,14 @@ def _problems(widget) -> list[str]:
         QAbstractButton,
         QAbstractScrollArea,
         QAbstractSpinBox,
+        QComboBox,
         QLabel,
         QLineEdit,
         QScrollArea,
+        QStyle,
+        QStyleOptionComboBox,
         QWidget,
     )
-
-    from qtpy.QtWidgets import QComboBox, QStyle, QStyleOptionComboBox
 
     from cellfit.plugin._layout import WrapButton, WrapCheckBox
     from cellfit.plugin.panels._base import ElidedCombo
