@@ -13,6 +13,16 @@ channel and its texture (mean edge and blob strength at two scales); a found obj
 takes the class of the nearest example in those features (standardised), which needs
 no more than one example per class and no training.
 
+With one feature row per painted object, 31 classes that differ by texture and size
+were told apart for 42 % of the objects (``benchmarks/manyclass.py``, 40 test images).
+A trained model therefore decides by a **pixel vote** (:class:`PixelVote`): a softmax
+regression on ilastik's pixel features (brightness, edges, blobs, structure tensor and
+Hessian at 6 scales), learnt from every painted pixel, background included; an object
+takes the class its pixels' probabilities add up to most, and an object whose pixels
+look like painted background is dropped. Each painted object gives hundreds of
+examples this way. The examples stay in the model (the record, ``leave_one_out``), and
+a model without a vote (older files) decides by the nearest example.
+
 Whether the painted classes are whole objects is measured, not assumed
 (:func:`painted_whole`): a painted object that the network's foreground covers with
 about the same outline was painted whole; strokes inside larger regions (tissue
