@@ -273,9 +273,11 @@ class PixelVote:
     def object_classes(self, image: np.ndarray, objects: np.ndarray, n: int) -> np.ndarray:
         """The class of objects ``1..n`` of ``objects`` (index 0: unused)."""
         inside = objects > 0
-        logits = np.tile(self.bias, (int(inside.sum()), 1))
+        logits = np.tile(self.bias.astype(np.float32), (int(inside.sum()), 1))
+        weights = self.weights.astype(np.float32)
         for j, f in enumerate(pixel_features(image)):
-            logits += np.outer((f[inside] - self.mean[j]) / self.scale[j], self.weights[j])
+            logits += np.outer(((f[inside] - self.mean[j]) / self.scale[j]).astype(np.float32),
+                               weights[j])
         logits -= logits.max(1, keepdims=True)
         p = np.exp(logits)
         p /= p.sum(1, keepdims=True)
