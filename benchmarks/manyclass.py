@@ -293,25 +293,13 @@ def paint(scenes: list[Scene], seed: int, strokes: int = 4) -> None:
 
 
 # --------------------------------------------------------------------------- methods
-def ilastik_features(img: np.ndarray, sigmas=(0.7, 1.0, 1.6, 3.5, 5.0, 10.0)) -> np.ndarray:
-    """ilastik's pixel features: Gaussian, gradient magnitude, Laplacian of Gaussian,
-    structure-tensor eigenvalues and Hessian eigenvalues per sigma, ``(Y, X, F)``."""
-    from skimage.feature import (
-        hessian_matrix,
-        hessian_matrix_eigvals,
-        structure_tensor,
-        structure_tensor_eigenvalues,
-    )
+def ilastik_features(img: np.ndarray) -> np.ndarray:
+    """ilastik's pixel features (Gaussian, gradient magnitude, Laplacian of Gaussian,
+    structure-tensor and Hessian eigenvalues at each of its scales), ``(Y, X, F)``: the
+    ones cellfit's class vote learns from (:func:`cellfit.objectclass.pixel_features`)."""
+    from cellfit.objectclass import pixel_features
 
-    img = img.astype(np.float32)
-    feats = []
-    for s in sigmas:
-        feats += [ndi.gaussian_filter(img, s), ndi.gaussian_gradient_magnitude(img, s),
-                  ndi.gaussian_laplace(img, s)]
-        feats += list(structure_tensor_eigenvalues(structure_tensor(img, sigma=s, order="rc")))
-        feats += list(hessian_matrix_eigvals(hessian_matrix(img, sigma=s, order="rc",
-                                                            use_gaussian_derivatives=False)))
-    return np.stack(feats, -1).astype(np.float32)
+    return np.stack(list(pixel_features(img)), -1).astype(np.float32)
 
 
 def run_forest(train: list[Scene], test: list[Scene], seed: int, log,
