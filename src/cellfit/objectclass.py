@@ -315,8 +315,9 @@ class PixelVote:
 def fit_pixel_vote(images: Sequence[np.ndarray], annotations: Sequence[np.ndarray],
                    seed: int = 0) -> PixelVote | None:
     """The :class:`PixelVote` of painted planes (semantic annotations: 1 background,
-    k + 1 class k), from at most :data:`VOTE_PIXELS` painted pixels drawn evenly from
-    each class; classes weighed equally, weights kept small (L2), fitted by L-BFGS.
+    k + 1 class k), from at most ``VOTE_PIXELS // classes`` painted pixels of each class
+    in each plane (so up to :data:`VOTE_PIXELS` a plane); classes weighed equally,
+    weights kept small (L2), fitted by L-BFGS.
     None when fewer than two classes are painted."""
     rng = np.random.default_rng(seed)
     values = np.unique(np.concatenate([np.unique(a[a > 0]) for a in annotations]))
@@ -329,7 +330,7 @@ def fit_pixel_vote(images: Sequence[np.ndarray], annotations: Sequence[np.ndarra
         where = np.zeros(ann.shape, bool)
         for v in values:
             ys_, xs_ = np.nonzero(ann == v)
-            if len(ys_) > cap:  # each plane's share of the class's draw
+            if len(ys_) > cap:  # at most cap pixels of a class from one plane
                 keep = rng.choice(len(ys_), cap, replace=False)
                 ys_, xs_ = ys_[keep], xs_[keep]
             where[ys_, xs_] = True
