@@ -128,10 +128,10 @@ def elided(widget: QWidget, text: str, width: int) -> str:
     return widget.fontMetrics().elidedText(text, Qt.TextElideMode.ElideRight, max(width, 0))
 
 
-def shrinkable(box: QComboBox | None = None) -> QComboBox:
-    """A combo box that may be narrower than its longest item (the dock stays narrow);
-    a new :class:`ElidedCombo` unless ``box`` is given."""
-    box = ElidedCombo() if box is None else box
+def shrinkable() -> QComboBox:
+    """A new :class:`ElidedCombo` that may be narrower than its longest item (the dock
+    stays narrow)."""
+    box = ElidedCombo()
     box.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
     box.setMinimumContentsLength(8)  # a row label and the box fit a 300-pixel dock
     return box
